@@ -1,0 +1,189 @@
+"""Round checkpoints: atomic writes, integrity checks, and finding where to resume.
+
+A round directory is written under a hidden temporary name and renamed into place only when
+complete, so a reader never sees half a checkpoint. `round.json` records the sha256 of every other
+file; resume verifies them and falls back to the newest intact round. `latest` names the newest
+complete round and is replaced atomically. Nothing here unpickles: tensors are safetensors,
+metadata JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+TensorDict = dict[str, torch.Tensor]
+
+ADAPTER_FILE = "adapter_model.safetensors"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+SERVER_STATE_FILE = "server_state.safetensors"
+ROUND_INFO_FILE = "round.json"
+LATEST_FILE = "latest"
+METRICS_FILE = "metrics.jsonl"
+ROUNDS_DIR = "rounds"
+
+
+def round_name(round_idx: int) -> str:
+    return f"round_{round_idx:04d}"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text` so that readers see the old or the new content, never a mix."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class RoundCheckpoint:
+    """A verified round read back from disk."""
+
+    round_idx: int
+    path: Path
+    adapter: TensorDict
+    server_state: TensorDict
+    info: dict[str, Any]
+
+
+def write_round(
+    run_dir: Path,
+    round_idx: int,
+    adapter: TensorDict,
+    adapter_config: dict[str, Any],
+    server_state: TensorDict,
+    info: dict[str, Any],
+) -> Path:
+    """Write `rounds/round_NNNN/` atomically, then advance `latest` and append to metrics.jsonl.
+
+    `info` becomes round.json, with the sha256 of each file added under `files`.
+    """
+    rounds = run_dir / ROUNDS_DIR
+    rounds.mkdir(parents=True, exist_ok=True)
+    final = rounds / round_name(round_idx)
+    tmp = rounds / f".{round_name(round_idx)}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+
+    save_file(adapter, str(tmp / ADAPTER_FILE), metadata={"format": "pt"})
+    (tmp / ADAPTER_CONFIG_FILE).write_text(json.dumps(adapter_config, indent=2, sort_keys=True))
+    if server_state:
+        save_file(server_state, str(tmp / SERVER_STATE_FILE), metadata={"format": "pt"})
+    files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
+    info = {**info, "round": round_idx, "files": files}
+    (tmp / ROUND_INFO_FILE).write_text(json.dumps(info, indent=2))
+    for p in tmp.iterdir():
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
+    _fsync_dir(tmp)
+
+    if final.exists():  # a redone round (resume fell back past it): the new one wins
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(rounds)
+    write_text_atomic(run_dir / LATEST_FILE, round_name(round_idx) + "\n")
+    return final
+
+
+def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
+    """Append one JSON line to metrics.jsonl."""
+    with open(run_dir / METRICS_FILE, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def truncate_metrics(run_dir: Path, last_round: int) -> None:
+    """Drop metrics lines of rounds after `last_round` (they are about to be redone)."""
+    path = run_dir / METRICS_FILE
+    if not path.exists():
+        return
+    kept = [
+        line
+        for line in path.read_text().splitlines()
+        if line.strip() and json.loads(line).get("round", 0) <= last_round
+    ]
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
+
+
+def verify_round(path: Path) -> str | None:
+    """Return None if the round directory is intact, else what is wrong with it."""
+    info_path = path / ROUND_INFO_FILE
+    try:
+        info = json.loads(info_path.read_text())
+        files = info["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{info_path} is missing or unreadable"
+    if ADAPTER_FILE not in files:
+        return f"{info_path} lists no {ADAPTER_FILE}"
+    for name, expected in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"{file} is missing"
+        if sha256_file(file) != expected:
+            return f"{file} does not match its sha256 in round.json"
+    return None
+
+
+def list_rounds(run_dir: Path) -> list[int]:
+    """Round numbers that have a (renamed, so once complete) directory, ascending."""
+    rounds = run_dir / ROUNDS_DIR
+    if not rounds.is_dir():
+        return []
+    found = []
+    for p in rounds.iterdir():
+        if p.is_dir() and p.name.startswith("round_") and p.name[6:].isdigit():
+            found.append(int(p.name[6:]))
+    return sorted(found)
+
+
+def load_round(path: Path) -> RoundCheckpoint:
+    """Read a round directory (call `verify_round` first)."""
+    info = json.loads((path / ROUND_INFO_FILE).read_text())
+    state_path = path / SERVER_STATE_FILE
+    return RoundCheckpoint(
+        round_idx=int(info["round"]),
+        path=path,
+        adapter=load_file(str(path / ADAPTER_FILE)),
+        server_state=load_file(str(state_path)) if state_path.exists() else {},
+        info=info,
+    )
+
+
+def find_resume_point(run_dir: Path, log: Callable[[str], None] = print) -> RoundCheckpoint | None:
+    """The newest intact round, verified by sha256; damaged newer rounds are reported via `log`."""
+    for round_idx in reversed(list_rounds(run_dir)):
+        path = run_dir / ROUNDS_DIR / round_name(round_idx)
+        problem = verify_round(path)
+        if problem is None:
+            return load_round(path)
+        log(f"resume: skipping {path.name}: {problem}")
+    return None

@@ -1,0 +1,164 @@
+"""Local trainers: one client's LoRA tuning on its shard.
+
+A trainer backend is one small class behind `Trainer.train`; the worker hands it the model with
+the global adapter already loaded, the client's tokenised examples and a seed, and gets back a
+`TrainResult`. Everything random (batch order, dropout) derives from that seed, so a client's
+update depends only on (global adapter, shard, seed), not on what the worker did before.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Local training hyperparameters (from `client.*` in the config)."""
+
+    local_steps: int | None
+    local_epochs: float | None
+    batch_size: int
+    micro_batch_size: int
+    lr: float
+    weight_decay: float = 0.0
+    lr_scheduler: str = "constant"
+    warmup_steps: int = 0
+    max_grad_norm: float | None = 1.0
+    pad_token_id: int = 0
+
+    @property
+    def accumulation(self) -> int:
+        return self.batch_size // self.micro_batch_size
+
+    def num_steps(self, num_examples: int) -> int:
+        """Optimizer steps for a shard of `num_examples` records."""
+        if self.local_steps is not None:
+            return self.local_steps
+        assert self.local_epochs is not None
+        return max(1, math.ceil(self.local_epochs * num_examples / self.batch_size))
+
+
+@dataclass
+class TrainResult:
+    """What one client's local training produced besides the adapter."""
+
+    losses: list[float] = field(default_factory=list)
+    """Mean loss of each optimizer step."""
+    examples: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+
+    @property
+    def mean_loss(self) -> float:
+        return float(np.mean(self.losses)) if self.losses else float("nan")
+
+
+def lr_factor(step: int, total: int, scheduler: str, warmup: int) -> float:
+    """Multiplier of the base learning rate at optimizer step `step` (0-based)."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    if scheduler == "linear":
+        return max(0.0, 1.0 - progress)
+    if scheduler == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0
+
+
+def batch_order(num_examples: int, num_items: int, rng: np.random.Generator) -> np.ndarray:
+    """`num_items` example indices: whole shuffled passes over the shard, one after another."""
+    passes = math.ceil(num_items / num_examples)
+    return np.concatenate([rng.permutation(num_examples) for _ in range(passes)])[:num_items]
+
+
+def collate(
+    input_ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], pad_token_id: int
+) -> dict[str, torch.Tensor]:
+    """Right-pad a micro-batch; padded positions get attention 0 and label -100."""
+    width = max(len(x) for x in input_ids)
+    ids = torch.full((len(input_ids), width), pad_token_id, dtype=torch.long)
+    lab = torch.full((len(input_ids), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(input_ids), width), dtype=torch.long)
+    for row, (x, y) in enumerate(zip(input_ids, labels, strict=True)):
+        ids[row, : len(x)] = torch.as_tensor(x)
+        lab[row, : len(y)] = torch.as_tensor(y)
+        mask[row, : len(x)] = 1
+    return {"input_ids": ids, "labels": lab, "attention_mask": mask}
+
+
+class Trainer(ABC):
+    """A local training backend."""
+
+    def __init__(self, settings: TrainSettings) -> None:
+        self.settings = settings
+
+    @abstractmethod
+    def train(
+        self,
+        model: torch.nn.Module,
+        input_ids: Sequence[Sequence[int]],
+        labels: Sequence[Sequence[int]],
+        seed: int,
+    ) -> TrainResult:
+        """Tune the trainable (LoRA) parameters of `model` in place on the given examples."""
+
+
+class TorchTrainer(Trainer):
+    """Plain PyTorch: AdamW over the trainable parameters, micro-batches with gradient
+    accumulation, optional warmup and linear/cosine decay, gradient clipping."""
+
+    def train(
+        self,
+        model: torch.nn.Module,
+        input_ids: Sequence[Sequence[int]],
+        labels: Sequence[Sequence[int]],
+        seed: int,
+    ) -> TrainResult:
+        s = self.settings
+        start = time.perf_counter()
+        torch.manual_seed(seed)  # dropout masks
+        rng = np.random.default_rng(seed)
+        params = [p for p in model.parameters() if p.requires_grad]
+        # A fresh optimizer per client: no state carries over from the worker's previous client.
+        optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+        total_steps = s.num_steps(len(input_ids))
+        order = batch_order(len(input_ids), total_steps * s.batch_size, rng)
+        result = TrainResult()
+        model.train()
+        for step in range(total_steps):
+            for group in optimizer.param_groups:
+                group["lr"] = s.lr * lr_factor(step, total_steps, s.lr_scheduler, s.warmup_steps)
+            step_loss = 0.0
+            for micro in range(s.accumulation):
+                lo = step * s.batch_size + micro * s.micro_batch_size
+                idx = order[lo : lo + s.micro_batch_size]
+                batch = collate(
+                    [input_ids[i] for i in idx], [labels[i] for i in idx], s.pad_token_id
+                )
+                if not (batch["labels"] != IGNORE_INDEX).any():
+                    continue  # every answer was cut off by cutoff_len: no signal, and a NaN loss
+                loss = model(**batch).loss / s.accumulation
+                loss.backward()
+                step_loss += loss.item()
+                result.tokens += int(batch["attention_mask"].sum())
+            if s.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            result.losses.append(step_loss)
+        model.eval()
+        result.examples = len(order)
+        result.seconds = time.perf_counter() - start
+        return result
+
+
+TRAINERS: dict[str, type[Trainer]] = {"torch": TorchTrainer}

@@ -1,0 +1,126 @@
+"""The ClientWorker: one per CPU/GPU slot, holding the frozen base model once for the whole run.
+
+Virtual clients are data, not processes: for each client it is handed, a worker loads the global
+adapter into its LoRA modules, reads the client's shard from the memory-mapped Arrow store, trains
+locally and returns only the LoRA tensors. Outcomes are values (`ClientOutcome`), never exceptions
+across the actor boundary, so the driver's failure policy decides what a failed client means.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+import torch
+
+from fedsim.client.trainer import TRAINERS, TrainSettings
+from fedsim.data.shards import ShardStore
+from fedsim.model import (
+    LoraSpec,
+    adapter_config_dict,
+    attach_lora,
+    get_adapter,
+    load_base_model,
+    set_adapter,
+)
+
+TensorDict = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker needs to build its model and trainer once."""
+
+    model_path: str
+    model_name: str
+    dtype: str
+    lora: LoraSpec
+    seed: int
+    shards_dir: str
+    backend: str
+    settings: TrainSettings
+    num_threads: int = 1
+
+
+@dataclass(frozen=True)
+class ClientTask:
+    round_idx: int
+    client_id: int
+    seed: int
+
+
+@dataclass
+class ClientOutcome:
+    """The result of one client's turn, successful or not (the adapter travels separately)."""
+
+    client_id: int
+    ok: bool
+    num_samples: int = 0
+    losses: list[float] = field(default_factory=list)
+    examples: int = 0
+    tokens: int = 0
+    train_seconds: float = 0.0
+    total_seconds: float = 0.0
+    worker: str = ""
+    error: str | None = None
+
+    @property
+    def mean_loss(self) -> float:
+        return sum(self.losses) / len(self.losses) if self.losses else float("nan")
+
+
+class ClientWorker:
+    """Trains virtual clients one after another on a model built once."""
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        torch.set_num_threads(max(1, spec.num_threads))
+        self.spec = spec
+        base = load_base_model(spec.model_path, dtype=spec.dtype)
+        self.model = attach_lora(base, spec.lora, seed=spec.seed)
+        self._initial_adapter = get_adapter(self.model)
+        self.store = ShardStore(spec.shards_dir)
+        self.trainer = TRAINERS[spec.backend](spec.settings)
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+
+    def initial_adapter(self) -> TensorDict:
+        """The round-0 global adapter: LoRA as initialised from the run's seed."""
+        return self._initial_adapter
+
+    def adapter_config(self) -> dict[str, Any]:
+        """Content of adapter_config.json for checkpoints of this run."""
+        return adapter_config_dict(self.model, self.spec.model_name)
+
+    def info(self) -> dict[str, Any]:
+        return {"worker": self.name, "node_id": ray.get_runtime_context().get_node_id()}
+
+    def train(
+        self, task: ClientTask, global_adapter: TensorDict
+    ) -> tuple[ClientOutcome, TensorDict]:
+        """Run one client's local training from `global_adapter`; returns (outcome, its adapter)."""
+        start = time.perf_counter()
+        outcome = ClientOutcome(client_id=task.client_id, ok=False, worker=self.name)
+        try:
+            set_adapter(self.model, global_adapter)
+            input_ids, labels = self.store.client_examples(task.client_id)
+            outcome.num_samples = len(input_ids)
+            result = self.trainer.train(self.model, input_ids, labels, task.seed)
+            adapter = get_adapter(self.model)
+        except Exception:
+            outcome.error = traceback.format_exc()
+            outcome.total_seconds = time.perf_counter() - start
+            return outcome, {}
+        outcome.ok = True
+        outcome.losses = result.losses
+        outcome.examples = result.examples
+        outcome.tokens = result.tokens
+        outcome.train_seconds = result.seconds
+        outcome.total_seconds = time.perf_counter() - start
+        return outcome, adapter
+
+
+ClientWorkerActor = ray.remote(ClientWorker)

@@ -1,0 +1,161 @@
+"""From the `data` config to client shards: load records, hold out a test split, partition.
+
+`prepare_data` does everything that can fail on bad input (missing file, malformed line, empty
+client) and writes nothing, so the driver can call it before it touches the run directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from fedsim.config import DataConfig
+from fedsim.data.partitioners import (
+    SplitFile,
+    category_histogram,
+    hold_out_test,
+    make_partitioner,
+    positions_for,
+)
+from fedsim.data.records import make_table
+from fedsim.data.sources import FieldMap, load_records
+from fedsim.data.synthetic import generate_instructions
+from fedsim.errors import FedsimInputError
+
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_DATASETS = ("quickstart",)
+PARTITION_STREAM = 3
+"""Random stream of the test hold-out and the partition (see server.selection.round_rng)."""
+BUILTIN_DATA_SEED = 1234
+"""The built-in data does not change with the run seed: runs with other seeds see the same data."""
+
+
+@dataclass
+class PreparedData:
+    """All records, and which of them each client and the test split hold (row positions)."""
+
+    table: pa.Table
+    clients: list[np.ndarray]
+    test: np.ndarray
+    fingerprint: str
+
+    def categories(self) -> np.ndarray:
+        return self.table.column("category").to_numpy(zero_copy_only=False)
+
+    def partition_hash(self) -> str:
+        digest = hashlib.sha256(self.fingerprint.encode())
+        for part in [*self.clients, self.test]:
+            digest.update(np.asarray(part, dtype=np.int64).tobytes())
+            digest.update(b"|")
+        return digest.hexdigest()
+
+    def summary(self) -> dict[str, Any]:
+        """The content of partition.json."""
+        categories = self.categories()
+        source_index = self.table.column("source_index").to_numpy()
+        return {
+            "data_fingerprint": self.fingerprint,
+            "partition_hash": self.partition_hash(),
+            "num_records": self.table.num_rows,
+            "num_clients": len(self.clients),
+            "test": {
+                "records": len(self.test),
+                "categories": category_histogram(categories, self.test),
+                "source_index": source_index[self.test].tolist(),
+            },
+            "clients": {
+                str(cid): {"records": len(pos), "categories": category_histogram(categories, pos)}
+                for cid, pos in enumerate(self.clients)
+            },
+        }
+
+
+def _file_fingerprint(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return f"sha256:{digest.hexdigest()}"
+
+
+def load_source(cfg: DataConfig) -> tuple[pa.Table, str]:
+    """The record table named by `data.source`, and a fingerprint of its content."""
+    if cfg.source.startswith(BUILTIN_PREFIX):
+        name = cfg.source.removeprefix(BUILTIN_PREFIX)
+        if name not in BUILTIN_DATASETS:
+            raise FedsimInputError(
+                f"data.source: unknown built-in dataset {name!r}; expected builtin:quickstart"
+            )
+        records = generate_instructions(cfg.builtin_records, seed=BUILTIN_DATA_SEED)
+        return make_table(records), f"{cfg.source}:{cfg.builtin_records}:{BUILTIN_DATA_SEED}"
+    fields = FieldMap(**vars(cfg.fields))
+    table = load_records(cfg.source, fields, cfg.format)
+    path = Path(cfg.source).expanduser()
+    fingerprint = _file_fingerprint(path) if path.is_file() else f"hub:{cfg.source}"
+    return table, fingerprint
+
+
+def prepare_data(cfg: DataConfig, seed: int) -> PreparedData:
+    """Load, hold out and partition; raises FedsimInputError on any bad input."""
+    table, fingerprint = load_source(cfg)
+    if cfg.max_records is not None and cfg.max_records < table.num_rows:
+        table = table.slice(0, cfg.max_records)
+        fingerprint += f":first{cfg.max_records}"
+    categories = table.column("category").to_numpy(zero_copy_only=False)
+    p = cfg.partition
+
+    if p.kind == "split_file":
+        assert p.path is not None
+        client_src, test_src = SplitFile(p.path).load()
+        if len(client_src) != cfg.num_clients:
+            raise FedsimInputError(
+                f"data.num_clients: {cfg.num_clients}, but {p.path} lists {len(client_src)} clients"
+            )
+        source_index = table.column("source_index").to_numpy()
+        clients = [positions_for(source_index, src, p.path) for src in client_src]
+        test = positions_for(source_index, test_src, p.path)
+        return PreparedData(table, clients, test, fingerprint)
+
+    rng = np.random.default_rng(np.random.SeedSequence([seed, PARTITION_STREAM]))
+    if cfg.test_per_category:
+        train, test = hold_out_test(categories, cfg.test_per_category, rng)
+    else:
+        train, test = np.arange(table.num_rows), np.array([], dtype=np.int64)
+    partitioner = make_partitioner(
+        p.kind,
+        alpha=p.alpha,
+        min_size=p.min_size,
+        shards_per_client=p.shards_per_client,
+        path=p.path,
+    )
+    parts = partitioner.split(categories[train], cfg.num_clients, rng)
+    return PreparedData(table, [train[part] for part in parts], test, fingerprint)
+
+
+def format_partition_table(summary: dict[str, Any]) -> str:
+    """Per-client records and category mix, as printed by `fedsim partition`."""
+    cats = sorted({c for client in summary["clients"].values() for c in client["categories"]})
+    lines = [
+        f"{summary['num_clients']} clients, {summary['num_records']} records, "
+        f"{summary['test']['records']} held out for test",
+        f"{'client':>6} {'records':>7}  category mix",
+    ]
+    for cid, client in summary["clients"].items():
+        total = client["records"]
+        mix = ", ".join(
+            f"{c} {100 * n / total:.0f}%"
+            for c, n in sorted(client["categories"].items(), key=lambda kv: -kv[1])
+        )
+        lines.append(f"{cid:>6} {total:>7}  {mix}")
+    lines.append(f"categories: {', '.join(cats)}")
+    return "\n".join(lines)
+
+
+def write_partition(path: Path, summary: dict[str, Any]) -> None:
+    path.write_text(json.dumps(summary, indent=1))

@@ -1,0 +1,430 @@
+"""The round loop on Ray: prepare the run, start the worker pool and the aggregator, run rounds.
+
+`run_experiment` reads top to bottom in three phases:
+
+1. prepare — everything that can fail on bad input (config, run directory, data, model path)
+   fails here, before the run directory is touched;
+2. materialise — write config.yaml, partition.json and the tokenised shards;
+3. rounds — on Ray: select clients, broadcast the global adapter once, let free workers take the
+   next client, stream updates into the aggregator, checkpoint, log one line.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+from tqdm import tqdm
+
+from fedsim import checkpoint
+from fedsim.client.trainer import TrainSettings
+from fedsim.client.worker import ClientOutcome, ClientTask, ClientWorkerActor, WorkerSpec
+from fedsim.config import ClusterConfig, ExperimentConfig, clients_per_round
+from fedsim.data.pipeline import PreparedData, prepare_data, write_partition
+from fedsim.data.shards import tokenize_records, write_shards
+from fedsim.data.synthetic import generic_text
+from fedsim.data.templates import get_template
+from fedsim.errors import FedsimInputError
+from fedsim.model import (
+    LoraSpec,
+    TinyModelSpec,
+    ensure_tiny_model,
+    load_tokenizer,
+    resolve_model_path,
+)
+from fedsim.server.aggregator import AggregatorActor, adapter_nbytes
+from fedsim.server.selection import client_seed, select_clients
+
+Log = Callable[[str], None]
+TINY_CORPUS_LINES = 4000
+
+
+def _print(message: str) -> None:
+    print(message, flush=True)
+
+
+@dataclass
+class RunResult:
+    """What `run_experiment` did: the run directory and the rounds it completed."""
+
+    run_dir: Path
+    first_round: int
+    last_round: int
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class PreparedRun:
+    cfg: ExperimentConfig
+    run_dir: Path
+    data: PreparedData
+    model_path: str
+    resume_from: checkpoint.RoundCheckpoint | None
+
+
+# ------------------------------------------------------------------------------------------
+# Phase 1: prepare (no writes to the run directory)
+# ------------------------------------------------------------------------------------------
+
+
+def prepare_model(cfg: ExperimentConfig, log: Log = _print) -> str:
+    """Path of the base model: the cached built-in tiny model, or the user's model path/hub id."""
+    if cfg.model.name_or_path != "tiny":
+        return resolve_model_path(cfg.model.name_or_path)
+    t = cfg.model.tiny
+    spec = TinyModelSpec(
+        vocab_size=t.vocab_size,
+        hidden_size=t.hidden_size,
+        num_layers=t.num_layers,
+        num_heads=t.num_heads,
+        intermediate_size=t.intermediate_size,
+        pretrain_steps=t.pretrain_steps,
+    )
+    corpus = generic_text(TINY_CORPUS_LINES, seed=0)
+    return str(ensure_tiny_model(spec, corpus, log=log))
+
+
+def prepare_run(
+    cfg: ExperimentConfig,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    allow_config_change: bool = False,
+    log: Log = _print,
+) -> PreparedRun:
+    """Check everything that can be wrong with the input; raises FedsimInputError."""
+    run_dir = cfg.run_dir
+    if resume and overwrite:
+        raise FedsimInputError("--resume and --overwrite: choose one")
+    if run_dir.exists() and not (resume or overwrite):
+        raise FedsimInputError(
+            f"run directory {run_dir} already exists; pass --resume to continue it "
+            "or --overwrite to replace it"
+        )
+    resume_from = None
+    if resume:
+        if not run_dir.is_dir():
+            raise FedsimInputError(f"--resume: run directory {run_dir} does not exist")
+        resume_from = checkpoint.find_resume_point(run_dir, log)
+        if resume_from is None:
+            raise FedsimInputError(f"--resume: {run_dir} has no intact round to resume from")
+        if resume_from.info.get("config_hash") != cfg.training_hash() and not allow_config_change:
+            raise FedsimInputError(
+                f"--resume: the config differs from the one that wrote {resume_from.path} "
+                f"(see {run_dir / 'config.yaml'}); only run.rounds, cluster and eval may change "
+                "unless --allow-config-change is given"
+            )
+    data = prepare_data(cfg.data, cfg.run.seed)
+    if resume_from and resume_from.info.get("partition_hash") != data.partition_hash():
+        raise FedsimInputError(
+            f"--resume: the data or its partition differs from the one that wrote "
+            f"{resume_from.path}; refusing to mix them"
+        )
+    model_path = prepare_model(cfg, log)
+    return PreparedRun(cfg, run_dir, data, model_path, resume_from)
+
+
+# ------------------------------------------------------------------------------------------
+# Phase 2: materialise the run directory
+# ------------------------------------------------------------------------------------------
+
+
+def _shards_key(cfg: ExperimentConfig, data: PreparedData, model_path: str) -> str:
+    d = cfg.data
+    return json.dumps(
+        [data.partition_hash(), model_path, d.template, d.cutoff_len, d.train_on_inputs]
+    )
+
+
+def materialise(prep: PreparedRun, overwrite: bool, log: Log = _print) -> Path:
+    """Write config.yaml, partition.json and the tokenised shards (reused when unchanged)."""
+    cfg, run_dir, data = prep.cfg, prep.run_dir, prep.data
+    if overwrite and run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint.write_text_atomic(run_dir / "config.yaml", cfg.to_yaml())
+    write_partition(run_dir / "partition.json", data.summary())
+
+    shards_dir = run_dir / "shards"
+    key = _shards_key(cfg, data, prep.model_path)
+    manifest = shards_dir / "manifest.json"
+    if manifest.exists() and manifest.read_text() == key:
+        return shards_dir
+    start = time.perf_counter()
+    tokenizer = load_tokenizer(prep.model_path)
+    ids, labels = tokenize_records(
+        data.table,
+        tokenizer,
+        get_template(cfg.data.template),
+        cfg.data.cutoff_len,
+        cfg.data.train_on_inputs,
+    )
+    shards_dir.mkdir(exist_ok=True)
+    write_shards(shards_dir, data.clients, ids, labels)
+    checkpoint.write_text_atomic(manifest, key)
+    log(
+        f"tokenised {data.table.num_rows} records into {shards_dir} "
+        f"({time.perf_counter() - start:.1f} s)"
+    )
+    return shards_dir
+
+
+# ------------------------------------------------------------------------------------------
+# Phase 3: Ray
+# ------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def ray_session(cluster: ClusterConfig) -> Iterator[None]:
+    """Attach to `cluster.address`/RAY_ADDRESS, or start a local instance; shut down what we
+    started, also on Ctrl-C."""
+    started = False
+    if not ray.is_initialized():
+        address = cluster.address or os.environ.get("RAY_ADDRESS")
+        runtime_env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
+        if address:
+            ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        else:
+            ray.init(include_dashboard=False, runtime_env=runtime_env, log_to_driver=True)
+        started = True
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def pool_size(cluster: ClusterConfig, resources: dict[str, float], per_round: int) -> int:
+    """Number of ClientWorkers: `cluster.num_workers`, or as many as the resources allow (never
+    more than the clients of one round). An impossible request is an error, not a hang."""
+    cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+    fits = math.floor(cpus / cluster.cpus_per_worker + 1e-9)
+    if cluster.gpus_per_worker > 0:
+        fits = min(fits, math.floor(gpus / cluster.gpus_per_worker + 1e-9))
+    if fits < 1:
+        raise FedsimInputError(
+            f"cluster: a worker needs {cluster.cpus_per_worker} CPU and "
+            f"{cluster.gpus_per_worker} GPU, but the cluster has {cpus:g} CPU and {gpus:g} GPU"
+        )
+    if cluster.num_workers is not None:
+        if cluster.num_workers > fits:
+            raise FedsimInputError(
+                f"cluster.num_workers: {cluster.num_workers} workers do not fit; the cluster "
+                f"({cpus:g} CPU, {gpus:g} GPU) holds {fits} at the requested resources"
+            )
+        return cluster.num_workers
+    return min(fits, per_round)
+
+
+def worker_spec(
+    cfg: ExperimentConfig, model_path: str, shards_dir: Path, pad_id: int
+) -> WorkerSpec:
+    c, lora = cfg.client, cfg.model.lora
+    return WorkerSpec(
+        model_path=model_path,
+        model_name=cfg.model.name_or_path if cfg.model.name_or_path != "tiny" else model_path,
+        dtype=cfg.model.dtype,
+        lora=LoraSpec(lora.r, lora.alpha, lora.dropout, tuple(lora.target_modules)),
+        seed=cfg.run.seed,
+        shards_dir=str(shards_dir.resolve()),
+        backend=c.backend,
+        settings=TrainSettings(
+            local_steps=c.local_steps,
+            local_epochs=c.local_epochs,
+            batch_size=c.batch_size,
+            micro_batch_size=c.micro_batch_size,
+            lr=c.lr,
+            weight_decay=c.weight_decay,
+            lr_scheduler=c.lr_scheduler,
+            warmup_steps=c.warmup_steps,
+            max_grad_norm=c.max_grad_norm,
+            pad_token_id=pad_id,
+        ),
+        num_threads=max(1, int(cfg.cluster.cpus_per_worker)),
+    )
+
+
+def _train_round(
+    workers: list[Any],
+    aggregator: Any,
+    tasks: list[ClientTask],
+    global_ref: Any,
+    show_progress: bool,
+) -> tuple[list[ClientOutcome], list[Any]]:
+    """Let each free worker take the next client; stream finished updates to the aggregator.
+
+    Returns the outcomes (in client order) and the aggregator's fold results (refs)."""
+    queue = deque(tasks)
+    free = list(range(len(workers)))
+    pending: dict[Any, tuple[int, ClientTask, Any]] = {}
+    outcomes: dict[int, ClientOutcome] = {}
+    folds = []
+    bar = tqdm(total=len(tasks), desc="  clients", leave=False, disable=not show_progress)
+    while queue or pending:
+        while queue and free:
+            w, task = free.pop(), queue.popleft()
+            meta_ref, adapter_ref = workers[w].train.options(num_returns=2).remote(task, global_ref)
+            pending[meta_ref] = (w, task, adapter_ref)
+        [done], _ = ray.wait(list(pending), num_returns=1)
+        w, task, adapter_ref = pending.pop(done)
+        try:
+            outcome = ray.get(done)
+        except ray.exceptions.RayError as err:  # the worker process died
+            outcome = ClientOutcome(task.client_id, ok=False, error=f"worker failed: {err}")
+        else:
+            free.append(w)
+        if outcome.ok:
+            folds.append(aggregator.fold.remote(task.client_id, adapter_ref))
+        outcomes[task.client_id] = outcome
+        bar.update(1)
+        bar.set_postfix(loss=f"{outcome.mean_loss:.3f}")
+    bar.close()
+    return [outcomes[t.client_id] for t in tasks], folds
+
+
+def _round_record(round_idx: int, outcomes: list[ClientOutcome], seconds: float) -> dict[str, Any]:
+    ok = [o for o in outcomes if o.ok]
+    samples = sum(o.num_samples for o in ok)
+    loss = sum(o.mean_loss * o.num_samples for o in ok) / samples if samples else float("nan")
+    return {
+        "round": round_idx,
+        "clients": [o.client_id for o in outcomes],
+        "num_clients": len(outcomes),
+        "num_failed": len(outcomes) - len(ok),
+        "samples": samples,
+        "train_loss": loss,
+        "seconds": round(seconds, 3),
+    }
+
+
+def run_experiment(
+    cfg: ExperimentConfig,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    allow_config_change: bool = False,
+    log: Log = _print,
+    show_progress: bool = True,
+) -> RunResult:
+    """Run (or resume) the experiment described by `cfg`; see the module docstring."""
+    # --- 1. prepare: every input error surfaces here ---
+    prep = prepare_run(
+        cfg, resume=resume, overwrite=overwrite, allow_config_change=allow_config_change, log=log
+    )
+    start_round = prep.resume_from.round_idx + 1 if prep.resume_from else 1
+    result = RunResult(prep.run_dir, start_round, start_round - 1)
+    if start_round > cfg.run.rounds:
+        log(f"{prep.run_dir} already has {start_round - 1} rounds (run.rounds={cfg.run.rounds})")
+        return result
+
+    # --- 2. materialise the run directory ---
+    shards_dir = materialise(prep, overwrite=overwrite, log=log)
+    if prep.resume_from:
+        checkpoint.truncate_metrics(prep.run_dir, prep.resume_from.round_idx)
+        log(f"resuming {prep.run_dir} after round {prep.resume_from.round_idx}")
+    pad_id = load_tokenizer(prep.model_path).pad_token_id
+    spec = worker_spec(cfg, prep.model_path, shards_dir, pad_id)
+    per_round = clients_per_round(cfg)
+    sample_counts = [len(c) for c in prep.data.clients]
+    provenance = {
+        "config_hash": cfg.training_hash(),
+        "partition_hash": prep.data.partition_hash(),
+    }
+
+    # --- 3. rounds on Ray ---
+    with ray_session(cfg.cluster):
+        n_workers = pool_size(cfg.cluster, ray.cluster_resources(), per_round)
+        options = {"num_cpus": cfg.cluster.cpus_per_worker, "num_gpus": cfg.cluster.gpus_per_worker}
+        workers = [ClientWorkerActor.options(**options).remote(spec) for _ in range(n_workers)]
+        adapter_config = ray.get(workers[0].adapter_config.remote())
+        aggregator = AggregatorActor.remote(
+            str(prep.run_dir.resolve()),
+            cfg.server.strategy,
+            cfg.server.weighting,
+            adapter_config,
+            provenance,
+        )
+        if prep.resume_from:
+            global_ref = ray.put(prep.resume_from.adapter)
+            ray.get(aggregator.set_global.remote(global_ref, prep.resume_from.server_state))
+        else:
+            global_ref = workers[0].initial_adapter.remote()
+            ray.get(aggregator.set_global.remote(global_ref))
+        adapter_bytes = adapter_nbytes(ray.get(global_ref))
+        log(
+            f"run {prep.run_dir}: {cfg.data.num_clients} clients, {per_round} per round, "
+            f"{n_workers} workers, rounds {start_round}..{cfg.run.rounds}"
+        )
+
+        for round_idx in range(start_round, cfg.run.rounds + 1):
+            round_start = time.perf_counter()
+            # select
+            selected = select_clients(cfg.run.seed, round_idx, cfg.data.num_clients, per_round)
+            tasks = [
+                ClientTask(round_idx, c, client_seed(cfg.run.seed, round_idx, c)) for c in selected
+            ]
+            ray.get(aggregator.begin_round.remote({c: sample_counts[c] for c in selected}))
+            # train, streaming updates into the aggregator
+            outcomes, folds = _train_round(workers, aggregator, tasks, global_ref, show_progress)
+            ray.get(folds)
+            # aggregate and checkpoint
+            record = _round_record(round_idx, outcomes, time.perf_counter() - round_start)
+            info = {
+                **record,
+                "client_results": [_client_info(o) for o in outcomes],
+                "bytes_downlink": adapter_bytes * len(tasks),
+            }
+            summary_ref, global_ref = aggregator.finish_round.options(num_returns=2).remote(
+                round_idx, info
+            )
+            summary = ray.get(summary_ref)
+            record["seconds"] = round(time.perf_counter() - round_start, 3)
+            record["rejected"] = summary["aggregation"]["rejected"]
+            checkpoint.append_metrics(prep.run_dir, record)
+            result.metrics.append(record)
+            result.last_round = round_idx
+            for o in outcomes:
+                if o.error:
+                    log(f"client {o.client_id} failed in round {round_idx}:\n{o.error.rstrip()}")
+            log(_round_line(record, cfg.run.rounds, outcomes))
+    return result
+
+
+def _client_info(o: ClientOutcome) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "client": o.client_id,
+        "ok": o.ok,
+        "samples": o.num_samples,
+        "mean_loss": o.mean_loss,
+        "losses": [round(x, 6) for x in o.losses],
+        "train_seconds": round(o.train_seconds, 4),
+        "worker": o.worker,
+    }
+    if o.error:
+        info["error"] = o.error
+    return info
+
+
+def _round_line(record: dict[str, Any], rounds: int, outcomes: list[ClientOutcome]) -> str:
+    line = (
+        f"round {record['round']:>3}/{rounds} | clients {record['num_clients']} | "
+        f"samples {record['samples']} | train loss {record['train_loss']:.4f} | "
+        f"{record['seconds']:.1f} s"
+    )
+    failed = [o for o in outcomes if not o.ok]
+    if failed:
+        first = failed[0].error.strip().splitlines()[-1] if failed[0].error else "?"
+        line += f" | {len(failed)} failed (client {failed[0].client_id}: {first})"
+    if record.get("rejected"):
+        line += f" | rejected {sorted(record['rejected'])}"
+    return line

@@ -1,0 +1,482 @@
+"""Base model, tokenizer and LoRA adapter handling.
+
+Three jobs:
+
+* the built-in ``tiny`` model: a LLaMA-architecture model of well under a million parameters with
+  a byte-level BPE tokenizer, both trained on a caller-supplied generic corpus and cached on disk,
+  so that federated LoRA tuning starts from a pretrained base as it would with a real LLM;
+* loading any base model (local directory or hub id) frozen, and its tokenizer;
+* attaching LoRA with PEFT and moving adapters in and out as flat ``{name: tensor}`` dicts with
+  PEFT's own key names, which is what clients, the aggregator and checkpoints exchange.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import enum
+import fcntl
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+from fedsim.errors import FedsimInputError
+
+# Bump when the way the tiny model is built changes, so old cache entries are not reused.
+_TINY_BUILD_VERSION = 1
+
+# LLaMA's convention for the first ids (unk 0, bos 1, eos 2); pad gets its own id so that masking
+# padding in the labels never masks a real end-of-sequence.
+UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
+_SPECIAL_TOKENS = (UNK, BOS, EOS, PAD)
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+# A hub id is `name` or `owner/name`; anything else (absolute, ./, ~, deeper paths) is local.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+
+
+# ---------------------------------------------------------------------------------------------
+# The built-in tiny model
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TinyModelSpec:
+    """Architecture and pretraining recipe of the built-in tiny model.
+
+    Every field is part of the cache key: changing any of them builds a new model.
+    """
+
+    vocab_size: int = 1024
+    """Tokenizer vocabulary size (byte-level BPE: 256 bytes + 4 special tokens + merges)."""
+    hidden_size: int = 128
+    """Width of the residual stream."""
+    num_layers: int = 2
+    """Number of decoder layers."""
+    num_heads: int = 4
+    """Attention heads per layer (no grouped-query attention)."""
+    intermediate_size: int = 344
+    """Width of the SwiGLU MLP."""
+    max_position: int = 256
+    """Longest sequence the model (and tokenizer's ``model_max_length``) accepts."""
+    pretrain_steps: int = 300
+    """Optimizer steps of causal-LM pretraining on the corpus."""
+    pretrain_lr: float = 3e-3
+    """Peak AdamW learning rate (linear warmup, cosine decay to 10 %)."""
+    pretrain_batch_size: int = 16
+    """Sequences per pretraining step."""
+    pretrain_seq_len: int = 64
+    """Tokens per pretraining sequence (lines are packed, separated by bos/eos)."""
+    seed: int = 0
+    """Seed for weight init and batch order."""
+
+
+def default_cache_dir() -> Path:
+    """``$FEDSIM_CACHE_DIR`` if set, else ``~/.cache/fedsim``."""
+    env = os.environ.get("FEDSIM_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "fedsim"
+
+
+def tiny_model_key(spec: TinyModelSpec, corpus: list[str]) -> str:
+    """Hex sha256 identifying the model built from `spec` and `corpus`."""
+    corpus_hash = hashlib.sha256(json.dumps(corpus).encode()).hexdigest()
+    payload = {
+        "build_version": _TINY_BUILD_VERSION,
+        "spec": dataclasses.asdict(spec),
+        "corpus_sha256": corpus_hash,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def ensure_tiny_model(
+    spec: TinyModelSpec,
+    corpus: list[str],
+    cache_dir: Path | None = None,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Return the directory of the tiny model for `spec` and `corpus`, building it once if needed.
+
+    The directory holds ``config.json``, ``model.safetensors``, tokenizer files and
+    ``pretrain.json`` (first/last pretraining loss, timings), and loads with
+    ``AutoModelForCausalLM.from_pretrained`` / ``AutoTokenizer.from_pretrained``. It is built under
+    a temporary name and renamed into place, under a file lock, so concurrent callers build it
+    once and no reader ever sees half a model.
+    """
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    key = tiny_model_key(spec, corpus)[:16]
+    final = cache / f"tiny-{key}"
+    if final.is_dir():
+        log(f"fedsim: tiny model cache hit {final}")
+        return final
+    cache.mkdir(parents=True, exist_ok=True)
+    with _file_lock(cache / f"tiny-{key}.lock"):
+        # Another process may have finished the build while we waited for the lock.
+        if final.is_dir():
+            log(f"fedsim: tiny model cache hit {final}")
+            return final
+        # Holding the lock, any temp dir for this key is a leftover of a killed build.
+        for stale in cache.glob(f".tmp-tiny-{key}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-tiny-{key}-", dir=cache))
+        try:
+            _build_tiny_model(spec, corpus, tmp, log)
+            tmp.chmod(0o755)  # mkdtemp makes it owner-only; the cache may be shared
+            os.replace(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _build_tiny_model(
+    spec: TinyModelSpec, corpus: list[str], out: Path, log: Callable[[str], None]
+) -> None:
+    start = time.perf_counter()
+    log(
+        f"fedsim: building tiny model (vocab {spec.vocab_size}, hidden {spec.hidden_size}, "
+        f"{spec.num_layers} layers, {spec.pretrain_steps} pretraining steps) in {out.parent}"
+    )
+    tokenizer = train_tiny_tokenizer(corpus, spec.vocab_size, spec.max_position)
+    model = _init_tiny_model(spec, tokenizer)
+    stream = _pack_corpus(tokenizer, corpus)
+    losses = _pretrain(model, stream, spec)
+    seconds = time.perf_counter() - start
+
+    model.eval()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    record = {
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+        "steps": spec.pretrain_steps,
+        "corpus_lines": len(corpus),
+        "corpus_tokens": int(stream.numel()),
+        "seconds": round(seconds, 2),
+        "spec": dataclasses.asdict(spec),
+    }
+    (out / "pretrain.json").write_text(json.dumps(record, indent=2) + "\n")
+    log(
+        f"fedsim: built tiny model in {seconds:.1f} s "
+        f"(loss {losses[0]:.3f} -> {losses[-1]:.3f}, {count_parameters(model)[1]:,} parameters)"
+    )
+
+
+def train_tiny_tokenizer(
+    corpus: list[str], vocab_size: int, model_max_length: int
+) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer on `corpus`, LLaMA-style: bos prepended, no eos appended."""
+    tok = Tokenizer(models.BPE(unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(_SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer=trainer)
+    bos_id = tok.token_to_id(BOS)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        unk_token=UNK,
+        pad_token=PAD,
+        add_bos_token=True,
+        add_eos_token=False,
+        padding_side="right",
+        model_max_length=model_max_length,
+    )
+
+
+def _init_tiny_model(spec: TinyModelSpec, tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        # The trained vocabulary can come out smaller than asked for on a small corpus.
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_heads,
+        max_position_embeddings=spec.max_position,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(spec.seed)
+    return LlamaForCausalLM(config).to(torch.float32)
+
+
+def _pack_corpus(tokenizer: PreTrainedTokenizerFast, corpus: list[str]) -> torch.Tensor:
+    """All lines as one token stream, each line framed by bos ... eos, as 1-D int64."""
+    encoded = tokenizer.backend_tokenizer.encode_batch(corpus, add_special_tokens=False)
+    ids: list[int] = []
+    for enc in encoded:
+        ids.append(tokenizer.bos_token_id)
+        ids.extend(enc.ids)
+        ids.append(tokenizer.eos_token_id)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _pretrain(model: LlamaForCausalLM, stream: torch.Tensor, spec: TinyModelSpec) -> list[float]:
+    """Causal-LM pretraining on random windows of `stream`; returns the loss of every step."""
+    seq_len = spec.pretrain_seq_len
+    if stream.numel() <= seq_len:
+        raise FedsimInputError(
+            f"tiny model corpus: {stream.numel()} tokens, need more than pretrain_seq_len={seq_len}"
+        )
+    gen = torch.Generator().manual_seed(spec.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.pretrain_lr, weight_decay=0.01)
+    warmup = max(1, spec.pretrain_steps // 10)
+
+    def lr_factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, spec.pretrain_steps - warmup)
+        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    offsets = torch.arange(seq_len)
+    model.train()
+    losses: list[float] = []
+    for _ in range(spec.pretrain_steps):
+        starts = torch.randint(
+            0, stream.numel() - seq_len + 1, (spec.pretrain_batch_size, 1), generator=gen
+        )
+        batch = stream[starts + offsets]
+        loss = model(input_ids=batch, labels=batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+    return losses
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading a base model
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Turn ``model.name_or_path`` into what ``from_pretrained`` takes.
+
+    An existing local directory comes back as an absolute path (workers may run in another working
+    directory); a hub id such as ``owner/name`` not present on disk comes back unchanged; anything
+    else that looks like a local path but does not exist is a `FedsimInputError`. ``tiny`` is
+    resolved by the caller through `ensure_tiny_model`.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FedsimInputError(
+                f"model.name_or_path: {name_or_path} has no config.json (expected a Hugging Face "
+                "model directory)"
+            )
+        return str(path.resolve())
+    if path.exists():
+        raise FedsimInputError(f"model.name_or_path: not a directory: {name_or_path}")
+    if _HUB_ID.match(name_or_path):
+        return name_or_path
+    raise FedsimInputError(f"model.name_or_path: no such directory: {name_or_path}")
+
+
+def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    """Load the tokenizer at `path` with right padding and a pad token.
+
+    A tokenizer without a pad token gets unk (as Alpaca-LoRA does), else eos: unk keeps padding
+    distinct from a real end of sequence when padding is masked out of the labels.
+    """
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token else tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def load_base_model(path: str, dtype: str = "float32", device: str = "cpu") -> PreTrainedModel:
+    """Load a causal LM from `path` in `dtype` on `device`, in eval mode, every weight frozen."""
+    if dtype not in _DTYPES:
+        raise FedsimInputError(f"model.dtype: expected one of {'|'.join(_DTYPES)}, got {dtype!r}")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype])
+    model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """LoRA hyper-parameters (``model.lora`` in the config)."""
+
+    r: int = 8
+    """Rank of the low-rank update."""
+    alpha: int = 16
+    """Scaling numerator: the update is scaled by alpha / r."""
+    dropout: float = 0.05
+    """Dropout on the LoRA input during training."""
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    """Names (or dotted name suffixes) of the Linear layers that get an adapter."""
+
+
+def attach_lora(model: PreTrainedModel, spec: LoraSpec, seed: int) -> PeftModel:
+    """Wrap `model` (modified in place) with a fresh LoRA adapter named ``default``.
+
+    The initial adapter is a pure function of `seed`: LoRA A is drawn under
+    ``torch.manual_seed(seed)`` (B starts at zero), without disturbing the caller's RNG state.
+    """
+    _check_target_modules(model, spec.target_modules)
+    config = LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        target_modules=list(spec.target_modules),
+        bias="none",
+    )
+    # PEFT creates the LoRA layers on the CPU and then moves them to the base layer's device, so
+    # only the CPU generator needs seeding and restoring.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return get_peft_model(model, config)
+
+
+def linear_module_names(model: torch.nn.Module) -> list[str]:
+    """Sorted distinct leaf names of the model's Linear layers (candidates for target_modules)."""
+    return sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear)
+        }
+    )
+
+
+def _check_target_modules(model: torch.nn.Module, targets: tuple[str, ...]) -> None:
+    names = [name for name, _ in model.named_modules()]
+    for target in targets:
+        if not any(n == target or n.endswith("." + target) for n in names):
+            raise FedsimInputError(
+                f"model.lora.target_modules: no module named {target!r} in the model; Linear "
+                f"layers available: {', '.join(linear_module_names(model))}"
+            )
+
+
+def get_adapter(model: PeftModel) -> dict[str, torch.Tensor]:
+    """The adapter as a flat dict with PEFT's saved key names: detached, contiguous CPU copies."""
+    state = get_peft_model_state_dict(model)
+    return {
+        k: v.detach().to("cpu", copy=True).contiguous(memory_format=torch.contiguous_format)
+        for k, v in state.items()
+    }
+
+
+def set_adapter(model: PeftModel, adapter: dict[str, torch.Tensor]) -> None:
+    """Copy `adapter` (as from `get_adapter`) into the model's LoRA weights in place.
+
+    The parameters keep their storage, so an optimizer holding them stays valid. Raises
+    `ValueError` unless `adapter` has exactly the model's adapter keys.
+    """
+    expected = set(get_peft_model_state_dict(model))
+    missing, unexpected = expected - set(adapter), set(adapter) - expected
+    if missing or unexpected:
+        raise ValueError(_key_mismatch_message(missing, unexpected))
+    result = set_peft_model_state_dict(model, adapter)
+    # Belt and braces: PEFT's own remapping must also have matched every LoRA parameter.
+    missing = {k for k in result.missing_keys if "lora_" in k}
+    unexpected = set(result.unexpected_keys)
+    if missing or unexpected:
+        raise ValueError(_key_mismatch_message(missing, unexpected))
+
+
+def _key_mismatch_message(missing: set[str], unexpected: set[str]) -> str:
+    def show(keys: set[str]) -> str:
+        listed = sorted(keys)
+        return ", ".join(listed[:3]) + (f" (+{len(listed) - 3} more)" if len(listed) > 3 else "")
+
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing: {show(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected: {show(unexpected)}")
+    return "adapter keys do not match the model: " + "; ".join(parts)
+
+
+def adapter_config_dict(model: PeftModel, base_model_name_or_path: str) -> dict[str, Any]:
+    """Content of ``adapter_config.json`` for the model's adapter, as PEFT's save would write it.
+
+    With it and ``adapter_model.safetensors`` (`get_adapter` saved by
+    ``safetensors.torch.save_file(..., metadata={"format": "pt"})``) a directory loads with
+    ``PeftModel.from_pretrained(base_model, directory)``.
+    """
+    content = model.peft_config["default"].to_dict()
+    content["base_model_name_or_path"] = base_model_name_or_path
+    content["inference_mode"] = True  # as PeftModel.save_pretrained writes it
+    return _jsonable(content)
+
+
+def _jsonable(value: Any) -> Any:
+    # Sets are sorted so that the same adapter always writes the same bytes.
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, set | frozenset):
+        return sorted(_jsonable(v) for v in value)
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
