@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -284,10 +286,34 @@ def apply_override(tree: dict[str, Any], assignment: str) -> None:
     node[leaf] = yaml.safe_load(text)
 
 
+_VAR = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
+
+
+def expand_path(text: str, dotted: str, problems: list[str]) -> str:
+    """Expand `${VAR}` and `${VAR:-default}` (as a shell does) and a leading `~` in a path field,
+    so that shipped experiments can say where data lives without hard-coding a machine's paths."""
+
+    def substitute(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        value = os.environ.get(name) or default
+        if value is None:
+            problems.append(f"{dotted}: environment variable {name} is not set")
+            return match.group(0)
+        return value
+
+    expanded = _VAR.sub(substitute, text)
+    return os.path.expanduser(expanded) if expanded.startswith("~") else expanded
+
+
 def config_from_dict(raw: dict[str, Any]) -> ExperimentConfig:
     """Build and validate the config tree; raises ConfigError listing every problem."""
     problems: list[str] = []
     cfg = _build(ExperimentConfig, raw, "", problems)
+    if not problems:
+        cfg.data.source = expand_path(cfg.data.source, "data.source", problems)
+        if cfg.data.partition.path:
+            path = expand_path(cfg.data.partition.path, "data.partition.path", problems)
+            cfg.data.partition.path = path
     if not problems:
         problems = validate(cfg)
     if problems:

@@ -33,7 +33,7 @@ from fedsim.config import ClusterConfig, ExperimentConfig, clients_per_round
 from fedsim.data.pipeline import PreparedData, prepare_data, write_partition
 from fedsim.data.shards import tokenize_records, write_shards
 from fedsim.data.synthetic import generic_text
-from fedsim.data.templates import get_template
+from fedsim.data.templates import get_template, template_text
 from fedsim.errors import FedsimInputError
 from fedsim.model import (
     LoraSpec,
@@ -47,6 +47,11 @@ from fedsim.server.selection import client_seed, select_clients
 
 Log = Callable[[str], None]
 TINY_CORPUS_LINES = 4000
+WORKER_ENV = {
+    "TOKENIZERS_PARALLELISM": "false",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+}
 
 
 def _print(message: str) -> None:
@@ -90,7 +95,8 @@ def prepare_model(cfg: ExperimentConfig, log: Log = _print) -> str:
         intermediate_size=t.intermediate_size,
         pretrain_steps=t.pretrain_steps,
     )
-    corpus = generic_text(TINY_CORPUS_LINES, seed=0)
+    # A real base model has seen prompt boilerplate like Alpaca's; so has the tiny one.
+    corpus = generic_text(TINY_CORPUS_LINES, seed=0) + template_text() * 50
     return str(ensure_tiny_model(spec, corpus, log=log))
 
 
@@ -169,6 +175,12 @@ def materialise(prep: PreparedRun, overwrite: bool, log: Log = _print) -> Path:
         cfg.data.cutoff_len,
         cfg.data.train_on_inputs,
     )
+    no_answer = sum(1 for lab in labels if all(x == -100 for x in lab))
+    if no_answer:
+        log(
+            f"warning: {no_answer} of {len(labels)} records lose their whole response to "
+            f"data.cutoff_len={cfg.data.cutoff_len}; they add nothing to training"
+        )
     shards_dir.mkdir(exist_ok=True)
     write_shards(shards_dir, data.clients, ids, labels)
     checkpoint.write_text_atomic(manifest, key)
@@ -191,7 +203,7 @@ def ray_session(cluster: ClusterConfig) -> Iterator[None]:
     started = False
     if not ray.is_initialized():
         address = cluster.address or os.environ.get("RAY_ADDRESS")
-        runtime_env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
+        runtime_env = {"env_vars": WORKER_ENV}
         if address:
             ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         else:

@@ -111,3 +111,13 @@ def test_clients_per_round_from_fraction():
 @pytest.mark.parametrize("path", sorted(EXPERIMENTS.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_experiment_validates(path):
     assert isinstance(load_config(path), ExperimentConfig)
+
+
+def test_paths_expand_environment_variables(monkeypatch):
+    monkeypatch.setenv("FEDSIM_DATA_DIR", "/data")
+    raw = {"data": {"source": "${FEDSIM_DATA_DIR:-../shared/data}/dolly/x.jsonl"}}
+    assert config_from_dict(raw).data.source == "/data/dolly/x.jsonl"
+    monkeypatch.delenv("FEDSIM_DATA_DIR")
+    assert config_from_dict(raw).data.source == "../shared/data/dolly/x.jsonl"
+    (problem,) = _problems({"data": {"source": "${FEDSIM_NOT_SET_ANYWHERE}/x.jsonl"}})
+    assert problem == "data.source: environment variable FEDSIM_NOT_SET_ANYWHERE is not set"

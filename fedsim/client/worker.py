@@ -12,6 +12,7 @@ import os
 import socket
 import time
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,11 +75,21 @@ class ClientOutcome:
         return sum(self.losses) / len(self.losses) if self.losses else float("nan")
 
 
+def quiet_libraries() -> None:
+    """Silence per-load progress bars and deprecation chatter that would flood the driver's log."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
 class ClientWorker:
     """Trains virtual clients one after another on a model built once."""
 
     def __init__(self, spec: WorkerSpec) -> None:
         torch.set_num_threads(max(1, spec.num_threads))
+        quiet_libraries()
         self.spec = spec
         base = load_base_model(spec.model_path, dtype=spec.dtype)
         self.model = attach_lora(base, spec.lora, seed=spec.seed)
@@ -106,7 +117,7 @@ class ClientWorker:
         outcome = ClientOutcome(client_id=task.client_id, ok=False, worker=self.name)
         try:
             set_adapter(self.model, global_adapter)
-            input_ids, labels = self.store.client_examples(task.client_id)
+            input_ids, labels = self.store.client_examples(task.client_id).to_lists()
             outcome.num_samples = len(input_ids)
             result = self.trainer.train(self.model, input_ids, labels, task.seed)
             adapter = get_adapter(self.model)

@@ -65,3 +65,13 @@ def get_template(name: str) -> PromptTemplate:
         raise FedsimInputError(
             f"data.template: unknown template '{name}'; expected one of {', '.join(TEMPLATES)}"
         ) from None
+
+
+def template_text() -> list[str]:
+    """The fixed wording of every template, as lines of text: part of the built-in tiny model's
+    tokenizer corpus, so that its prompts cost a realistic number of tokens."""
+    lines = []
+    for t in TEMPLATES.values():
+        for fmt in (t.prompt_input, t.prompt_no_input):
+            lines.extend(s for s in fmt.format(instruction="", input="").splitlines() if s)
+    return lines
