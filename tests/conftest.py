@@ -13,3 +13,58 @@ def data_dir() -> Path:
     return Path(
         os.environ.get("FEDSIM_DATA_DIR") or Path(__file__).parents[1].parent / "shared" / "data"
     )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fedsim_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Build the tiny test models once per test session, away from the user's cache (unless
+    FEDSIM_CACHE_DIR is set, as `make test` does, to reuse them between sessions)."""
+    if "FEDSIM_CACHE_DIR" not in os.environ:
+        os.environ["FEDSIM_CACHE_DIR"] = str(tmp_path_factory.mktemp("fedsim-cache"))
+    return Path(os.environ["FEDSIM_CACHE_DIR"])
+
+
+def tiny_experiment(tmp_path: Path, **sections: dict) -> dict:
+    """A complete raw config for a seconds-long run: a very small built-in model, 400 generated
+    records over 6 clients, 3 per round, 3 local steps. Pass sections to override keys."""
+    raw = {
+        "run": {"name": "t", "output_dir": str(tmp_path / "runs"), "seed": 7, "rounds": 2},
+        "data": {
+            "source": "builtin:quickstart",
+            "builtin_records": 400,
+            "cutoff_len": 96,
+            "num_clients": 6,
+            "partition": {"kind": "dirichlet", "alpha": 1.0, "min_size": 10},
+        },
+        "model": {
+            "name_or_path": "tiny",
+            "tiny": {
+                "vocab_size": 512,
+                "hidden_size": 32,
+                "num_layers": 2,
+                "num_heads": 2,
+                "intermediate_size": 64,
+                "pretrain_steps": 30,
+            },
+            "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+        },
+        "client": {"local_steps": 3, "batch_size": 4, "micro_batch_size": 2, "lr": 1e-2},
+        "server": {"clients_per_round": 3},
+        "cluster": {"num_workers": 2, "cpus_per_worker": 1},
+    }
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    return raw
+
+
+@pytest.fixture
+def experiment_file(tmp_path: Path):
+    """Write `tiny_experiment(...)` to a YAML file and return its path."""
+    import yaml
+
+    def write(**sections: dict) -> Path:
+        path = tmp_path / "experiment.yaml"
+        path.write_text(yaml.safe_dump(tiny_experiment(tmp_path, **sections)))
+        return path
+
+    return write

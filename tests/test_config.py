@@ -84,7 +84,7 @@ def test_missing_and_malformed_files(tmp_path):
         load_config(tmp_path / "absent.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("run: [\n")
-    with pytest.raises(FedsimInputError, match="bad.yaml:.*not valid YAML"):
+    with pytest.raises(FedsimInputError, match=r"bad.yaml:.*not valid YAML"):
         load_config(bad)
 
 

@@ -16,5 +16,5 @@ def test_fedavg_moves_the_global_adapter_by_the_mean_delta():
 
 def test_make_strategy_names_the_available_ones():
     assert isinstance(make_strategy("fedavg"), FedAvg)
-    with pytest.raises(FedsimInputError, match="server.strategy.*fedavg"):
+    with pytest.raises(FedsimInputError, match=r"server.strategy.*fedavg"):
         make_strategy("nope")
