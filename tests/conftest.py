@@ -68,3 +68,16 @@ def experiment_file(tmp_path: Path):
         return path
 
     return write
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One real local Ray instance (2 CPUs) for every integration test of the session; the driver
+    attaches to it instead of starting its own."""
+    import ray
+
+    from fedsim.driver import WORKER_ENV
+
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": WORKER_ENV})
+    yield ray
+    ray.shutdown()

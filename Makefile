@@ -1,0 +1,37 @@
+# fedsim: `make quickstart` runs the main job, `make test` the tests; both install first.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+# The tiny model and DeepSpeed's JIT-built ops are cached here between runs.
+export FEDSIM_CACHE_DIR ?= $(CURDIR)/.cache/fedsim
+
+.PHONY: install quickstart test test-all quality format clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+quickstart: install
+	$(VENV)/bin/fedsim run experiments/quickstart.yaml --overwrite
+
+test: install
+	$(PY) -m pytest -q
+
+test-all: install
+	$(PY) -m pytest -q -m ""
+
+quality: install
+	$(VENV)/bin/ruff check fedsim tests benchmarks
+	$(VENV)/bin/ruff format --check fedsim tests benchmarks
+
+format: install
+	$(VENV)/bin/ruff format fedsim tests benchmarks
+	$(VENV)/bin/ruff check --fix fedsim tests benchmarks
+
+clean:
+	rm -rf runs .cache .pytest_cache

@@ -1,0 +1,194 @@
+"""End-to-end runs on a real local Ray instance with the tiny model."""
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from fedsim import checkpoint
+from fedsim.config import config_from_dict
+from fedsim.driver import run_experiment
+from tests.conftest import tiny_experiment
+
+pytestmark = pytest.mark.ray
+
+ROUND_FILES = {"adapter_model.safetensors", "adapter_config.json", "round.json"}
+
+
+def _adapter(run_dir: Path, round_idx: int) -> dict[str, torch.Tensor]:
+    return load_file(
+        run_dir / "rounds" / checkpoint.round_name(round_idx) / "adapter_model.safetensors"
+    )
+
+
+def _assert_same_adapter(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.fixture(scope="module")
+def reference_run(ray_local, tmp_path_factory):
+    """Three uninterrupted rounds with two workers; other tests compare against it."""
+    tmp = tmp_path_factory.mktemp("reference")
+    cfg = config_from_dict(tiny_experiment(tmp, run={"rounds": 3}))
+    result = run_experiment(cfg, log=lambda _: None, show_progress=False)
+    return cfg, result
+
+
+def test_run_directory_layout(reference_run):
+    cfg, result = reference_run
+    run_dir = result.run_dir
+    assert (result.first_round, result.last_round) == (1, 3)
+    assert {p.name for p in run_dir.iterdir()} == {
+        "config.yaml",
+        "partition.json",
+        "shards",
+        "rounds",
+        "latest",
+        "metrics.jsonl",
+    }
+    assert (run_dir / "latest").read_text().strip() == "round_0003"
+    assert sorted(p.name for p in (run_dir / "rounds").iterdir()) == [
+        "round_0001",
+        "round_0002",
+        "round_0003",
+    ]
+    for round_dir in (run_dir / "rounds").iterdir():
+        assert {p.name for p in round_dir.iterdir()} == ROUND_FILES  # fedavg keeps no state
+        assert checkpoint.verify_round(round_dir) is None
+
+    info = json.loads((run_dir / "rounds/round_0002/round.json").read_text())
+    assert info["round"] == 2 and info["num_clients"] == 3 and info["num_failed"] == 0
+    assert info["config_hash"] == cfg.training_hash()
+    assert set(info["files"]) == {"adapter_model.safetensors", "adapter_config.json"}
+    assert info["aggregation"]["accepted"] == info["clients"]
+    partition = json.loads((run_dir / "partition.json").read_text())
+    assert info["partition_hash"] == partition["partition_hash"]
+    counts = {str(c): partition["clients"][str(c)]["records"] for c in info["clients"]}
+    assert info["aggregation"]["weights"] == counts
+    assert info["samples"] == sum(counts.values())
+
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["round"] for m in metrics] == [1, 2, 3]
+    assert all(m["train_loss"] > 0 for m in metrics)
+    assert (
+        config_from_dict(__import__("yaml").safe_load((run_dir / "config.yaml").read_text())) == cfg
+    )
+
+
+def test_global_adapter_changes_every_round(reference_run):
+    _, result = reference_run
+    adapters = [_adapter(result.run_dir, r) for r in (1, 2, 3)]
+    for before, after in itertools.pairwise(adapters):
+        assert any(not torch.equal(before[k], after[k]) for k in before)
+    # LoRA B starts at zero; after training it is not
+    b_keys = [k for k in adapters[0] if "lora_B" in k]
+    assert b_keys and all(adapters[0][k].abs().sum() > 0 for k in b_keys)
+
+
+def test_resume_with_other_worker_count_equals_uninterrupted_run(reference_run, tmp_path):
+    """Two rounds on one worker, then resume to three on two workers: bitwise the same adapters
+    as three uninterrupted rounds on two workers, whatever order the updates arrived in."""
+    _, reference = reference_run
+    raw = tiny_experiment(tmp_path, run={"rounds": 2}, cluster={"num_workers": 1})
+    first = run_experiment(config_from_dict(raw), log=lambda _: None, show_progress=False)
+    assert first.last_round == 2
+    raw["run"]["rounds"], raw["cluster"]["num_workers"] = 3, 2
+    resumed = run_experiment(
+        config_from_dict(raw), resume=True, log=lambda _: None, show_progress=False
+    )
+    assert (resumed.first_round, resumed.last_round) == (3, 3)
+    for r in (1, 2, 3):
+        _assert_same_adapter(_adapter(reference.run_dir, r), _adapter(first.run_dir, r))
+
+
+def test_resume_falls_back_past_a_damaged_round(reference_run, tmp_path):
+    _, reference = reference_run
+    raw = tiny_experiment(tmp_path, run={"rounds": 3})
+    cfg = config_from_dict(raw)
+    run_experiment(cfg, log=lambda _: None, show_progress=False)
+    damaged = cfg.run_dir / "rounds/round_0003/adapter_model.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:-8])
+    messages: list[str] = []
+    result = run_experiment(cfg, resume=True, log=messages.append, show_progress=False)
+    assert any("skipping round_0003" in m and "sha256" in m for m in messages)
+    assert (result.first_round, result.last_round) == (3, 3)
+    _assert_same_adapter(_adapter(reference.run_dir, 3), _adapter(cfg.run_dir, 3))
+    metrics = (cfg.run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(m)["round"] for m in metrics] == [1, 2, 3]
+
+
+def test_round_checkpoint_loads_with_peft(reference_run):
+    from peft import PeftModel
+
+    from fedsim.model import load_base_model, load_tokenizer
+
+    _, result = reference_run
+    round_dir = result.run_dir / "rounds" / "round_0003"
+    base_path = json.loads((round_dir / "adapter_config.json").read_text())[
+        "base_model_name_or_path"
+    ]
+    model = PeftModel.from_pretrained(load_base_model(base_path), str(round_dir))
+    saved = _adapter(result.run_dir, 3)
+    loaded = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    assert len(loaded) == len(saved)
+    tokenizer = load_tokenizer(base_path)
+    inputs = tokenizer(["Below is an instruction"], return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    assert out.shape[1] > inputs["input_ids"].shape[1]
+
+
+def test_resume_refuses_a_changed_config(reference_run, tmp_path):
+    from fedsim.errors import FedsimInputError
+
+    raw = tiny_experiment(tmp_path, run={"rounds": 1})
+    run_experiment(config_from_dict(raw), log=lambda _: None, show_progress=False)
+    raw["client"]["lr"] = 0.5
+    with pytest.raises(FedsimInputError, match="config differs"):
+        run_experiment(config_from_dict(raw), resume=True, log=lambda _: None)
+    raw["run"]["rounds"] = 2
+    result = run_experiment(
+        config_from_dict(raw),
+        resume=True,
+        allow_config_change=True,
+        log=lambda _: None,
+        show_progress=False,
+    )
+    assert result.last_round == 2
+
+
+def test_ctrl_c_then_resume_from_the_command_line(reference_run, experiment_file, tmp_path):
+    """Interrupt `fedsim run` with SIGINT after its first round; `--resume` finishes the run with
+    the same final adapter as the uninterrupted one."""
+    _, reference = reference_run
+    config = experiment_file(run={"rounds": 3})
+    run_dir = tmp_path / "runs" / "t"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "fedsim.cli", "run", str(config)]
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    deadline = time.monotonic() + 180
+    while not (run_dir / "latest").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "no round was completed"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=60)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the interrupt arrived")
+    assert proc.returncode == 130, output
+    assert "--resume" in output
+    done = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "resuming" in done.stdout
+    _assert_same_adapter(_adapter(reference.run_dir, 3), _adapter(run_dir, 3))
