@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from fedsim import checkpoint
@@ -80,9 +81,7 @@ def test_run_directory_layout(reference_run):
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["round"] for m in metrics] == [1, 2, 3]
     assert all(m["train_loss"] > 0 for m in metrics)
-    assert (
-        config_from_dict(__import__("yaml").safe_load((run_dir / "config.yaml").read_text())) == cfg
-    )
+    assert config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text())) == cfg
 
 
 def test_global_adapter_changes_every_round(reference_run):
