@@ -283,7 +283,12 @@ def apply_override(tree: dict[str, Any], assignment: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise FedsimInputError(f"--set {key}: {part} is not a section")
-    node[leaf] = yaml.safe_load(text)
+    try:
+        node[leaf] = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise FedsimInputError(
+            f"--set {key}: value {text!r} is not valid YAML ({getattr(err, 'problem', err)})"
+        ) from None
 
 
 _VAR = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
@@ -328,6 +333,12 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raw = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
         raise FedsimInputError(f"{path}: config file not found") from None
+    except UnicodeDecodeError as err:
+        raise FedsimInputError(
+            f"{path}: not UTF-8 text ({err.reason} at byte {err.start})"
+        ) from None
+    except OSError as err:
+        raise FedsimInputError(f"{path}: cannot read config file ({err.strerror})") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
