@@ -105,9 +105,10 @@ def main() -> None:
                 f"{same!s:>12}"
             )
             print(
-                f"        fedsim: clients trained {b['client_train']:.1f} s in total "
-                f"(over {workers} worker(s)); the rest of the round loop is scheduling, "
-                "aggregation and checkpoints"
+                f"        fedsim: start-up (Ray, workers, model loads) "
+                f"{b['total'] - b['rounds']:.1f} s; clients trained "
+                f"{b['client_train'] / workers:.1f} s per worker in {b['rounds']:.1f} s of rounds "
+                "(the rest: scheduling, aggregation, checkpoints)"
             )
 
 
