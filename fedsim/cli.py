@@ -24,6 +24,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             resume=args.resume,
             overwrite=args.overwrite,
             allow_config_change=args.allow_config_change,
+            show_progress=sys.stderr.isatty(),  # a bar in a terminal, not in CI logs
         )
     except KeyboardInterrupt:
         print(
