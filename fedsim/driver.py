@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -86,15 +87,7 @@ def prepare_model(cfg: ExperimentConfig, log: Log = _print) -> str:
     """Path of the base model: the cached built-in tiny model, or the user's model path/hub id."""
     if cfg.model.name_or_path != "tiny":
         return resolve_model_path(cfg.model.name_or_path)
-    t = cfg.model.tiny
-    spec = TinyModelSpec(
-        vocab_size=t.vocab_size,
-        hidden_size=t.hidden_size,
-        num_layers=t.num_layers,
-        num_heads=t.num_heads,
-        intermediate_size=t.intermediate_size,
-        pretrain_steps=t.pretrain_steps,
-    )
+    spec = TinyModelSpec(**dataclasses.asdict(cfg.model.tiny))
     # A real base model has seen prompt boilerplate like Alpaca's; so has the tiny one.
     corpus = generic_text(TINY_CORPUS_LINES, seed=0) + template_text() * 50
     return str(ensure_tiny_model(spec, corpus, log=log))
@@ -117,6 +110,12 @@ def prepare_run(
             f"run directory {run_dir} already exists; pass --resume to continue it "
             "or --overwrite to replace it"
         )
+    if overwrite and run_dir.exists() and any(run_dir.iterdir()):
+        if not (run_dir / "config.yaml").is_file():
+            raise FedsimInputError(
+                f"--overwrite: {run_dir} is not a fedsim run directory (no config.yaml); "
+                "refusing to delete it"
+            )
     resume_from = None
     if resume:
         if not run_dir.is_dir():
@@ -283,6 +282,12 @@ def _train_round(
     folds = []
     bar = tqdm(total=len(tasks), desc="  clients", leave=False, disable=not show_progress)
     while queue or pending:
+        if not free and not pending:  # every worker died: nothing can take the rest
+            for task in queue:
+                outcomes[task.client_id] = ClientOutcome(
+                    task.client_id, ok=False, error="no live worker left"
+                )
+            break
         while queue and free:
             w, task = free.pop(), queue.popleft()
             meta_ref, adapter_ref = workers[w].train.options(num_returns=2).remote(task, global_ref)

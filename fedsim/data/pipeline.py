@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from fedsim.checkpoint import sha256_file
 from fedsim.config import DataConfig
 from fedsim.data.partitioners import (
     SplitFile,
@@ -76,14 +77,6 @@ class PreparedData:
         }
 
 
-def _file_fingerprint(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return f"sha256:{digest.hexdigest()}"
-
-
 def load_source(cfg: DataConfig) -> tuple[pa.Table, str]:
     """The record table named by `data.source`, and a fingerprint of its content."""
     if cfg.source.startswith(BUILTIN_PREFIX):
@@ -97,7 +90,7 @@ def load_source(cfg: DataConfig) -> tuple[pa.Table, str]:
     fields = FieldMap(**vars(cfg.fields))
     table = load_records(cfg.source, fields, cfg.format)
     path = Path(cfg.source).expanduser()
-    fingerprint = _file_fingerprint(path) if path.is_file() else f"hub:{cfg.source}"
+    fingerprint = f"sha256:{sha256_file(path)}" if path.is_file() else f"hub:{cfg.source}"
     return table, fingerprint
 
 
