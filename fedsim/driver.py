@@ -110,12 +110,12 @@ def prepare_run(
             f"run directory {run_dir} already exists; pass --resume to continue it "
             "or --overwrite to replace it"
         )
-    if overwrite and run_dir.exists() and any(run_dir.iterdir()):
-        if not (run_dir / "config.yaml").is_file():
-            raise FedsimInputError(
-                f"--overwrite: {run_dir} is not a fedsim run directory (no config.yaml); "
-                "refusing to delete it"
-            )
+    looks_like_a_run = (run_dir / "config.yaml").is_file()
+    if overwrite and run_dir.exists() and any(run_dir.iterdir()) and not looks_like_a_run:
+        raise FedsimInputError(
+            f"--overwrite: {run_dir} is not a fedsim run directory (no config.yaml); "
+            "refusing to delete it"
+        )
     resume_from = None
     if resume:
         if not run_dir.is_dir():
