@@ -28,6 +28,7 @@ import ray
 from tqdm import tqdm
 
 from fedsim import checkpoint
+from fedsim.client.profile import ClientProfile, load_profiles
 from fedsim.client.trainer import TrainSettings
 from fedsim.client.worker import ClientOutcome, ClientTask, ClientWorkerActor, WorkerSpec
 from fedsim.config import ClusterConfig, ExperimentConfig, clients_per_round
@@ -44,7 +45,8 @@ from fedsim.model import (
     resolve_model_path,
 )
 from fedsim.server.aggregator import AggregatorActor, adapter_nbytes
-from fedsim.server.selection import client_seed, select_clients
+from fedsim.server.client_state import ClientStateStore
+from fedsim.server.selection import client_seed, draw_probabilities, select_round
 
 Log = Callable[[str], None]
 TINY_CORPUS_LINES = 4000
@@ -76,6 +78,7 @@ class PreparedRun:
     data: PreparedData
     model_path: str
     resume_from: checkpoint.RoundCheckpoint | None
+    profiles: list[ClientProfile] | None = None
 
 
 # ------------------------------------------------------------------------------------------
@@ -135,8 +138,35 @@ def prepare_run(
             f"--resume: the data or its partition differs from the one that wrote "
             f"{resume_from.path}; refusing to mix them"
         )
+    if resume_from:
+        ClientStateStore(run_dir).check_resumable(resume_from.round_idx)
+    profiles = None
+    if cfg.client.profile:
+        profiles = load_profiles(cfg.client.profile, cfg.data.num_clients, cfg.model.lora.r)
+        low = [i for i, p in enumerate(profiles) if p.lora_rank and p.lora_rank < cfg.model.lora.r]
+        if low and cfg.server.strategy == "scaffold":
+            raise FedsimInputError(
+                f"client.profile: clients {low[:3]} train LoRA rank below model.lora.r; "
+                "scaffold's control variates need every client at the global rank"
+            )
     model_path = prepare_model(cfg, log)
-    return PreparedRun(cfg, run_dir, data, model_path, resume_from)
+    return PreparedRun(cfg, run_dir, data, model_path, resume_from, profiles)
+
+
+def availability_probabilities(
+    cfg: ExperimentConfig, profiles: list[ClientProfile] | None
+) -> list[float]:
+    """Each client's availability: its profile's, else drawn from `server.availability`."""
+    a = cfg.server.availability
+    drawn = draw_probabilities(
+        a.distribution, cfg.data.num_clients, cfg.run.seed, a.value, a.low, a.high, a.a, a.b
+    )
+    if profiles is None:
+        return drawn
+    return [
+        p.availability if p.availability is not None else d
+        for p, d in zip(profiles, drawn, strict=True)
+    ]
 
 
 # ------------------------------------------------------------------------------------------
@@ -262,6 +292,7 @@ def worker_spec(
             pad_token_id=pad_id,
         ),
         num_threads=max(1, int(cfg.cluster.cpus_per_worker)),
+        compression=c.compression,
     )
 
 
@@ -271,10 +302,13 @@ def _train_round(
     tasks: list[ClientTask],
     global_ref: Any,
     show_progress: bool,
+    contexts: dict[int, Any] | None = None,
 ) -> tuple[list[ClientOutcome], list[Any]]:
     """Let each free worker take the next client; stream finished updates to the aggregator.
 
+    `contexts` maps client id to its `ClientContext` (or a ref to it) from the aggregator.
     Returns the outcomes (in client order) and the aggregator's fold results (refs)."""
+    contexts = contexts or {}
     queue = deque(tasks)
     free = list(range(len(workers)))
     pending: dict[Any, tuple[int, ClientTask, Any]] = {}
@@ -290,7 +324,11 @@ def _train_round(
             break
         while queue and free:
             w, task = free.pop(), queue.popleft()
-            meta_ref, adapter_ref = workers[w].train.options(num_returns=2).remote(task, global_ref)
+            meta_ref, adapter_ref = (
+                workers[w]
+                .train.options(num_returns=2)
+                .remote(task, global_ref, contexts.get(task.client_id))
+            )
             pending[meta_ref] = (w, task, adapter_ref)
         [done], _ = ray.wait(list(pending), num_returns=1)
         w, task, adapter_ref = pending.pop(done)
@@ -352,6 +390,12 @@ def run_experiment(
     pad_id = load_tokenizer(prep.model_path).pad_token_id
     spec = worker_spec(cfg, prep.model_path, shards_dir, pad_id)
     per_round = clients_per_round(cfg)
+    if cfg.server.selection == "all":
+        per_round = cfg.data.num_clients
+    probabilities = availability_probabilities(cfg, prep.profiles)
+    ranks = [p.lora_rank for p in prep.profiles] if prep.profiles else [None] * len(probabilities)
+    if prep.resume_from:
+        ClientStateStore(prep.run_dir).settle(prep.resume_from.round_idx)
     sample_counts = [len(c) for c in prep.data.clients]
     provenance = {
         "config_hash": cfg.training_hash(),
@@ -365,11 +409,7 @@ def run_experiment(
         workers = [ClientWorkerActor.options(**options).remote(spec) for _ in range(n_workers)]
         adapter_config = ray.get(workers[0].adapter_config.remote())
         aggregator = AggregatorActor.remote(
-            str(prep.run_dir.resolve()),
-            cfg.server.strategy,
-            cfg.server.weighting,
-            adapter_config,
-            provenance,
+            str(prep.run_dir.resolve()), cfg, adapter_config, provenance
         )
         if prep.resume_from:
             global_ref = ray.put(prep.resume_from.adapter)
@@ -386,13 +426,26 @@ def run_experiment(
         for round_idx in range(start_round, cfg.run.rounds + 1):
             round_start = time.perf_counter()
             # select
-            selected = select_clients(cfg.run.seed, round_idx, cfg.data.num_clients, per_round)
+            selection = select_round(
+                cfg.server.selection,
+                cfg.run.seed,
+                round_idx,
+                cfg.data.num_clients,
+                per_round,
+                probabilities,
+            )
+            selected = selection.clients
             tasks = [
                 ClientTask(round_idx, c, client_seed(cfg.run.seed, round_idx, c)) for c in selected
             ]
-            ray.get(aggregator.begin_round.remote({c: sample_counts[c] for c in selected}))
+            ray.get(
+                aggregator.begin_round.remote({c: sample_counts[c] for c in selected}, round_idx)
+            )
+            contexts = {c: aggregator.client_context.remote(c, ranks[c]) for c in selected}
             # train, streaming updates into the aggregator
-            outcomes, folds = _train_round(workers, aggregator, tasks, global_ref, show_progress)
+            outcomes, folds = _train_round(
+                workers, aggregator, tasks, global_ref, show_progress, contexts
+            )
             ray.get(folds)
             # aggregate and checkpoint
             record = _round_record(round_idx, outcomes, time.perf_counter() - round_start)
@@ -400,6 +453,7 @@ def run_experiment(
                 **record,
                 "client_results": [_client_info(o) for o in outcomes],
                 "bytes_downlink": adapter_bytes * len(tasks),
+                "selection": selection.record(),
             }
             summary_ref, global_ref = aggregator.finish_round.options(num_returns=2).remote(
                 round_idx, info
@@ -407,6 +461,11 @@ def run_experiment(
             summary = ray.get(summary_ref)
             record["seconds"] = round(time.perf_counter() - round_start, 3)
             record["rejected"] = summary["aggregation"]["rejected"]
+            record["uplink_bytes"] = summary["bytes"]["uplink"]
+            if summary["aggregation"]["kept_previous_adapter"]:
+                record["kept_previous_adapter"] = True
+            if "dp" in summary:
+                record["epsilon"] = summary["dp"]["epsilon"]
             checkpoint.append_metrics(prep.run_dir, record)
             result.metrics.append(record)
             result.last_round = round_idx
@@ -442,6 +501,10 @@ def _round_line(record: dict[str, Any], rounds: int, outcomes: list[ClientOutcom
     if failed:
         first = failed[0].error.strip().splitlines()[-1] if failed[0].error else "?"
         line += f" | {len(failed)} failed (client {failed[0].client_id}: {first})"
-    if record.get("rejected"):
-        line += f" | rejected {sorted(record['rejected'])}"
+    for client, why in sorted(record.get("rejected", {}).items()):
+        line += f" | rejected client {client}: {why}"
+    if record.get("kept_previous_adapter"):
+        line += " | no update applied: kept the previous adapter"
+    if "epsilon" in record:
+        line += f" | epsilon {record['epsilon']:.3f}"
     return line

@@ -25,6 +25,17 @@ bound fixes the fixed-point scale (values this large mean a diverged client, not
 def check_update(update: TensorDict, reference: TensorDict) -> None:
     """Raise UpdateRejected unless `update` has the reference's keys, shapes, dtypes, finite values
     and deltas within the representable range."""
+    _check_keys(update, reference)
+    for key, ref in reference.items():
+        value = update[key]
+        if value.shape != ref.shape:
+            raise UpdateRejected(f"{key}: shape {tuple(value.shape)}, expected {tuple(ref.shape)}")
+        if value.dtype != ref.dtype:
+            raise UpdateRejected(f"{key}: dtype {value.dtype}, expected {ref.dtype}")
+    check_delta({k: update[k].double() - ref.double() for k, ref in reference.items()}, reference)
+
+
+def _check_keys(update: TensorDict, reference: TensorDict) -> None:
     missing = reference.keys() - update.keys()
     extra = update.keys() - reference.keys()
     if missing or extra:
@@ -32,19 +43,38 @@ def check_update(update: TensorDict, reference: TensorDict) -> None:
             f"keys differ from the global adapter (missing {sorted(missing)[:3]}, "
             f"unexpected {sorted(extra)[:3]})"
         )
+
+
+def check_delta(delta: TensorDict, reference: TensorDict) -> None:
+    """Raise UpdateRejected unless `delta` (an update minus the global adapter, as decoded from a
+    possibly compressed upload) has the reference's keys and shapes, finite values, and stays
+    below 2**DELTA_LIMIT_EXP in every element."""
+    _check_keys(delta, reference)
     limit = 2.0**DELTA_LIMIT_EXP
     for key, ref in reference.items():
-        value = update[key]
+        value = delta[key]
         if value.shape != ref.shape:
             raise UpdateRejected(f"{key}: shape {tuple(value.shape)}, expected {tuple(ref.shape)}")
-        if value.dtype != ref.dtype:
-            raise UpdateRejected(f"{key}: dtype {value.dtype}, expected {ref.dtype}")
         if not torch.isfinite(value).all():
             raise UpdateRejected(f"{key}: non-finite values")
-        if (value.double() - ref.double()).abs().max() >= limit:
+        if value.numel() and value.abs().max() >= limit:
             raise UpdateRejected(
                 f"{key}: delta from the global adapter reaches 2**{DELTA_LIMIT_EXP}"
             )
+
+
+def l2_norm(delta: TensorDict) -> float:
+    """The L2 norm of a whole update (all its tensors as one vector)."""
+    return math.sqrt(sum(float((v.double() ** 2).sum()) for v in delta.values()))
+
+
+def clip_delta(delta: TensorDict, max_norm: float) -> tuple[TensorDict, float]:
+    """Scale `delta` down to L2 norm `max_norm` if it is longer; returns (delta, original norm)."""
+    norm = l2_norm(delta)
+    if norm <= max_norm:
+        return delta, norm
+    factor = max_norm / norm
+    return {k: v * factor for k, v in delta.items()}, norm
 
 
 class WeightedDeltaSum:
@@ -68,21 +98,28 @@ class WeightedDeltaSum:
 
     def add(self, update: TensorDict, weight: int) -> None:
         """Fold one client's adapter in with an integer weight (its sample count, or 1)."""
+        check_update(update, self.reference)
+        self.add_delta(
+            {k: update[k].double() - ref.double() for k, ref in self.reference.items()}, weight
+        )
+
+    def add_delta(self, delta: TensorDict, weight: int) -> None:
+        """Fold in a float64 delta that passed `check_delta` (decoded, possibly clipped)."""
         if weight < 1 or self.total_weight + weight > self.max_total_weight:
             raise ValueError(f"weight {weight} exceeds the round's bound {self.max_total_weight}")
-        check_update(update, self.reference)
+        check_delta(delta, self.reference)
         scale = float(weight) * 2.0**self.shift
         for key, acc in self._acc.items():
-            delta = update[key].double() - self.reference[key].double()
-            acc += torch.round(delta * scale).to(torch.int64)
+            acc += torch.round(delta[key].double() * scale).to(torch.int64)
         self.total_weight += weight
         self.count += 1
 
-    def mean(self) -> TensorDict:
-        """The weighted mean delta over what was added, as float64 tensors."""
+    def mean(self, denominator: int | None = None) -> TensorDict:
+        """The weighted mean delta over what was added, as float64 tensors; `denominator`
+        replaces the total weight added (DP-FedAvg's fixed weights)."""
         if self.count == 0:
             raise ValueError("no update was added")
-        scale = 2.0**-self.shift / self.total_weight
+        scale = 2.0**-self.shift / (denominator or self.total_weight)
         return {k: acc.double() * scale for k, acc in self._acc.items()}
 
 
