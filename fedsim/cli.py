@@ -51,10 +51,20 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from fedsim.report import write_report
+
+    out = args.out or (args.runs[0] if len(args.runs) == 1 else "report")
+    path = write_report(args.runs, out)
+    print(f"wrote {path} and {path.with_name('loss.png')}")
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "run": (cmd_run, "run (or --resume) an experiment"),
     "partition": (cmd_partition, "build the client split and print each client's size and mix"),
     "validate": (cmd_validate, "check a config file without running anything"),
+    "report": (cmd_report, "loss curves of one run, or several side by side"),
 }
 
 
@@ -63,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (_, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text)
+        if name == "report":
+            p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories")
+            p.add_argument(
+                "--out", help="output folder (default: the run directory, or ./report for several)"
+            )
+            continue
         p.add_argument("config", help="experiment YAML file")
         p.add_argument(
             "--set",
