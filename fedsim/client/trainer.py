@@ -170,7 +170,7 @@ class TorchTrainer(Trainer):
         torch.manual_seed(seed)  # dropout masks
         rng = np.random.default_rng(seed)
         params = [p for p in model.parameters() if p.requires_grad]
-        named, anchors, masks = _context_tensors(model, ctx)
+        named, anchors, masks = context_tensors(model, ctx)
         # A fresh optimizer per client: no state carries over from the worker's previous client.
         optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
         total_steps = s.num_steps(len(input_ids))
@@ -202,7 +202,7 @@ class TorchTrainer(Trainer):
             lr_now = optimizer.param_groups[0]["lr"]
             if ctx.correction is not None:
                 apply_correction(named, ctx.correction, lr_now)
-            _apply_masks(named, masks)
+            apply_masks(named, masks)
             result.lr_sum += lr_now
             result.losses.append(step_loss)
         model.eval()
@@ -211,7 +211,7 @@ class TorchTrainer(Trainer):
         return result
 
 
-def _context_tensors(
+def context_tensors(
     model: torch.nn.Module, ctx: ClientContext
 ) -> tuple[dict[str, torch.nn.Parameter], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The named LoRA parameters, FedProx anchors (the global adapter: the parameters as training
@@ -229,13 +229,14 @@ def _context_tensors(
             mask = rank_mask(key, p.shape, ctx.lora_rank)
             if mask is not None:
                 masks[key] = mask.to(p.dtype)
-        _apply_masks(named, masks)
+        apply_masks(named, masks)
     # after masking, so the proximal term never pulls on components the client does not own
     anchors = {k: p.detach().clone() for k, p in named.items()} if ctx.prox_mu else {}
     return named, anchors, masks
 
 
-def _apply_masks(named: dict[str, torch.nn.Parameter], masks: dict[str, torch.Tensor]) -> None:
+def apply_masks(named: dict[str, torch.nn.Parameter], masks: dict[str, torch.Tensor]) -> None:
+    """Zero the LoRA components a lower-rank client does not own (after every optimizer step)."""
     with torch.no_grad():
         for key, mask in masks.items():
             named[key].mul_(mask)
