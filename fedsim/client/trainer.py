@@ -217,7 +217,7 @@ def context_tensors(
     """The named LoRA parameters, FedProx anchors (the global adapter: the parameters as training
     starts) and rank masks that `ctx` needs; components a lower-rank client does not own are
     zeroed before training starts."""
-    if ctx == ClientContext():
+    if not ctx.prox_mu and ctx.correction is None and ctx.lora_rank is None:
         return {}, {}, {}
     from fedsim.lora_ranks import rank_mask
     from fedsim.model import adapter_parameters
