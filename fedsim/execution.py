@@ -9,6 +9,7 @@ would fail again. Outcomes are values, never exceptions across the actor boundar
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +19,9 @@ import ray
 from tqdm import tqdm
 
 from fedsim.client.worker import ClientOutcome, ClientTask, ClientWorkerActor, WorkerSpec
+
+REVIVE_SECONDS = 120.0
+"""How long a restarting worker may take to come back (it reloads the base model)."""
 
 
 @dataclass(frozen=True)
@@ -61,10 +65,11 @@ class WorkerPool:
         queue = deque((t, 1) for t in tasks)
         free = list(self.alive)
         pending: dict[Any, tuple[int, ClientTask, int, Any]] = {}
+        reviving: dict[Any, tuple[int, float]] = {}  # ping ref -> (worker, deadline)
         outcomes: dict[int, ClientOutcome] = {}
         bar = tqdm(total=len(tasks), desc="  clients", leave=False, disable=not show_progress)
         while queue or pending:
-            if not free and not pending:  # every worker is gone: nothing can take the rest
+            if not free and not pending and not reviving:  # every worker is gone
                 for task, attempt in queue:
                     outcomes[task.client_id] = ClientOutcome(
                         task.client_id, ok=False, attempts=attempt, error="no live worker left"
@@ -76,10 +81,17 @@ class WorkerPool:
                     self.actors[w].train.options(num_returns=2).remote(task, global_ref)
                 )
                 pending[meta_ref] = (w, task, attempt, adapter_ref)
-            [done], _ = ray.wait(list(pending), num_returns=1)
+            [done], _ = ray.wait([*pending, *reviving], num_returns=1)
+            if done in reviving:
+                w, deadline = reviving.pop(done)
+                if self._revived(done, w, deadline, reviving, log):
+                    free.append(w)
+                continue
             w, task, attempt, adapter_ref = pending.pop(done)
             outcome = self._collect(done, w, task, attempt, log)
-            if w in self.alive:
+            if outcome.worker_lost and w in self.alive:  # Ray is restarting it: wait until up
+                reviving[self.actors[w].info.remote()] = (w, time.monotonic() + REVIVE_SECONDS)
+            elif w in self.alive:
                 free.append(w)
             if policy.should_retry(outcome):
                 log(f"client {task.client_id}: {outcome.error}; retry {attempt}")
@@ -92,6 +104,30 @@ class WorkerPool:
             bar.set_postfix(loss=f"{outcome.mean_loss:.3f}")
         bar.close()
         return [outcomes[t.client_id] for t in tasks]
+
+    def _revived(
+        self,
+        ping: Any,
+        w: int,
+        deadline: float,
+        reviving: dict[Any, tuple[int, float]],
+        log: Callable[[str], None],
+    ) -> bool:
+        """Whether worker `w` answered its ping after a restart; re-pings it while it is still
+        restarting, and gives it up when it is dead for good or past its deadline."""
+        try:
+            ray.get(ping)
+            return True
+        except ray.exceptions.ActorDiedError:
+            pass
+        except ray.exceptions.RayActorError:
+            if time.monotonic() < deadline:
+                time.sleep(0.1)  # still restarting: ask again shortly
+                reviving[self.actors[w].info.remote()] = (w, deadline)
+                return False
+        self.alive.remove(w)
+        log(f"worker {w} did not come back; {len(self.alive)} left")
+        return False
 
     def _collect(
         self, ref: Any, w: int, task: ClientTask, attempt: int, log: Callable[[str], None]

@@ -8,6 +8,8 @@ global one, and one int64 accumulator per tensor.
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -102,6 +104,7 @@ class Aggregator:
                 "kept_previous_adapter": self._sum.count == 0,
                 "fold_seconds": round(self._fold_seconds, 6),
             },
+            "aggregator": f"{socket.gethostname()}:{os.getpid()}",
             "bytes": {
                 "adapter": adapter_nbytes(self.global_adapter),
                 "uplink": self._bytes_up,
