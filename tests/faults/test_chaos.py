@@ -35,7 +35,7 @@ def _live_worker_pids(run_dir) -> list[int]:
 def test_random_worker_kills_do_not_change_the_result(reference, tmp_path, seed):
     rng = random.Random(seed)
     raw = tiny_experiment(tmp_path, run={"rounds": ROUNDS}, client=SLOW_CLIENTS)
-    raw["cluster"]["max_client_retries"] = 5
+    raw["cluster"].update(max_client_retries=5, max_worker_restarts=50)
     run = BackgroundRun(raw)
     killed = 0
     while run._thread.is_alive():
