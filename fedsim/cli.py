@@ -10,6 +10,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
+from fedsim.checkpoint import CheckpointWriteError
 from fedsim.config import load_config
 from fedsim.errors import FedsimInputError
 
@@ -111,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
         for line in str(err).splitlines():
             print(f"fedsim: error: {line}", file=sys.stderr)
         return 2
+    except CheckpointWriteError as err:
+        print(f"fedsim: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -249,6 +249,10 @@ class ClusterConfig:
     """ClientWorker actors; null sizes the pool from the cluster's resources."""
     gpus_per_worker: float = 0.0
     cpus_per_worker: float = 1.0
+    max_client_retries: int = 2
+    """Times a client is retried when its worker dies mid-turn, before it is dropped."""
+    max_worker_restarts: int = 3
+    """Times Ray restarts a dead worker process (reloading the base model) before giving up."""
 
 
 @dataclass
@@ -544,6 +548,8 @@ def validate(cfg: ExperimentConfig) -> list[str]:
     _positive(p, "cluster.num_workers", k.num_workers)
     _positive(p, "cluster.gpus_per_worker", k.gpus_per_worker, zero_ok=True)
     _positive(p, "cluster.cpus_per_worker", k.cpus_per_worker)
+    _positive(p, "cluster.max_client_retries", k.max_client_retries, zero_ok=True)
+    _positive(p, "cluster.max_worker_restarts", k.max_worker_restarts, zero_ok=True)
     return p
 
 

@@ -17,7 +17,6 @@ import math
 import os
 import shutil
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,18 +24,18 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from tqdm import tqdm
 
 from fedsim import checkpoint
 from fedsim.client.profile import ClientProfile, load_profiles
 from fedsim.client.trainer import TrainSettings
-from fedsim.client.worker import ClientOutcome, ClientTask, ClientWorkerActor, WorkerSpec
+from fedsim.client.worker import FAULTS_ENV, ClientOutcome, ClientTask, WorkerSpec
 from fedsim.config import ClusterConfig, ExperimentConfig, clients_per_round
 from fedsim.data.pipeline import PreparedData, prepare_data, write_partition
 from fedsim.data.shards import tokenize_records, write_shards
 from fedsim.data.synthetic import generic_text
 from fedsim.data.templates import get_template, template_text
 from fedsim.errors import FedsimInputError
+from fedsim.execution import FailurePolicy, WorkerPool
 from fedsim.model import (
     LoraSpec,
     TinyModelSpec,
@@ -50,6 +49,8 @@ from fedsim.server.selection import client_seed, draw_probabilities, select_roun
 
 Log = Callable[[str], None]
 TINY_CORPUS_LINES = 4000
+MAX_ROUND_ATTEMPTS = 3
+"""How often a round is redone after its aggregator died before the run gives up."""
 WORKER_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     "TRANSFORMERS_VERBOSITY": "error",
@@ -167,6 +168,11 @@ def availability_probabilities(
         p.availability if p.availability is not None else d
         for p, d in zip(profiles, drawn, strict=True)
     ]
+
+
+def selection_size(cfg: ExperimentConfig) -> int:
+    """Most clients a round can have: every client for `all`, else clients_per_round."""
+    return cfg.data.num_clients if cfg.server.selection == "all" else clients_per_round(cfg)
 
 
 # ------------------------------------------------------------------------------------------
@@ -296,57 +302,6 @@ def worker_spec(
     )
 
 
-def _train_round(
-    workers: list[Any],
-    aggregator: Any,
-    tasks: list[ClientTask],
-    global_ref: Any,
-    show_progress: bool,
-    contexts: dict[int, Any] | None = None,
-) -> tuple[list[ClientOutcome], list[Any]]:
-    """Let each free worker take the next client; stream finished updates to the aggregator.
-
-    `contexts` maps client id to its `ClientContext` (or a ref to it) from the aggregator.
-    Returns the outcomes (in client order) and the aggregator's fold results (refs)."""
-    contexts = contexts or {}
-    queue = deque(tasks)
-    free = list(range(len(workers)))
-    pending: dict[Any, tuple[int, ClientTask, Any]] = {}
-    outcomes: dict[int, ClientOutcome] = {}
-    folds = []
-    bar = tqdm(total=len(tasks), desc="  clients", leave=False, disable=not show_progress)
-    while queue or pending:
-        if not free and not pending:  # every worker died: nothing can take the rest
-            for task in queue:
-                outcomes[task.client_id] = ClientOutcome(
-                    task.client_id, ok=False, error="no live worker left"
-                )
-            break
-        while queue and free:
-            w, task = free.pop(), queue.popleft()
-            meta_ref, adapter_ref = (
-                workers[w]
-                .train.options(num_returns=2)
-                .remote(task, global_ref, contexts.get(task.client_id))
-            )
-            pending[meta_ref] = (w, task, adapter_ref)
-        [done], _ = ray.wait(list(pending), num_returns=1)
-        w, task, adapter_ref = pending.pop(done)
-        try:
-            outcome = ray.get(done)
-        except ray.exceptions.RayError as err:  # the worker process died
-            outcome = ClientOutcome(task.client_id, ok=False, error=f"worker failed: {err}")
-        else:
-            free.append(w)
-        if outcome.ok:
-            folds.append(aggregator.fold.remote(task.client_id, adapter_ref))
-        outcomes[task.client_id] = outcome
-        bar.update(1)
-        bar.set_postfix(loss=f"{outcome.mean_loss:.3f}")
-    bar.close()
-    return [outcomes[t.client_id] for t in tasks], folds
-
-
 def _round_record(round_idx: int, outcomes: list[ClientOutcome], seconds: float) -> dict[str, Any]:
     ok = [o for o in outcomes if o.ok]
     samples = sum(o.num_samples for o in ok)
@@ -389,91 +344,179 @@ def run_experiment(
         log(f"resuming {prep.run_dir} after round {prep.resume_from.round_idx}")
     pad_id = load_tokenizer(prep.model_path).pad_token_id
     spec = worker_spec(cfg, prep.model_path, shards_dir, pad_id)
-    per_round = clients_per_round(cfg)
-    if cfg.server.selection == "all":
-        per_round = cfg.data.num_clients
-    probabilities = availability_probabilities(cfg, prep.profiles)
-    ranks = [p.lora_rank for p in prep.profiles] if prep.profiles else [None] * len(probabilities)
-    if prep.resume_from:
+    per_round = selection_size(cfg)
+    if prep.resume_from:  # finish a client-state commit that a crash cut short
         ClientStateStore(prep.run_dir).settle(prep.resume_from.round_idx)
-    sample_counts = [len(c) for c in prep.data.clients]
-    provenance = {
-        "config_hash": cfg.training_hash(),
-        "partition_hash": prep.data.partition_hash(),
-    }
 
     # --- 3. rounds on Ray ---
     with ray_session(cfg.cluster):
         n_workers = pool_size(cfg.cluster, ray.cluster_resources(), per_round)
-        options = {"num_cpus": cfg.cluster.cpus_per_worker, "num_gpus": cfg.cluster.gpus_per_worker}
-        workers = [ClientWorkerActor.options(**options).remote(spec) for _ in range(n_workers)]
-        adapter_config = ray.get(workers[0].adapter_config.remote())
-        aggregator = AggregatorActor.remote(
-            str(prep.run_dir.resolve()), cfg, adapter_config, provenance
+        options: dict[str, Any] = {
+            "num_cpus": cfg.cluster.cpus_per_worker,
+            "num_gpus": cfg.cluster.gpus_per_worker,
+        }
+        if os.environ.get(FAULTS_ENV):  # failure tests inject faults into the workers
+            options["runtime_env"] = {"env_vars": {FAULTS_ENV: os.environ[FAULTS_ENV]}}
+        pool = WorkerPool(spec, n_workers, options, cfg.cluster.max_worker_restarts)
+        ctx = _RoundContext(
+            cfg=cfg,
+            run_dir=prep.run_dir,
+            pool=pool,
+            policy=FailurePolicy(cfg.cluster.max_client_retries),
+            sample_counts=[len(c) for c in prep.data.clients],
+            adapter_config=ray.get(pool.first().adapter_config.remote()),
+            provenance={
+                "config_hash": cfg.training_hash(),
+                "partition_hash": prep.data.partition_hash(),
+            },
+            log=log,
+            show_progress=show_progress,
+            probabilities=availability_probabilities(cfg, prep.profiles),
+            ranks=[p.lora_rank for p in prep.profiles] if prep.profiles else None,
         )
-        if prep.resume_from:
-            global_ref = ray.put(prep.resume_from.adapter)
-            ray.get(aggregator.set_global.remote(global_ref, prep.resume_from.server_state))
-        else:
-            global_ref = workers[0].initial_adapter.remote()
-            ray.get(aggregator.set_global.remote(global_ref))
-        adapter_bytes = adapter_nbytes(ray.get(global_ref))
+        aggregator, global_ref = ctx.new_aggregator(start_round - 1, prep.resume_from)
+        ctx.adapter_bytes = adapter_nbytes(ray.get(global_ref))
         log(
             f"run {prep.run_dir}: {cfg.data.num_clients} clients, {per_round} per round, "
             f"{n_workers} workers, rounds {start_round}..{cfg.run.rounds}"
         )
-
         for round_idx in range(start_round, cfg.run.rounds + 1):
-            round_start = time.perf_counter()
-            # select
-            selection = select_round(
-                cfg.server.selection,
-                cfg.run.seed,
-                round_idx,
-                cfg.data.num_clients,
-                per_round,
-                probabilities,
-            )
-            selected = selection.clients
-            tasks = [
-                ClientTask(round_idx, c, client_seed(cfg.run.seed, round_idx, c)) for c in selected
-            ]
-            ray.get(
-                aggregator.begin_round.remote({c: sample_counts[c] for c in selected}, round_idx)
-            )
-            contexts = {c: aggregator.client_context.remote(c, ranks[c]) for c in selected}
-            # train, streaming updates into the aggregator
-            outcomes, folds = _train_round(
-                workers, aggregator, tasks, global_ref, show_progress, contexts
-            )
-            ray.get(folds)
-            # aggregate and checkpoint
-            record = _round_record(round_idx, outcomes, time.perf_counter() - round_start)
-            info = {
-                **record,
-                "client_results": [_client_info(o) for o in outcomes],
-                "bytes_downlink": adapter_bytes * len(tasks),
-                "selection": selection.record(),
-            }
-            summary_ref, global_ref = aggregator.finish_round.options(num_returns=2).remote(
-                round_idx, info
-            )
-            summary = ray.get(summary_ref)
-            record["seconds"] = round(time.perf_counter() - round_start, 3)
-            record["rejected"] = summary["aggregation"]["rejected"]
-            record["uplink_bytes"] = summary["bytes"]["uplink"]
-            if summary["aggregation"]["kept_previous_adapter"]:
-                record["kept_previous_adapter"] = True
-            if "dp" in summary:
-                record["epsilon"] = summary["dp"]["epsilon"]
-            checkpoint.append_metrics(prep.run_dir, record)
+            for attempt in range(1, MAX_ROUND_ATTEMPTS + 1):
+                try:
+                    record, global_ref = ctx.run_round(round_idx, aggregator, global_ref)
+                    break
+                except AggregatorLost as err:
+                    log(
+                        f"round {round_idx}: the aggregator failed ({err}); redoing the round "
+                        f"from the last checkpoint (attempt {attempt + 1})"
+                    )
+                    aggregator, global_ref = ctx.new_aggregator(round_idx - 1, None)
+            else:
+                raise RuntimeError(f"round {round_idx}: the aggregator failed {attempt} times")
             result.metrics.append(record)
             result.last_round = round_idx
-            for o in outcomes:
-                if o.error:
-                    log(f"client {o.client_id} failed in round {round_idx}:\n{o.error.rstrip()}")
-            log(_round_line(record, cfg.run.rounds, outcomes))
     return result
+
+
+class AggregatorLost(Exception):
+    """The aggregator actor died; the round in flight must be redone."""
+
+
+def _aggregator_call(ref: Any) -> Any:
+    """ray.get on an aggregator call, turning its death into AggregatorLost and its errors
+    (such as a checkpoint that could not be written) into the original exception."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayActorError as err:
+        raise AggregatorLost(type(err).__name__) from None
+    except ray.exceptions.RayTaskError as err:
+        raise err.as_instanceof_cause() from None
+
+
+@dataclass
+class _RoundContext:
+    """What every round of a run needs; `run_round` is one round, top to bottom."""
+
+    cfg: ExperimentConfig
+    run_dir: Path
+    pool: WorkerPool
+    policy: FailurePolicy
+    sample_counts: list[int]
+    adapter_config: dict[str, Any]
+    provenance: dict[str, str]
+    log: Log
+    show_progress: bool
+    adapter_bytes: int = 0
+    probabilities: list[float] | None = None
+    """Per-client availability (selection `availability`)."""
+    ranks: list[int | None] | None = None
+    """Per-client LoRA rank from the profile (None: the global rank)."""
+
+    def new_aggregator(
+        self, last_round: int, state: checkpoint.RoundCheckpoint | None
+    ) -> tuple[Any, Any]:
+        """A fresh aggregator holding the global adapter after `last_round` (from `state`, the
+        checkpoint on disk, or the seed's initial adapter for round 0)."""
+        aggregator = AggregatorActor.remote(
+            str(self.run_dir.resolve()), self.cfg, self.adapter_config, self.provenance
+        )
+        if state is None and last_round > 0:
+            path = self.run_dir / checkpoint.ROUNDS_DIR / checkpoint.round_name(last_round)
+            state = checkpoint.load_round(path)
+        if state is not None:
+            global_ref = ray.put(state.adapter)
+            _aggregator_call(aggregator.set_global.remote(global_ref, state.server_state))
+        else:
+            global_ref = self.pool.first().initial_adapter.remote()
+            _aggregator_call(aggregator.set_global.remote(global_ref))
+        return aggregator, global_ref
+
+    def run_round(self, round_idx: int, aggregator: Any, global_ref: Any) -> tuple[dict, Any]:
+        """Select, train, aggregate and checkpoint one round; returns its record and the new
+        global adapter's reference."""
+        cfg, start = self.cfg, time.perf_counter()
+        # --- select ---
+        selection = select_round(
+            cfg.server.selection,
+            cfg.run.seed,
+            round_idx,
+            cfg.data.num_clients,
+            selection_size(cfg),
+            self.probabilities,
+        )
+        selected = selection.clients
+        tasks = [
+            ClientTask(round_idx, c, client_seed(cfg.run.seed, round_idx, c)) for c in selected
+        ]
+        _aggregator_call(
+            aggregator.begin_round.remote({c: self.sample_counts[c] for c in selected}, round_idx)
+        )
+        # what each client's training needs from the strategy (FedProx mu, SCAFFOLD correction)
+        contexts = {
+            c: aggregator.client_context.remote(c, self.ranks[c] if self.ranks else None)
+            for c in selected
+        }
+        # --- train, streaming each update straight from its worker into the aggregator ---
+        folds: list[Any] = []
+        outcomes = self.pool.run(
+            tasks,
+            global_ref,
+            lambda task, adapter_ref: folds.append(
+                aggregator.fold.remote(task.client_id, adapter_ref)
+            ),
+            self.policy,
+            self.log,
+            self.show_progress,
+            contexts,
+        )
+        for fold in folds:
+            _aggregator_call(fold)
+        # --- aggregate and checkpoint ---
+        record = _round_record(round_idx, outcomes, time.perf_counter() - start)
+        info = {
+            **record,
+            "client_results": [_client_info(o) for o in outcomes],
+            "bytes_downlink": self.adapter_bytes * len(tasks),
+            "selection": selection.record(),
+        }
+        summary_ref, new_global_ref = aggregator.finish_round.options(num_returns=2).remote(
+            round_idx, info
+        )
+        summary = _aggregator_call(summary_ref)
+        # --- report ---
+        record["seconds"] = round(time.perf_counter() - start, 3)
+        record["rejected"] = summary["aggregation"]["rejected"]
+        record["uplink_bytes"] = summary["bytes"]["uplink"]
+        if summary["aggregation"]["kept_previous_adapter"]:
+            record["kept_previous_adapter"] = True
+        if "dp" in summary:
+            record["epsilon"] = summary["dp"]["epsilon"]
+        checkpoint.append_metrics(self.run_dir, record)
+        for o in outcomes:
+            if o.error:
+                self.log(f"client {o.client_id} failed in round {round_idx}:\n{o.error.rstrip()}")
+        self.log(_round_line(record, cfg.run.rounds, outcomes))
+        return record, new_global_ref
 
 
 def _client_info(o: ClientOutcome) -> dict[str, Any]:
@@ -485,6 +528,7 @@ def _client_info(o: ClientOutcome) -> dict[str, Any]:
         "losses": [round(x, 6) for x in o.losses],
         "train_seconds": round(o.train_seconds, 4),
         "worker": o.worker,
+        "attempts": o.attempts,
     }
     if o.error:
         info["error"] = o.error

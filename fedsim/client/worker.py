@@ -8,6 +8,7 @@ across the actor boundary, so the driver's failure policy decides what a failed 
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
@@ -74,10 +75,25 @@ class ClientOutcome:
     total_seconds: float = 0.0
     worker: str = ""
     error: str | None = None
+    attempts: int = 1
+    """Which try this outcome is from (a client whose worker died is retried)."""
+    worker_lost: bool = False
+    """The worker process died during this client's turn (as opposed to training raising)."""
 
     @property
     def mean_loss(self) -> float:
         return sum(self.losses) / len(self.losses) if self.losses else float("nan")
+
+
+FAULTS_ENV = "FEDSIM_FAULTS"
+"""Fault injection for fedsim's own failure tests: a JSON list of {"round": r, "client": c}; that
+client raises inside its turn in that round. Unset in normal use."""
+
+
+def raise_injected_fault(task: ClientTask) -> None:
+    for fault in json.loads(os.environ.get(FAULTS_ENV) or "[]"):
+        if (fault.get("round"), fault.get("client")) == (task.round_idx, task.client_id):
+            raise RuntimeError(f"injected fault ({FAULTS_ENV}) for client {task.client_id}")
 
 
 def quiet_libraries() -> None:
@@ -123,6 +139,7 @@ class ClientWorker:
         outcome = ClientOutcome(client_id=task.client_id, ok=False, worker=self.name)
         ctx = context or ClientContext()
         try:
+            raise_injected_fault(task)
             set_adapter(self.model, global_adapter)
             input_ids, labels = self.store.client_examples(task.client_id).to_lists()
             outcome.num_samples = len(input_ids)

@@ -15,6 +15,8 @@ seeded Gaussian noise is added; the accountant's cumulative epsilon goes to roun
 from __future__ import annotations
 
 import dataclasses
+import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -106,6 +108,8 @@ class Aggregator:
         self._rejected, self._accepted = {}, []
         self._bytes, self._norms, self._fold_seconds = {}, {}, 0.0
         self._round = round_idx
+        if self.client_states is not None:  # a redone round must not commit a stale stage
+            self.client_states.settle(round_idx - 1)
         self.strategy.begin_round(len(sample_counts))
 
     def fold(self, client_id: int, upload: ClientUpload | TensorDict) -> str | None:
@@ -126,6 +130,11 @@ class Aggregator:
         return None
 
     def _fold(self, client_id: int, upload: ClientUpload) -> None:
+        plain = upload.encoding == "raw" and upload.rank is None
+        if plain and self.client_states is None and self.clip_norm is None and not self.buffered:
+            # the common case: the trained adapter itself, folded in one checked streaming pass
+            self._sum.add(upload.tensors, self._weights[client_id])  # type: ignore[union-attr]
+            return
         delta = decode_upload(upload, self.global_adapter, self.block_size)
         if self.clip_norm is not None:
             delta, self._norms[client_id] = clip_delta(delta, self.clip_norm)
@@ -205,6 +214,7 @@ class Aggregator:
         summary = {
             **info,
             "aggregation": aggregation,
+            "aggregator": f"{socket.gethostname()}:{os.getpid()}",
             "bytes": {
                 "adapter": adapter_nbytes(self.global_adapter),
                 "uplink": sum(self._bytes.values()),
