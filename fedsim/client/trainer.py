@@ -76,6 +76,11 @@ class ClientContext:
     lora_rank: int | None = None
     """Heterogeneous ranks: train only the first `lora_rank` LoRA components (see lora_ranks)."""
 
+    @property
+    def is_plain(self) -> bool:
+        """True when it changes nothing about local training."""
+        return not self.prox_mu and self.correction is None and self.lora_rank is None
+
 
 def add_proximal_gradient(
     params: dict[str, torch.nn.Parameter], anchors: dict[str, torch.Tensor], mu: float
@@ -217,7 +222,7 @@ def context_tensors(
     """The named LoRA parameters, FedProx anchors (the global adapter: the parameters as training
     starts) and rank masks that `ctx` needs; components a lower-rank client does not own are
     zeroed before training starts."""
-    if not ctx.prox_mu and ctx.correction is None and ctx.lora_rank is None:
+    if ctx.is_plain:
         return {}, {}, {}
     from fedsim.lora_ranks import rank_mask
     from fedsim.model import adapter_parameters

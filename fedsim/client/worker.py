@@ -143,7 +143,9 @@ class ClientWorker:
             set_adapter(self.model, global_adapter)
             input_ids, labels = self.store.client_examples(task.client_id).to_lists()
             outcome.num_samples = len(input_ids)
-            result = self.trainer.train(self.model, input_ids, labels, task.seed, ctx)
+            # a plain context is not passed, so trainers without the `context` parameter still run
+            extra = {} if ctx.is_plain else {"context": ctx}
+            result = self.trainer.train(self.model, input_ids, labels, task.seed, **extra)
             local = get_adapter(self.model)
             z = self.spec.compression
             adapter = encode_upload(

@@ -49,3 +49,14 @@ def test_bad_profiles_name_the_entry(tmp_path, text, message):
 def test_missing_profile_file(tmp_path):
     with pytest.raises(FedsimInputError, match=r"client.profile: .* not found"):
         load_profiles(tmp_path / "nope.yaml", 3, 8)
+
+
+def test_bad_profile_fails_the_run_before_anything_is_written(experiment_file, tmp_path, capsys):
+    from fedsim.cli import main
+
+    profile = tmp_path / "profile.yaml"
+    profile.write_text("clients: {1: {lora_rank: 99}}\n")
+    config = experiment_file(client={"profile": str(profile)})
+    assert main(["run", str(config)]) == 2
+    assert "clients.1.lora_rank: expected an integer in 1..4" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
