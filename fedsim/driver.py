@@ -44,6 +44,7 @@ from fedsim.model import (
 )
 from fedsim.server.aggregator import AggregatorActor, adapter_nbytes
 from fedsim.server.selection import client_seed, select_clients
+from fedsim.tb import train_log
 
 Log = Callable[[str], None]
 TINY_CORPUS_LINES = 4000
@@ -378,10 +379,14 @@ def run_experiment(
             f"{n_workers} workers, rounds {start_round}..{cfg.run.rounds}"
         )
 
+        scalars = train_log(prep.run_dir)  # TensorBoard, when the extra is installed
         for round_idx in range(start_round, cfg.run.rounds + 1):
             round_start = time.perf_counter()
             # select
-            selected = select_clients(cfg.run.seed, round_idx, cfg.data.num_clients, per_round)
+            if cfg.server.client_ids is not None:  # fixed clients, e.g. a local-only baseline
+                selected = sorted(cfg.server.client_ids)
+            else:
+                selected = select_clients(cfg.run.seed, round_idx, cfg.data.num_clients, per_round)
             tasks = [
                 ClientTask(round_idx, c, client_seed(cfg.run.seed, round_idx, c)) for c in selected
             ]
@@ -403,13 +408,21 @@ def run_experiment(
             record["seconds"] = round(time.perf_counter() - round_start, 3)
             record["rejected"] = summary["aggregation"]["rejected"]
             checkpoint.append_metrics(prep.run_dir, record)
+            scalars.add_all("train", _scalars(record), round_idx)
+            scalars.flush()
             result.metrics.append(record)
             result.last_round = round_idx
             for o in outcomes:
                 if o.error:
                     log(f"client {o.client_id} failed in round {round_idx}:\n{o.error.rstrip()}")
             log(_round_line(record, cfg.run.rounds, outcomes))
+        scalars.close()
     return result
+
+
+def _scalars(record: dict[str, Any]) -> dict[str, Any]:
+    keys = ("train_loss", "samples", "num_clients", "num_failed", "seconds")
+    return {k: record[k] for k in keys}
 
 
 def _client_info(o: ClientOutcome) -> dict[str, Any]:
