@@ -17,6 +17,7 @@ anywhere; error messages are scrubbed of it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -412,12 +413,20 @@ class Judge:
         )  # fmt: skip
 
     def ask_many(self, prompts: Sequence[list[dict[str, str]]]) -> list[JudgeReply]:
-        """Judge every prompt, at most `concurrency` at a time; identical prompts are sent once."""
+        """Judge every prompt, at most `concurrency` at a time. Identical prompts are sent once;
+        the repeats get the same judgment marked as cached (they cost nothing)."""
         keys = [cache_key(self.cfg.model, m, self.cfg.max_tokens) for m in prompts]
         unique = dict(zip(keys, prompts, strict=True))
         with ThreadPoolExecutor(max_workers=self.cfg.concurrency) as pool:
             replies = dict(zip(unique, pool.map(self.ask, unique.values()), strict=True))
-        return [replies[k] for k in keys]
+        out, seen = [], set()
+        for k in keys:
+            reply = replies[k]
+            if k in seen:
+                reply = dataclasses.replace(reply, cached=reply.text is not None, attempts=0)
+            seen.add(k)
+            out.append(reply)
+        return out
 
 
 def account(replies: Sequence[JudgeReply], prices: tuple[float, float] | None) -> Usage:
