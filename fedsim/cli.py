@@ -55,9 +55,22 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from fedsim import checkpoint
-    from fedsim.eval.job import Evaluator, evaluate_rounds, latest_round, open_run, parse_rounds
+    from fedsim.eval.job import (
+        Evaluator,
+        evaluate_rounds,
+        latest_round,
+        open_run,
+        parse_rounds,
+        wait_for_first_round,
+    )
     from fedsim.eval.job import watch as watch_run
 
+    if args.watch:  # may start together with the trainer, before the run directory exists
+        try:
+            wait_for_first_round(Path(args.run_dir), poll=1.0, timeout=args.timeout)
+        except TimeoutError as err:
+            print(f"fedsim: {err}", file=sys.stderr)
+            return 1
     run = open_run(args.run_dir, args.set)
     if args.rounds:
         rounds = parse_rounds(args.rounds)

@@ -146,9 +146,8 @@ class ModelPool:
     """Base models loaded once each; the run and a baseline from a run of the same base share
     one."""
 
-    def __init__(self, log: Log) -> None:
+    def __init__(self) -> None:
         self._models: dict[str, AnswerModel] = {}
-        self._log = log
 
     def get(self, cfg: ExperimentConfig) -> AnswerModel:
         from fedsim.driver import prepare_model
@@ -180,7 +179,10 @@ def resolve_baseline(spec: str, run: EvalRun) -> Baseline:
         return Baseline("base model", run, None, None)
     if spec.startswith("round:"):
         round_idx = int(spec.removeprefix("round:"))
-        adapter, sha = load_adapter(run, round_idx)
+        try:
+            adapter, sha = load_adapter(run, round_idx)
+        except FedsimInputError as err:
+            raise FedsimInputError(f"eval.judge.baseline: {err}") from None
         return Baseline(checkpoint.round_name(round_idx), run, adapter, sha)
     path, _, at = spec.partition("@")
     try:
@@ -195,7 +197,10 @@ def resolve_baseline(spec: str, run: EvalRun) -> Baseline:
         round_idx = latest_round(other.run_dir)
         if round_idx == 0:
             raise FedsimInputError(f"eval.judge.baseline: {path} has no complete round yet")
-    adapter, sha = load_adapter(other, round_idx)
+    try:
+        adapter, sha = load_adapter(other, round_idx)
+    except FedsimInputError as err:
+        raise FedsimInputError(f"eval.judge.baseline: {err}") from None
     return Baseline(f"{path}@{round_idx}", other, adapter, sha)
 
 
@@ -261,10 +266,6 @@ class SetResult:
     skipped: bool = False
 
 
-class JudgeFailed(Exception):
-    """Some judge requests failed after their retries; their results are recorded as errors."""
-
-
 class Evaluator:
     """Scores rounds of one run. Construction checks every input; nothing is loaded before."""
 
@@ -298,7 +299,7 @@ class Evaluator:
         self.judge_errors: list[str] = []
         quiet_libraries()
         torch.set_num_threads(e.num_threads)
-        self.models = ModelPool(log)
+        self.models = ModelPool()
         self.scalars = eval_log(run.run_dir)
 
     def close(self) -> None:
@@ -636,6 +637,24 @@ def watch(
         sleep(poll)
 
 
+def wait_for_first_round(
+    run_dir: Path,
+    poll: float,
+    timeout: float | None,
+    log: Log = _print,
+    sleep: Callable[[float], None] = time.sleep,
+) -> None:
+    """Wait until the trainer has finished its first round (`latest` exists), so that a watcher
+    can be started together with the trainer, before the run directory is even created."""
+    deadline = time.monotonic() + timeout if timeout else None
+    if not (run_dir / checkpoint.LATEST_FILE).exists():
+        log(f"watch: waiting for the first round of {run_dir}")
+    while not (run_dir / checkpoint.LATEST_FILE).exists():
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"watch: {run_dir} has no round after {timeout:g} s")
+        sleep(poll)
+
+
 def _num(value: Any, fmt: str) -> str:
     return format(value, fmt) if isinstance(value, int | float) else "-"
 
@@ -681,7 +700,7 @@ def answer_prompts(run: EvalRun, round_idx: int | None, prompts: Iterable[str]) 
             raise FedsimInputError(f"{run.run_dir} has no complete round (--round 0: base model)")
     adapter = load_adapter(run, round_idx)[0] if round_idx else None
     quiet_libraries()
-    model = ModelPool(_print).get(run.cfg)
+    model = ModelPool().get(run.cfg)
     model.use_adapter(adapter)
     for prompt in prompts:
         question = Question("prompt", "", (prompt.strip(),))

@@ -156,7 +156,7 @@ def test_batched_generation_matches_one_by_one(runs):
 
     run = open_run(runs["fed"])
     (qset,) = load_question_sets(run.run_dir, run.cfg)
-    model = ModelPool(print).get(run.cfg)
+    model = ModelPool().get(run.cfg)
     model.use_adapter(load_adapter(run, 2)[0])
     gen = GenerationConfig(max_new_tokens=12, batch_size=16)
     batched = model.answer(qset.questions, run.template, gen)
@@ -298,6 +298,7 @@ def test_failed_judgments_are_recorded_and_retried_on_rerun(
             "eval.judge.api_key_env: expected the NAME of an environment variable",
         ),
         (["--set", "eval.judge.baseline=/no/such/run"], "eval.judge.baseline: /no/such/run: not"),
+        (["--set", "eval.judge.baseline=round:9"], "eval.judge.baseline: "),
     ],
 )
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(
@@ -450,3 +451,37 @@ def test_tensorboard_event_files(runs, tmp_path):
     scored = EventAccumulator(str(run_dir / "tensorboard" / "eval"))
     scored.Reload()
     assert [e.step for e in scored.Scalars("eval/test/loss")] == [1, 2]
+
+
+@pytest.mark.slow
+def test_watch_beside_a_real_trainer(experiment_file, tmp_path):
+    """`fedsim run` and `fedsim eval --watch` started together as two processes: the watcher
+    waits for the first round, scores all three as they appear, and exits when the run is done."""
+    import subprocess
+    import sys
+
+    config = experiment_file(run={"rounds": 3}, data={"test_per_category": 2})
+    run_dir = tmp_path / "runs" / "t"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cli = [sys.executable, "-m", "fedsim.cli"]
+    watcher = subprocess.Popen(
+        [*cli, "eval", str(run_dir), "--watch", "--set", "eval.poll_seconds=0.2"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    trainer = subprocess.run([*cli, "run", str(config)], env=env, capture_output=True, text=True)
+    out, err = watcher.communicate(timeout=300)
+
+    assert trainer.returncode == 0, trainer.stderr
+    assert watcher.returncode == 0, err
+    assert [line.split(":")[0] for line in out.splitlines() if line.startswith("round")] == [
+        "round   1 test",
+        "round   2 test",
+        "round   3 test",
+    ]
+    lines = metrics_lines(run_dir)
+    assert sorted((m.get("kind", "train"), m["round"]) for m in lines) == [
+        ("eval", 1), ("eval", 2), ("eval", 3), ("train", 1), ("train", 2), ("train", 3),
+    ]  # fmt: skip
