@@ -1,15 +1,16 @@
 """The FedIT paper's claim in miniature: federated instruction tuning vs local-only tuning.
 
     python experiments/fedit_vs_local.py [--config experiments/fedit_vs_local.yaml]
-        [--clients 3] [--eval-every 5] [--reuse] [--set KEY=VALUE ...] [--judge]
+        [--clients 3] [--same-compute] [--eval-every 5] [--reuse] [--set KEY=VALUE ...] [--judge]
 
 1. Train the federated model of the config (FedAvg over all clients' data).
 2. Train local-only models for a few clients (the largest, the median and the smallest by record
-   count) with `server.client_ids: [k]`, on the same partition, at two budgets:
+   count) with `server.client_ids: [k]`, on the same partition:
    - `local_cK`: the same rounds and local steps as the federated model, i.e. the same number of
      optimizer steps along the model's path (each federated round averages several clients);
-   - `local_cK_xN`: N times the local steps, N = clients per federated round, i.e. the same total
-     training compute as the federated run.
+   - with --same-compute also `local_cK_xN`: N times the local steps, N = clients per federated
+     round, i.e. the same total training compute as the federated run (a single client cannot
+     spread it over workers: these runs take the longest).
 3. Score every model with `fedsim eval` on the same all-category held-out test set (held-out
    loss, ROUGE-L, exact match; with --judge also the LLM judge, single grading of every model and
    the federated model pairwise against each local one), and print / write the comparison table
@@ -37,12 +38,14 @@ from fedsim.eval.job import Evaluator, SetResult, evaluate_rounds, latest_round,
 from fedsim.report import write_report
 
 
-def variants(raw: dict[str, Any], clients: list[int], per_round: int) -> list[tuple[str, dict]]:
+def variants(
+    raw: dict[str, Any], clients: list[int], factors: tuple[int, ...]
+) -> list[tuple[str, dict]]:
     """(description, raw config) of the federated run and each local-only run."""
-    out = [("federated: FedAvg over all clients", raw)]
+    out = [("FedAvg over all clients", raw)]
     steps = raw["client"]["local_steps"]
     for k in clients:
-        for factor in (1, per_round):
+        for factor in factors:
             local = copy.deepcopy(raw)
             local["run"]["name"] = f"local_c{k}" + (f"_x{factor}" if factor > 1 else "")
             local["server"]["client_ids"] = [k]
@@ -74,6 +77,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="experiments/fedit_vs_local.yaml")
     parser.add_argument("--clients", type=int, default=3, help="local-only clients to train")
+    parser.add_argument(
+        "--same-compute",
+        action="store_true",
+        help="also train each local-only model with the federated run's total compute",
+    )
     parser.add_argument("--eval-every", type=int, default=5, help="score every Nth round")
     parser.add_argument("--reuse", action="store_true", help="keep runs that are finished")
     parser.add_argument("--set", action="append", default=[], help="override, all runs")
@@ -89,10 +97,11 @@ def main() -> None:
     categories = data.summary()["clients"]
     clients = pick_clients(sizes, args.clients)
     per_round = clients_per_round(fed_cfg)
-    runs = variants(raw, clients, per_round)
+    runs = variants(raw, clients, (1, per_round) if args.same_compute else (1,))
 
     # --- train (one local Ray instance for every run) ---
     start = time.perf_counter()
+    trained = 0
     ray.init(include_dashboard=False, runtime_env={"env_vars": WORKER_ENV})
     try:
         for description, run_raw in runs:
@@ -102,13 +111,16 @@ def main() -> None:
                 continue
             print(f"training {cfg.run_dir}: {description}", flush=True)
             run_experiment(cfg, overwrite=True, log=lambda _: None, show_progress=False)
+            trained += 1
     finally:
         ray.shutdown()
     train_seconds = time.perf_counter() - start
 
     # --- evaluate every model on the same test set ---
     start = time.perf_counter()
-    judge = ["eval.judge.single=true"] if args.judge else []
+    # eval.* overrides apply to the evaluation of reused runs too (config.yaml holds the old ones)
+    judge = [a for a in args.set if a.startswith("eval.")]
+    judge += ["eval.judge.single=true"] if args.judge else []
     results: dict[str, SetResult] = {}
     pairwise: dict[str, dict[str, Any]] = {}
     run_dirs = []
@@ -122,7 +134,7 @@ def main() -> None:
     if args.judge:  # the federated model against each local-only one, both orders
         fed_dir = run_dirs[0]
         for local_dir in run_dirs[1:]:
-            run = open_run(fed_dir, [f"eval.judge.baseline={local_dir}"])
+            run = open_run(fed_dir, [*judge, f"eval.judge.baseline={local_dir}"])
             evaluator = Evaluator(run, log=lambda _: None)
             (scored,) = evaluate_rounds(evaluator, [run.cfg.run.rounds])
             evaluator.close()
@@ -133,8 +145,8 @@ def main() -> None:
     out_dir = Path(fed_cfg.run.output_dir)
     lines = [
         f"Test set: {results['federated'].summary['questions']} held-out records, 10 of each "
-        f"of 8 categories; greedy decoding. Training {train_seconds:.0f} s, evaluation "
-        f"{eval_seconds:.0f} s.",
+        f"of 8 categories; greedy decoding. Training {train_seconds:.0f} s ({trained} runs "
+        f"trained, {len(runs) - trained} reused), evaluation {eval_seconds:.0f} s.",
         "",
         "| model | trained on | records | steps on the model's path | total client steps | "
         "test loss | perplexity | ROUGE-L | exact match |" + (" judge |" if args.judge else ""),

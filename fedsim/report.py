@@ -188,10 +188,12 @@ def plot_eval(runs: list[RunData], name: str, out: Path) -> Path | None:
             ax.set_ylim(1, 10)
         if key in ("exact_match", "win_rate", "rouge_l"):
             ax.set_ylim(-0.02, 1.02)
-    for ax in list(axes.flat)[len(metrics) :]:
+    spare = list(axes.flat)[len(metrics) :]
+    for ax in spare:
         ax.axis("off")
-    if len(runs) > 1:
-        axes.flat[0].legend(fontsize=7)
+    if len(runs) > 1:  # in a spare panel when there is one, else over the first
+        handles, labels = axes.flat[0].get_legend_handles_labels()
+        (spare[0] if spare else axes.flat[0]).legend(handles, labels, fontsize=8, loc="upper left")
     fig.suptitle(f"Evaluation on '{name}' per round")
     return _save(fig, out / f"eval_{name}.png")
 

@@ -485,3 +485,44 @@ def test_watch_beside_a_real_trainer(experiment_file, tmp_path):
     assert sorted((m.get("kind", "train"), m["round"]) for m in lines) == [
         ("eval", 1), ("eval", 2), ("eval", 3), ("train", 1), ("train", 2), ("train", 3),
     ]  # fmt: skip
+
+
+def test_mtbench_two_turns_with_fastchat_prompts(runs, tmp_path, data_dir, judge_server, judge_key):
+    """The shipped MT-bench questions and FastChat judge prompts: both turns answered, math,
+    reasoning and coding judged against GPT-4's reference, the second turn with the multi-turn
+    prompt."""
+    if not (data_dir / "eval" / "mtbench_questions.jsonl").is_file():
+        pytest.skip(f"{data_dir / 'eval'} not present")
+    run_dir = copy_run(runs["fed"], tmp_path)
+    server = judge_server()
+    args = judge_settings(
+        server,
+        tmp_path,
+        **{
+            "eval.judge.single": "true",
+            "eval.judge.prompts": str(data_dir / "eval" / "judge_prompts.jsonl"),
+            "eval.questions_dir": str(data_dir / "eval"),
+            "eval.question_sets": "[mtbench]",
+            "eval.max_questions": "8",  # one per category
+            "eval.generation.max_new_tokens": "8",
+        },
+    )
+
+    assert main(["eval", str(run_dir), *args]) == 0
+
+    eval_dir = run_dir / "rounds/round_0002/eval"
+    answers = [json.loads(x) for x in (eval_dir / "answers_mtbench.jsonl").open()]
+    assert len(answers) == 8 and all(len(a["answers"]) == 2 for a in answers)
+    assert len({a["category"] for a in answers}) == 8
+    judgments = [json.loads(x) for x in (eval_dir / "judgments_mtbench.jsonl").open()]
+    prompts = {(j["category"], j["turn"]): j["prompt"] for j in judgments}
+    for category in ("math", "reasoning", "coding"):
+        assert prompts[(category, 1)] == "single-math-v1"
+        assert prompts[(category, 2)] == "single-math-v1-multi-turn"
+    assert prompts[("writing", 1)] == "single-v1"
+    assert prompts[("writing", 2)] == "single-v1-multi-turn"
+    math_reference = next(a for a in answers if a["category"] == "math")["references"][0]
+    assert any(math_reference in r["body"]["messages"][1]["content"] for r in server.requests)
+    summary = json.loads((eval_dir / "summary.json").read_text())["sets"]["mtbench"]
+    assert set(summary["judge"]["single"]["by_category"]) == {a["category"] for a in answers}
+    assert summary["judge"]["single"]["n"] == 16  # two turns of eight questions
