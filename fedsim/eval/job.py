@@ -686,6 +686,8 @@ def format_result(result: SetResult) -> str:
             f"{u['requests']} requests, {u['cached']} cached, "
             f"{u['prompt_tokens'] + u['completion_tokens']} tokens{cost}"
         )
+    if len(parts) == 1:
+        parts.append("answers only (no references; the judge can score them)")
     if result.skipped:
         parts.append("up to date (--force redoes it)")
     return " | ".join(parts)
