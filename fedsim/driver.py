@@ -44,6 +44,7 @@ from fedsim.model import (
 )
 from fedsim.server.aggregator import AggregatorActor, adapter_nbytes
 from fedsim.server.selection import client_seed, select_clients
+from fedsim.tb import train_log
 
 Log = Callable[[str], None]
 TINY_CORPUS_LINES = 4000
@@ -340,6 +341,7 @@ def run_experiment(
             f"run {prep.run_dir}: {cfg.data.num_clients} clients, {per_round} per round, "
             f"{n_workers} workers, rounds {start_round}..{cfg.run.rounds}"
         )
+        scalars = train_log(prep.run_dir)  # TensorBoard, when the extra is installed
         for round_idx in range(start_round, cfg.run.rounds + 1):
             for attempt in range(1, MAX_ROUND_ATTEMPTS + 1):
                 try:
@@ -353,8 +355,11 @@ def run_experiment(
                     aggregator, global_ref = ctx.new_aggregator(round_idx - 1, None)
             else:
                 raise RuntimeError(f"round {round_idx}: the aggregator failed {attempt} times")
+            scalars.add_all("train", _scalars(record), round_idx)
+            scalars.flush()
             result.metrics.append(record)
             result.last_round = round_idx
+        scalars.close()
     return result
 
 
@@ -416,8 +421,11 @@ class _RoundContext:
         global adapter's reference."""
         cfg, start = self.cfg, time.perf_counter()
         # --- select ---
-        per_round = clients_per_round(cfg)
-        selected = select_clients(cfg.run.seed, round_idx, cfg.data.num_clients, per_round)
+        if cfg.server.client_ids is not None:  # fixed clients, e.g. a local-only baseline
+            selected = sorted(cfg.server.client_ids)
+        else:
+            per_round = clients_per_round(cfg)
+            selected = select_clients(cfg.run.seed, round_idx, cfg.data.num_clients, per_round)
         tasks = [
             ClientTask(round_idx, c, client_seed(cfg.run.seed, round_idx, c)) for c in selected
         ]
@@ -458,6 +466,11 @@ class _RoundContext:
                 self.log(f"client {o.client_id} failed in round {round_idx}:\n{o.error.rstrip()}")
         self.log(_round_line(record, cfg.run.rounds, outcomes))
         return record, new_global_ref
+
+
+def _scalars(record: dict[str, Any]) -> dict[str, Any]:
+    keys = ("train_loss", "samples", "num_clients", "num_failed", "seconds")
+    return {k: record[k] for k in keys}
 
 
 def _client_info(o: ClientOutcome) -> dict[str, Any]:
