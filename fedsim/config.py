@@ -239,6 +239,9 @@ class ServerConfig:
     """fedprox: weight mu of the proximal term (mu/2)*||w - w_global||^2."""
     robust: RobustConfig = field(default_factory=RobustConfig)
     dp: DPConfig = field(default_factory=DPConfig)
+    client_ids: list[int] | None = None
+    """Train only these client ids, every round (e.g. one id for a local-only baseline); when
+    set, clients_per_round and fraction are ignored."""
 
 
 @dataclass
@@ -256,15 +259,77 @@ class ClusterConfig:
 
 
 @dataclass
+class GenerationConfig:
+    """How evaluation answers are generated."""
+
+    max_new_tokens: int = 64
+    """Longest answer, in tokens (per turn)."""
+    temperature: float = 0.0
+    """0 decodes greedily; above 0 samples, seeded by `seed`."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (only when temperature > 0)."""
+    batch_size: int = 16
+    """Prompts generated together (padded on the left)."""
+    seed: int = 0
+    """Seed of sampled generation."""
+
+
+@dataclass
 class JudgeConfig:
+    """LLM-as-judge through the `openai` client: OpenAI or any OpenAI-compatible server."""
+
     base_url: str | None = None
+    """OpenAI-compatible endpoint, e.g. http://localhost:8000/v1; null is OpenAI's API."""
     model: str = "gpt-4"
-    api_key_env: str = "OPENAI_API_KEY"
-    """Name of the environment variable holding the key (never the key itself)."""
+    """Judge model name as the endpoint knows it."""
+    api_key_env: str | None = "OPENAI_API_KEY"
+    """Name of the environment variable holding the key (never the key itself); null sends no
+    key, for local servers without authentication."""
+    single: bool = False
+    """Grade every answer 1-10 (single-v1; single-math-v1 with a reference answer)."""
+    baseline: str | None = None
+    """Compare every answer pairwise (pair-v2, judged in both orders) against: `round:N` of this
+    run, `base` (the base model without adapter), or another run directory `PATH` or `PATH@N`
+    (its latest round unless N is given), e.g. a local-only run."""
+    prompts: str = "${FEDSIM_DATA_DIR:-../shared/data}/eval/judge_prompts.jsonl"
+    """Judge prompt templates (FastChat's judge_prompts.jsonl: single-v1, pair-v2, ...)."""
+    max_tokens: int = 1024
+    """Longest judge reply, in tokens."""
+    concurrency: int = 4
+    """Judge requests in flight at once."""
+    timeout_seconds: float = 120.0
+    """Per-request timeout."""
+    max_retries: int = 6
+    """Retries of a request that got 429, a 5xx, a timeout or a connection error."""
+    backoff_seconds: float = 2.0
+    """First retry delay; doubles each retry (capped at 60 s); a Retry-After header wins."""
+    cache_dir: str | None = None
+    """Cache of judgments keyed by judge model and prompt; null is $FEDSIM_CACHE_DIR/judge."""
+    price_input_per_million: float | None = None
+    """USD per million prompt tokens for the cost estimate; null uses the list price of a few
+    known OpenAI models, or records no cost."""
+    price_output_per_million: float | None = None
+    """USD per million completion tokens (see price_input_per_million)."""
 
 
 @dataclass
 class EvalConfig:
+    """`fedsim eval`: which questions, how answers are generated, how they are judged."""
+
+    question_sets: list[str] = field(default_factory=lambda: ["test"])
+    """test (the run's held-out split), vicuna, mtbench (from questions_dir), or a jsonl path."""
+    questions_dir: str = "${FEDSIM_DATA_DIR:-../shared/data}/eval"
+    """Folder of vicuna_questions.jsonl, mtbench_questions.jsonl, mtbench_reference_gpt4.jsonl."""
+    max_questions: int | None = None
+    """At most this many questions per set, taken round-robin over categories."""
+    exact_match: bool | None = None
+    """Score exact match on the test split; null: only for built-in data, whose answers are
+    unique."""
+    num_threads: int = 1
+    """torch threads of the evaluation process (keep it small beside a training run)."""
+    poll_seconds: float = 5.0
+    """How often `fedsim eval --watch` looks for new rounds."""
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
 
 
@@ -399,6 +464,17 @@ def expand_path(text: str, dotted: str, problems: list[str]) -> str:
     return os.path.expanduser(expanded) if expanded.startswith("~") else expanded
 
 
+def resolve_path(text: str, dotted: str) -> str:
+    """`expand_path` for a single field, raising FedsimInputError on an unset variable. The eval
+    paths are kept unexpanded in config.yaml and resolved here when used, because evaluation may
+    run on another machine or in another folder than training did."""
+    problems: list[str] = []
+    expanded = expand_path(text, dotted, problems)
+    if problems:
+        raise ConfigError(problems)
+    return expanded
+
+
 def config_from_dict(raw: dict[str, Any]) -> ExperimentConfig:
     """Build and validate the config tree; raises ConfigError listing every problem."""
     problems: list[str] = []
@@ -531,12 +607,20 @@ def validate(cfg: ExperimentConfig) -> list[str]:
     if s.strategy in STRATEGIES and s.strategy not in IMPLEMENTED_STRATEGIES:
         p.append(f"server.strategy: {s.strategy!r} is not available in this version; use fedavg")
     _choice(p, "server.weighting", s.weighting, ("samples", "uniform"))
-    if (s.clients_per_round is None) == (s.fraction is None):
+    if s.client_ids is not None:
+        # client_ids wins over clients_per_round/fraction, which are then not checked
+        _client_ids(p, s.client_ids, d.num_clients)
+    elif (s.clients_per_round is None) == (s.fraction is None):
         p.append("server.clients_per_round: set exactly one of clients_per_round and fraction")
     _positive(p, "server.clients_per_round", s.clients_per_round)
     if s.fraction is not None and not 0 < s.fraction <= 1:
         p.append(f"server.fraction: expected a value in (0, 1], got {s.fraction}")
-    if s.clients_per_round and d.num_clients > 0 and s.clients_per_round > d.num_clients:
+    if (
+        s.client_ids is None
+        and s.clients_per_round
+        and d.num_clients > 0
+        and s.clients_per_round > d.num_clients
+    ):
         p.append(
             f"server.clients_per_round: {s.clients_per_round} is more than "
             f"data.num_clients ({d.num_clients})"
@@ -550,6 +634,7 @@ def validate(cfg: ExperimentConfig) -> list[str]:
     _positive(p, "cluster.cpus_per_worker", k.cpus_per_worker)
     _positive(p, "cluster.max_client_retries", k.max_client_retries, zero_ok=True)
     _positive(p, "cluster.max_worker_restarts", k.max_worker_restarts, zero_ok=True)
+    _validate_eval(p, cfg.eval)
     return p
 
 
@@ -588,6 +673,8 @@ def _validate_algorithms(p: list[str], cfg: ExperimentConfig) -> None:
     _positive(p, "server.robust.multi_krum_m", r.multi_krum_m)
     if r.rule in ROBUST_RULES and r.rule != "mean" and not p:
         n = cfg.data.num_clients if s.selection == "all" else clients_per_round(cfg)
+        if s.client_ids is not None:
+            n = len(s.client_ids)
         need = min_updates(r.rule, r.num_byzantine, r.trim_beta, n)
         if need > n:
             p.append(
@@ -628,8 +715,63 @@ def _validate_algorithms(p: list[str], cfg: ExperimentConfig) -> None:
         p.append(f"client.compression.topk_fraction: expected (0, 1], got {z.topk_fraction}")
 
 
+def _client_ids(p: list[str], ids: list[int], num_clients: int) -> None:
+    if not ids:
+        p.append("server.client_ids: expected at least one client id, or null")
+    bad = [i for i in ids if not 0 <= i < num_clients]
+    if bad:
+        p.append(
+            f"server.client_ids: {bad} out of range; data.num_clients={num_clients} "
+            f"means ids 0..{num_clients - 1}"
+        )
+    if len(set(ids)) != len(ids):
+        p.append(f"server.client_ids: duplicate ids in {ids}")
+
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_BASELINE_ROUND = re.compile(r"^round:\d+$")
+
+
+def _validate_eval(p: list[str], e: EvalConfig) -> None:
+    if not e.question_sets:
+        p.append("eval.question_sets: expected at least one of test, vicuna, mtbench or a path")
+    _positive(p, "eval.max_questions", e.max_questions)
+    _positive(p, "eval.num_threads", e.num_threads)
+    _positive(p, "eval.poll_seconds", e.poll_seconds)
+    g = e.generation
+    _positive(p, "eval.generation.max_new_tokens", g.max_new_tokens)
+    _positive(p, "eval.generation.temperature", g.temperature, zero_ok=True)
+    if not 0 < g.top_p <= 1:
+        p.append(f"eval.generation.top_p: expected a value in (0, 1], got {g.top_p}")
+    _positive(p, "eval.generation.batch_size", g.batch_size)
+    _positive(p, "eval.generation.seed", g.seed, zero_ok=True)
+    j = e.judge
+    if j.api_key_env is not None and not _ENV_NAME.match(j.api_key_env):
+        # Someone pasted the key itself: say so without echoing it into a terminal or a log.
+        p.append(
+            "eval.judge.api_key_env: expected the NAME of an environment variable (e.g. "
+            "OPENAI_API_KEY) that holds the key, not the key itself"
+        )
+    if not j.model:
+        p.append("eval.judge.model: expected a model name, e.g. gpt-4")
+    if j.baseline is not None and j.baseline.startswith("round:"):
+        if not _BASELINE_ROUND.match(j.baseline):
+            p.append(f"eval.judge.baseline: expected round:N, got {j.baseline!r}")
+    elif j.baseline is not None and not j.baseline:
+        p.append("eval.judge.baseline: expected round:N, base, or a run directory")
+    _positive(p, "eval.judge.max_tokens", j.max_tokens)
+    _positive(p, "eval.judge.concurrency", j.concurrency)
+    _positive(p, "eval.judge.timeout_seconds", j.timeout_seconds)
+    _positive(p, "eval.judge.max_retries", j.max_retries, zero_ok=True)
+    _positive(p, "eval.judge.backoff_seconds", j.backoff_seconds, zero_ok=True)
+    _positive(p, "eval.judge.price_input_per_million", j.price_input_per_million, zero_ok=True)
+    _positive(p, "eval.judge.price_output_per_million", j.price_output_per_million, zero_ok=True)
+
+
 def clients_per_round(cfg: ExperimentConfig) -> int:
-    """Number of clients sampled each round, from `clients_per_round` or `fraction`."""
+    """Number of clients trained each round: `client_ids`, `clients_per_round` or `fraction`."""
+    if cfg.server.client_ids is not None:
+        return len(cfg.server.client_ids)
     if cfg.server.clients_per_round is not None:
         return cfg.server.clients_per_round
     assert cfg.server.fraction is not None

@@ -45,7 +45,8 @@ from fedsim.model import (
 )
 from fedsim.server.aggregator import AggregatorActor, adapter_nbytes
 from fedsim.server.client_state import ClientStateStore
-from fedsim.server.selection import client_seed, draw_probabilities, select_round
+from fedsim.server.selection import Selection, client_seed, draw_probabilities, select_round
+from fedsim.tb import train_log
 
 Log = Callable[[str], None]
 TINY_CORPUS_LINES = 4000
@@ -171,7 +172,10 @@ def availability_probabilities(
 
 
 def selection_size(cfg: ExperimentConfig) -> int:
-    """Most clients a round can have: every client for `all`, else clients_per_round."""
+    """Most clients a round can have: `client_ids`, every client for `all`, else
+    clients_per_round."""
+    if cfg.server.client_ids is not None:
+        return len(cfg.server.client_ids)
     return cfg.data.num_clients if cfg.server.selection == "all" else clients_per_round(cfg)
 
 
@@ -306,6 +310,11 @@ def _round_record(round_idx: int, outcomes: list[ClientOutcome], seconds: float)
     ok = [o for o in outcomes if o.ok]
     samples = sum(o.num_samples for o in ok)
     loss = sum(o.mean_loss * o.num_samples for o in ok) / samples if samples else float("nan")
+    # each client's first step runs at the incoming global weights: its loss scores the previous
+    # round's global adapter on that client's data, before any local update
+    first = [(o.losses[0], o.num_samples) for o in ok if o.losses]
+    weight = sum(n for _, n in first)
+    global_loss = sum(x * n for x, n in first) / weight if weight else float("nan")
     return {
         "round": round_idx,
         "clients": [o.client_id for o in outcomes],
@@ -313,6 +322,7 @@ def _round_record(round_idx: int, outcomes: list[ClientOutcome], seconds: float)
         "num_failed": len(outcomes) - len(ok),
         "samples": samples,
         "train_loss": loss,
+        "global_loss": global_loss,
         "seconds": round(seconds, 3),
     }
 
@@ -380,6 +390,7 @@ def run_experiment(
             f"run {prep.run_dir}: {cfg.data.num_clients} clients, {per_round} per round, "
             f"{n_workers} workers, rounds {start_round}..{cfg.run.rounds}"
         )
+        scalars = train_log(prep.run_dir)  # TensorBoard, when the extra is installed
         for round_idx in range(start_round, cfg.run.rounds + 1):
             for attempt in range(1, MAX_ROUND_ATTEMPTS + 1):
                 try:
@@ -393,8 +404,11 @@ def run_experiment(
                     aggregator, global_ref = ctx.new_aggregator(round_idx - 1, None)
             else:
                 raise RuntimeError(f"round {round_idx}: the aggregator failed {attempt} times")
+            scalars.add_all("train", _scalars(record), round_idx)
+            scalars.flush()
             result.metrics.append(record)
             result.last_round = round_idx
+        scalars.close()
     return result
 
 
@@ -456,14 +470,17 @@ class _RoundContext:
         global adapter's reference."""
         cfg, start = self.cfg, time.perf_counter()
         # --- select ---
-        selection = select_round(
-            cfg.server.selection,
-            cfg.run.seed,
-            round_idx,
-            cfg.data.num_clients,
-            selection_size(cfg),
-            self.probabilities,
-        )
+        if cfg.server.client_ids is not None:  # fixed clients, e.g. a local-only baseline
+            selection = Selection(sorted(cfg.server.client_ids), "client_ids")
+        else:
+            selection = select_round(
+                cfg.server.selection,
+                cfg.run.seed,
+                round_idx,
+                cfg.data.num_clients,
+                selection_size(cfg),
+                self.probabilities,
+            )
         selected = selection.clients
         tasks = [
             ClientTask(round_idx, c, client_seed(cfg.run.seed, round_idx, c)) for c in selected
@@ -517,6 +534,11 @@ class _RoundContext:
                 self.log(f"client {o.client_id} failed in round {round_idx}:\n{o.error.rstrip()}")
         self.log(_round_line(record, cfg.run.rounds, outcomes))
         return record, new_global_ref
+
+
+def _scalars(record: dict[str, Any]) -> dict[str, Any]:
+    keys = ("train_loss", "samples", "num_clients", "num_failed", "seconds")
+    return {k: record[k] for k in keys}
 
 
 def _client_info(o: ClientOutcome) -> dict[str, Any]:

@@ -94,12 +94,19 @@ def load_source(cfg: DataConfig) -> tuple[pa.Table, str]:
     return table, fingerprint
 
 
-def prepare_data(cfg: DataConfig, seed: int) -> PreparedData:
-    """Load, hold out and partition; raises FedsimInputError on any bad input."""
+def load_table(cfg: DataConfig) -> tuple[pa.Table, str]:
+    """The records a run uses (`data.source`, cut to `data.max_records`) and their fingerprint,
+    as recorded in partition.json."""
     table, fingerprint = load_source(cfg)
     if cfg.max_records is not None and cfg.max_records < table.num_rows:
         table = table.slice(0, cfg.max_records)
         fingerprint += f":first{cfg.max_records}"
+    return table, fingerprint
+
+
+def prepare_data(cfg: DataConfig, seed: int) -> PreparedData:
+    """Load, hold out and partition; raises FedsimInputError on any bad input."""
+    table, fingerprint = load_table(cfg)
     categories = table.column("category").to_numpy(zero_copy_only=False)
     p = cfg.partition
 

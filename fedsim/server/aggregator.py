@@ -59,7 +59,8 @@ class Aggregator:
         self.robust, self.dp = server.robust, server.dp
         self.seed, self.num_clients = cfg.run.seed, cfg.data.num_clients
         # the accountant's sampling: uniform selection amplifies, the others count in full
-        self.dp_per_round = clients_per_round(cfg) if server.selection == "uniform" else None
+        uniform = server.selection == "uniform" and server.client_ids is None
+        self.dp_per_round = clients_per_round(cfg) if uniform else None
         self.block_size = cfg.client.compression.block_size
         self.client_states = (
             ClientStateStore(self.run_dir) if self.strategy.uses_client_state else None
