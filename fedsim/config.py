@@ -26,7 +26,11 @@ from fedsim.errors import ConfigError, FedsimInputError
 
 PARTITION_KINDS = ("iid", "dirichlet", "shards", "by_category", "split_file")
 STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadagrad", "fedyogi", "fedadam", "scaffold")
-IMPLEMENTED_STRATEGIES = ("fedavg",)
+IMPLEMENTED_STRATEGIES = STRATEGIES
+SELECTIONS = ("uniform", "round_robin", "all", "availability")
+AVAILABILITY_DISTRIBUTIONS = ("constant", "uniform", "beta")
+ROBUST_RULES = ("mean", "median", "trimmed_mean", "krum", "multi_krum")
+COMPRESSIONS = ("none", "fp16", "bf16", "int8", "topk")
 BACKENDS = ("torch", "deepspeed")
 IMPLEMENTED_BACKENDS = ("torch",)
 LR_SCHEDULERS = ("constant", "linear", "cosine")
@@ -125,6 +129,18 @@ class ModelConfig:
 
 
 @dataclass
+class CompressionConfig:
+    """Uplink compression of each client's delta (decompressed at the aggregator)."""
+
+    kind: str = "none"
+    """none | fp16 | bf16 | int8 | topk."""
+    block_size: int | None = None
+    """int8: elements sharing one scale; null gives one scale per tensor."""
+    topk_fraction: float = 0.1
+    """topk: fraction of each tensor's entries sent (the largest by magnitude)."""
+
+
+@dataclass
 class ClientConfig:
     backend: str = "torch"
     """Local trainer: torch | deepspeed."""
@@ -143,17 +159,86 @@ class ClientConfig:
     warmup_steps: int = 0
     max_grad_norm: float | None = 1.0
     """Gradient clipping; null disables it."""
+    profile: str | None = None
+    """Per-client profile file (YAML/JSON: `default`, `classes`, `clients`) giving each client's
+    `availability` probability and `lora_rank`; see the README's "Client profiles"."""
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
+
+
+@dataclass
+class AvailabilityConfig:
+    """Per-client availability probabilities for clients the profile does not cover, drawn once
+    per run from the seed."""
+
+    distribution: str = "constant"
+    """constant (`value`) | uniform (`low`..`high`) | beta (`a`, `b`)."""
+    value: float = 1.0
+    low: float = 0.2
+    high: float = 1.0
+    a: float = 2.0
+    b: float = 2.0
+
+
+@dataclass
+class RobustConfig:
+    """Defences against bad or malicious updates (`rule` other than mean buffers a round's
+    updates in the aggregator: one adapter per client in memory)."""
+
+    clip_norm: float | None = None
+    """Clip each client's delta to this L2 norm before aggregation; null disables it."""
+    rule: str = "mean"
+    """mean (streaming) | median | trimmed_mean | krum | multi_krum (coordinate-wise or
+    distance-based rules over the round's buffered updates; they ignore sample weights)."""
+    trim_beta: float = 0.1
+    """trimmed_mean: fraction of updates dropped at each end of every coordinate."""
+    num_byzantine: int = 1
+    """Number of faulty clients per round the rule must tolerate (f); fixes how many updates
+    median (2f+1), trimmed_mean (floor(beta*n) >= f), krum and multi_krum (2f+3) need."""
+    multi_krum_m: int | None = None
+    """multi_krum: updates averaged; null takes n - f."""
+
+
+@dataclass
+class DPConfig:
+    """Client-level differential privacy (DP-FedAvg, McMahan et al. 2018)."""
+
+    enabled: bool = False
+    clip_norm: float = 0.1
+    """C: each client's delta is clipped to this L2 norm."""
+    noise_multiplier: float = 1.0
+    """sigma: Gaussian noise of std sigma*C/k is added to the mean of the k selected clients."""
+    delta: float = 1e-5
+    """The delta at which the cumulative epsilon is reported every round."""
 
 
 @dataclass
 class ServerConfig:
     strategy: str = "fedavg"
+    """fedavg | fedprox | fedavgm | fedadagrad | fedyogi | fedadam | scaffold."""
+    selection: str = "uniform"
+    """uniform (seeded per round, without replacement) | round_robin | all | availability."""
+    availability: AvailabilityConfig = field(default_factory=AvailabilityConfig)
     clients_per_round: int | None = 5
     """Clients sampled each round (set this or `fraction`)."""
     fraction: float | None = None
     """Fraction of registered clients sampled each round (at least one)."""
     weighting: str = "samples"
     """samples (n_i / sum n, as FedIT) | uniform."""
+    lr: float | None = None
+    """Server learning rate (eta); null: 1.0 for fedavg, fedprox, fedavgm and scaffold,
+    0.01 for fedadagrad, fedyogi and fedadam."""
+    momentum: float = 0.9
+    """fedavgm: server momentum (beta)."""
+    beta1: float = 0.9
+    """fedadagrad, fedyogi, fedadam: first-moment decay."""
+    beta2: float = 0.99
+    """fedyogi, fedadam: second-moment decay."""
+    tau: float = 1e-3
+    """fedadagrad, fedyogi, fedadam: adaptivity (added to the root of the second moment)."""
+    prox_mu: float = 0.01
+    """fedprox: weight mu of the proximal term (mu/2)*||w - w_global||^2."""
+    robust: RobustConfig = field(default_factory=RobustConfig)
+    dp: DPConfig = field(default_factory=DPConfig)
     client_ids: list[int] | None = None
     """Train only these client ids, every round (e.g. one id for a local-only baseline); when
     set, clients_per_round and fraction are ignored."""
@@ -399,6 +484,8 @@ def config_from_dict(raw: dict[str, Any]) -> ExperimentConfig:
         if cfg.data.partition.path:
             path = expand_path(cfg.data.partition.path, "data.partition.path", problems)
             cfg.data.partition.path = path
+        if cfg.client.profile:
+            cfg.client.profile = expand_path(cfg.client.profile, "client.profile", problems)
     if not problems:
         problems = validate(cfg)
     if problems:
@@ -539,6 +626,8 @@ def validate(cfg: ExperimentConfig) -> list[str]:
             f"data.num_clients ({d.num_clients})"
         )
 
+    _validate_algorithms(p, cfg)
+
     k = cfg.cluster
     _positive(p, "cluster.num_workers", k.num_workers)
     _positive(p, "cluster.gpus_per_worker", k.gpus_per_worker, zero_ok=True)
@@ -547,6 +636,83 @@ def validate(cfg: ExperimentConfig) -> list[str]:
     _positive(p, "cluster.max_worker_restarts", k.max_worker_restarts, zero_ok=True)
     _validate_eval(p, cfg.eval)
     return p
+
+
+def _in_unit(p: list[str], dotted: str, value: float, upper_open: bool = False) -> None:
+    if not (0 <= value < 1 if upper_open else 0 <= value <= 1):
+        bound = "[0, 1)" if upper_open else "[0, 1]"
+        p.append(f"{dotted}: expected a value in {bound}, got {value}")
+
+
+def _validate_algorithms(p: list[str], cfg: ExperimentConfig) -> None:
+    """Server strategy parameters, selection, robust rules, DP and compression."""
+    from fedsim.server.robust import min_updates  # the rule's own statement of what it needs
+
+    s, c = cfg.server, cfg.client
+    _choice(p, "server.selection", s.selection, SELECTIONS)
+    av = s.availability
+    _choice(p, "server.availability.distribution", av.distribution, AVAILABILITY_DISTRIBUTIONS)
+    for name in ("value", "low", "high"):
+        _in_unit(p, f"server.availability.{name}", getattr(av, name))
+    if av.low > av.high:
+        p.append(f"server.availability.low: {av.low} is above server.availability.high")
+    _positive(p, "server.availability.a", av.a)
+    _positive(p, "server.availability.b", av.b)
+    _positive(p, "server.lr", s.lr)
+    for name in ("momentum", "beta1", "beta2"):
+        _in_unit(p, f"server.{name}", getattr(s, name), upper_open=True)
+    _positive(p, "server.tau", s.tau)
+    _positive(p, "server.prox_mu", s.prox_mu, zero_ok=True)
+
+    r = s.robust
+    _choice(p, "server.robust.rule", r.rule, ROBUST_RULES)
+    _positive(p, "server.robust.clip_norm", r.clip_norm)
+    if not 0 < r.trim_beta < 0.5:
+        p.append(f"server.robust.trim_beta: expected a value in (0, 0.5), got {r.trim_beta}")
+    _positive(p, "server.robust.num_byzantine", r.num_byzantine, zero_ok=True)
+    _positive(p, "server.robust.multi_krum_m", r.multi_krum_m)
+    if r.rule in ROBUST_RULES and r.rule != "mean" and not p:
+        n = cfg.data.num_clients if s.selection == "all" else clients_per_round(cfg)
+        if s.client_ids is not None:
+            n = len(s.client_ids)
+        need = min_updates(r.rule, r.num_byzantine, r.trim_beta, n)
+        if need > n:
+            p.append(
+                f"server.robust.rule: {r.rule} with num_byzantine={r.num_byzantine} needs at "
+                f"least {need} updates per round, but a round has at most {n} clients"
+            )
+        if r.multi_krum_m and r.multi_krum_m > n - r.num_byzantine:
+            p.append(
+                f"server.robust.multi_krum_m: {r.multi_krum_m} is more than clients per round "
+                f"minus num_byzantine ({n - r.num_byzantine})"
+            )
+    if s.strategy == "scaffold" and r.rule != "mean":
+        p.append("server.robust.rule: scaffold averages control variates; use rule mean")
+
+    d = s.dp
+    _positive(p, "server.dp.clip_norm", d.clip_norm)
+    _positive(p, "server.dp.noise_multiplier", d.noise_multiplier)
+    if not 0 < d.delta < 1:
+        p.append(f"server.dp.delta: expected a value in (0, 1), got {d.delta}")
+    if d.enabled:
+        if s.weighting != "uniform":
+            p.append(
+                "server.weighting: DP-FedAvg averages with fixed weights; set it to uniform "
+                "when server.dp.enabled"
+            )
+        if r.rule != "mean" or r.clip_norm is not None:
+            p.append(
+                "server.robust: DP clips with server.dp.clip_norm and needs rule mean; "
+                "leave server.robust at its defaults when server.dp.enabled"
+            )
+        if s.strategy == "scaffold":
+            p.append("server.strategy: scaffold's control variates are not covered by server.dp")
+
+    z = c.compression
+    _choice(p, "client.compression.kind", z.kind, COMPRESSIONS)
+    _positive(p, "client.compression.block_size", z.block_size)
+    if not 0 < z.topk_fraction <= 1:
+        p.append(f"client.compression.topk_fraction: expected (0, 1], got {z.topk_fraction}")
 
 
 def _client_ids(p: list[str], ids: list[int], num_clients: int) -> None:

@@ -26,6 +26,7 @@ from typing import Any
 import ray
 
 from fedsim import checkpoint
+from fedsim.client.profile import ClientProfile, load_profiles
 from fedsim.client.trainer import TrainSettings
 from fedsim.client.worker import FAULTS_ENV, ClientOutcome, ClientTask, WorkerSpec
 from fedsim.config import ClusterConfig, ExperimentConfig, clients_per_round
@@ -43,7 +44,8 @@ from fedsim.model import (
     resolve_model_path,
 )
 from fedsim.server.aggregator import AggregatorActor, adapter_nbytes
-from fedsim.server.selection import client_seed, select_clients
+from fedsim.server.client_state import ClientStateStore
+from fedsim.server.selection import Selection, client_seed, draw_probabilities, select_round
 from fedsim.tb import train_log
 
 Log = Callable[[str], None]
@@ -78,6 +80,7 @@ class PreparedRun:
     data: PreparedData
     model_path: str
     resume_from: checkpoint.RoundCheckpoint | None
+    profiles: list[ClientProfile] | None = None
 
 
 # ------------------------------------------------------------------------------------------
@@ -137,8 +140,43 @@ def prepare_run(
             f"--resume: the data or its partition differs from the one that wrote "
             f"{resume_from.path}; refusing to mix them"
         )
+    if resume_from:
+        ClientStateStore(run_dir).check_resumable(resume_from.round_idx)
+    profiles = None
+    if cfg.client.profile:
+        profiles = load_profiles(cfg.client.profile, cfg.data.num_clients, cfg.model.lora.r)
+        low = [i for i, p in enumerate(profiles) if p.lora_rank and p.lora_rank < cfg.model.lora.r]
+        if low and cfg.server.strategy == "scaffold":
+            raise FedsimInputError(
+                f"client.profile: clients {low[:3]} train LoRA rank below model.lora.r; "
+                "scaffold's control variates need every client at the global rank"
+            )
     model_path = prepare_model(cfg, log)
-    return PreparedRun(cfg, run_dir, data, model_path, resume_from)
+    return PreparedRun(cfg, run_dir, data, model_path, resume_from, profiles)
+
+
+def availability_probabilities(
+    cfg: ExperimentConfig, profiles: list[ClientProfile] | None
+) -> list[float]:
+    """Each client's availability: its profile's, else drawn from `server.availability`."""
+    a = cfg.server.availability
+    drawn = draw_probabilities(
+        a.distribution, cfg.data.num_clients, cfg.run.seed, a.value, a.low, a.high, a.a, a.b
+    )
+    if profiles is None:
+        return drawn
+    return [
+        p.availability if p.availability is not None else d
+        for p, d in zip(profiles, drawn, strict=True)
+    ]
+
+
+def selection_size(cfg: ExperimentConfig) -> int:
+    """Most clients a round can have: `client_ids`, every client for `all`, else
+    clients_per_round."""
+    if cfg.server.client_ids is not None:
+        return len(cfg.server.client_ids)
+    return cfg.data.num_clients if cfg.server.selection == "all" else clients_per_round(cfg)
 
 
 # ------------------------------------------------------------------------------------------
@@ -264,6 +302,7 @@ def worker_spec(
             pad_token_id=pad_id,
         ),
         num_threads=max(1, int(cfg.cluster.cpus_per_worker)),
+        compression=c.compression,
     )
 
 
@@ -271,6 +310,11 @@ def _round_record(round_idx: int, outcomes: list[ClientOutcome], seconds: float)
     ok = [o for o in outcomes if o.ok]
     samples = sum(o.num_samples for o in ok)
     loss = sum(o.mean_loss * o.num_samples for o in ok) / samples if samples else float("nan")
+    # each client's first step runs at the incoming global weights: its loss scores the previous
+    # round's global adapter on that client's data, before any local update
+    first = [(o.losses[0], o.num_samples) for o in ok if o.losses]
+    weight = sum(n for _, n in first)
+    global_loss = sum(x * n for x, n in first) / weight if weight else float("nan")
     return {
         "round": round_idx,
         "clients": [o.client_id for o in outcomes],
@@ -278,6 +322,7 @@ def _round_record(round_idx: int, outcomes: list[ClientOutcome], seconds: float)
         "num_failed": len(outcomes) - len(ok),
         "samples": samples,
         "train_loss": loss,
+        "global_loss": global_loss,
         "seconds": round(seconds, 3),
     }
 
@@ -309,7 +354,9 @@ def run_experiment(
         log(f"resuming {prep.run_dir} after round {prep.resume_from.round_idx}")
     pad_id = load_tokenizer(prep.model_path).pad_token_id
     spec = worker_spec(cfg, prep.model_path, shards_dir, pad_id)
-    per_round = clients_per_round(cfg)
+    per_round = selection_size(cfg)
+    if prep.resume_from:  # finish a client-state commit that a crash cut short
+        ClientStateStore(prep.run_dir).settle(prep.resume_from.round_idx)
 
     # --- 3. rounds on Ray ---
     with ray_session(cfg.cluster):
@@ -334,6 +381,8 @@ def run_experiment(
             },
             log=log,
             show_progress=show_progress,
+            probabilities=availability_probabilities(cfg, prep.profiles),
+            ranks=[p.lora_rank for p in prep.profiles] if prep.profiles else None,
         )
         aggregator, global_ref = ctx.new_aggregator(start_round - 1, prep.resume_from)
         ctx.adapter_bytes = adapter_nbytes(ray.get(global_ref))
@@ -392,6 +441,10 @@ class _RoundContext:
     log: Log
     show_progress: bool
     adapter_bytes: int = 0
+    probabilities: list[float] | None = None
+    """Per-client availability (selection `availability`)."""
+    ranks: list[int | None] | None = None
+    """Per-client LoRA rank from the profile (None: the global rank)."""
 
     def new_aggregator(
         self, last_round: int, state: checkpoint.RoundCheckpoint | None
@@ -399,11 +452,7 @@ class _RoundContext:
         """A fresh aggregator holding the global adapter after `last_round` (from `state`, the
         checkpoint on disk, or the seed's initial adapter for round 0)."""
         aggregator = AggregatorActor.remote(
-            str(self.run_dir.resolve()),
-            self.cfg.server.strategy,
-            self.cfg.server.weighting,
-            self.adapter_config,
-            self.provenance,
+            str(self.run_dir.resolve()), self.cfg, self.adapter_config, self.provenance
         )
         if state is None and last_round > 0:
             path = self.run_dir / checkpoint.ROUNDS_DIR / checkpoint.round_name(last_round)
@@ -422,16 +471,28 @@ class _RoundContext:
         cfg, start = self.cfg, time.perf_counter()
         # --- select ---
         if cfg.server.client_ids is not None:  # fixed clients, e.g. a local-only baseline
-            selected = sorted(cfg.server.client_ids)
+            selection = Selection(sorted(cfg.server.client_ids), "client_ids")
         else:
-            per_round = clients_per_round(cfg)
-            selected = select_clients(cfg.run.seed, round_idx, cfg.data.num_clients, per_round)
+            selection = select_round(
+                cfg.server.selection,
+                cfg.run.seed,
+                round_idx,
+                cfg.data.num_clients,
+                selection_size(cfg),
+                self.probabilities,
+            )
+        selected = selection.clients
         tasks = [
             ClientTask(round_idx, c, client_seed(cfg.run.seed, round_idx, c)) for c in selected
         ]
         _aggregator_call(
-            aggregator.begin_round.remote({c: self.sample_counts[c] for c in selected})
+            aggregator.begin_round.remote({c: self.sample_counts[c] for c in selected}, round_idx)
         )
+        # what each client's training needs from the strategy (FedProx mu, SCAFFOLD correction)
+        contexts = {
+            c: aggregator.client_context.remote(c, self.ranks[c] if self.ranks else None)
+            for c in selected
+        }
         # --- train, streaming each update straight from its worker into the aggregator ---
         folds: list[Any] = []
         outcomes = self.pool.run(
@@ -443,6 +504,7 @@ class _RoundContext:
             self.policy,
             self.log,
             self.show_progress,
+            contexts,
         )
         for fold in folds:
             _aggregator_call(fold)
@@ -452,6 +514,7 @@ class _RoundContext:
             **record,
             "client_results": [_client_info(o) for o in outcomes],
             "bytes_downlink": self.adapter_bytes * len(tasks),
+            "selection": selection.record(),
         }
         summary_ref, new_global_ref = aggregator.finish_round.options(num_returns=2).remote(
             round_idx, info
@@ -460,6 +523,11 @@ class _RoundContext:
         # --- report ---
         record["seconds"] = round(time.perf_counter() - start, 3)
         record["rejected"] = summary["aggregation"]["rejected"]
+        record["uplink_bytes"] = summary["bytes"]["uplink"]
+        if summary["aggregation"]["kept_previous_adapter"]:
+            record["kept_previous_adapter"] = True
+        if "dp" in summary:
+            record["epsilon"] = summary["dp"]["epsilon"]
         checkpoint.append_metrics(self.run_dir, record)
         for o in outcomes:
             if o.error:
@@ -499,6 +567,10 @@ def _round_line(record: dict[str, Any], rounds: int, outcomes: list[ClientOutcom
     if failed:
         first = failed[0].error.strip().splitlines()[-1] if failed[0].error else "?"
         line += f" | {len(failed)} failed (client {failed[0].client_id}: {first})"
-    if record.get("rejected"):
-        line += f" | rejected {sorted(record['rejected'])}"
+    for client, why in sorted(record.get("rejected", {}).items()):
+        line += f" | rejected client {client}: {why}"
+    if record.get("kept_previous_adapter"):
+        line += " | no update applied: kept the previous adapter"
+    if "epsilon" in record:
+        line += f" | epsilon {record['epsilon']:.3f}"
     return line

@@ -59,9 +59,12 @@ class WorkerPool:
         policy: FailurePolicy,
         log: Callable[[str], None],
         show_progress: bool = False,
+        contexts: dict[int, Any] | None = None,
     ) -> list[ClientOutcome]:
         """Train `tasks`, calling `on_update(task, adapter_ref)` as each client succeeds; returns
-        the final outcome of every task, in task order."""
+        the final outcome of every task, in task order. `contexts` maps a client id to its
+        `ClientContext` (or a reference to one) for the worker."""
+        contexts = contexts or {}
         queue = deque((t, 1) for t in tasks)
         free = list(self.alive)
         pending: dict[Any, tuple[int, ClientTask, int, Any]] = {}
@@ -78,7 +81,9 @@ class WorkerPool:
             while queue and free:
                 w, (task, attempt) = free.pop(), queue.popleft()
                 meta_ref, adapter_ref = (
-                    self.actors[w].train.options(num_returns=2).remote(task, global_ref)
+                    self.actors[w]
+                    .train.options(num_returns=2)
+                    .remote(task, global_ref, contexts.get(task.client_id))
                 )
                 pending[meta_ref] = (w, task, attempt, adapter_ref)
             [done], _ = ray.wait([*pending, *reviving], num_returns=1)

@@ -352,15 +352,35 @@ def _single_run_markdown(run: RunData, plots: dict[str, Path | None]) -> list[st
     return lines
 
 
+ALGO_HEADER = ["global loss (last 3 rounds)", "uplink MB", "epsilon"]
+
+
+def _algo_cells(run: RunData) -> list[str]:
+    """What compares federated algorithms: the loss of the incoming global adapter (the first
+    local step of each round's clients) over the last three rounds, the bytes clients sent, and
+    the DP budget spent."""
+    tail = [m["global_loss"] for m in run.train[-3:] if m.get("global_loss") is not None]
+    tail = [x for x in tail if x == x]  # drop NaN (a round without a trained client)
+    uplink = sum(m.get("uplink_bytes", 0) for m in run.train)
+    epsilon = run.train[-1].get("epsilon") if run.train else None
+    return [
+        _fmt(sum(tail) / len(tail)) if tail else "–",
+        f"{uplink / 1e6:.2f}" if uplink else "–",
+        _fmt(epsilon, 3),
+    ]
+
+
 def _comparison_markdown(runs: list[RunData], plots: dict[str, Path | None]) -> list[str]:
     lines = [f"# fedsim report: {len(runs)} runs compared", ""]
     lines += [f"- **{run.label}** ({run.path}): {_run_line(run)}" for run in runs] + [""]
     rows = []
     for run in runs:
         last = run.train[-1] if run.train else {}
-        rows.append([run.label, str(last.get("round", 0)), _fmt(last.get("train_loss"))])
+        rows.append(
+            [run.label, str(last.get("round", 0)), _fmt(last.get("train_loss")), *_algo_cells(run)]
+        )
     lines += ["## Training", ""]
-    lines += [*_table(["run", "rounds", "final train loss"], rows), ""]
+    lines += [*_table(["run", "rounds", "final train loss", *ALGO_HEADER], rows), ""]
     if plots.get("train"):
         lines += ["![train loss](train_loss.png)", ""]
     lines += ["## Evaluation (each run's newest evaluated round)", ""]

@@ -20,7 +20,8 @@ from typing import Any
 import ray
 import torch
 
-from fedsim.client.trainer import TRAINERS, TrainSettings
+from fedsim.client.trainer import TRAINERS, ClientContext, TrainSettings
+from fedsim.config import CompressionConfig
 from fedsim.data.shards import ShardStore
 from fedsim.model import (
     LoraSpec,
@@ -30,6 +31,8 @@ from fedsim.model import (
     load_base_model,
     set_adapter,
 )
+from fedsim.server.strategies import scaffold_client_variate
+from fedsim.uplink import ClientUpload, encode_upload
 
 TensorDict = dict[str, torch.Tensor]
 
@@ -47,6 +50,8 @@ class WorkerSpec:
     backend: str
     settings: TrainSettings
     num_threads: int = 1
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
+    """Uplink compression of the client's delta (`client.compression`)."""
 
 
 @dataclass(frozen=True)
@@ -126,22 +131,34 @@ class ClientWorker:
         return {"worker": self.name, "node_id": ray.get_runtime_context().get_node_id()}
 
     def train(
-        self, task: ClientTask, global_adapter: TensorDict
-    ) -> tuple[ClientOutcome, TensorDict]:
-        """Run one client's local training from `global_adapter`; returns (outcome, its adapter)."""
+        self, task: ClientTask, global_adapter: TensorDict, context: ClientContext | None = None
+    ) -> tuple[ClientOutcome, ClientUpload]:
+        """Run one client's local training from `global_adapter`; returns (outcome, its upload:
+        the adapter, or its compressed delta, plus any client state the strategy keeps)."""
         start = time.perf_counter()
         outcome = ClientOutcome(client_id=task.client_id, ok=False, worker=self.name)
+        ctx = context or ClientContext()
         try:
             raise_injected_fault(task)
             set_adapter(self.model, global_adapter)
             input_ids, labels = self.store.client_examples(task.client_id).to_lists()
             outcome.num_samples = len(input_ids)
-            result = self.trainer.train(self.model, input_ids, labels, task.seed)
-            adapter = get_adapter(self.model)
+            # a plain context is not passed, so trainers without the `context` parameter still run
+            extra = {} if ctx.is_plain else {"context": ctx}
+            result = self.trainer.train(self.model, input_ids, labels, task.seed, **extra)
+            local = get_adapter(self.model)
+            z = self.spec.compression
+            adapter = encode_upload(
+                local, global_adapter, z.kind, z.block_size, z.topk_fraction, ctx.lora_rank
+            )
+            if ctx.correction is not None:
+                adapter.client_state = scaffold_client_variate(
+                    ctx.correction, global_adapter, local, result.lr_sum
+                )
         except Exception:
             outcome.error = traceback.format_exc()
             outcome.total_seconds = time.perf_counter() - start
-            return outcome, {}
+            return outcome, ClientUpload({})
         outcome.ok = True
         outcome.losses = result.losses
         outcome.examples = result.examples

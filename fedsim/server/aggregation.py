@@ -58,6 +58,39 @@ def check_update(update: TensorDict, reference: TensorDict) -> None:
         _check_delta(key, update[key].double() - ref.double())
 
 
+def check_delta(delta: TensorDict, reference: TensorDict) -> None:
+    """Raise UpdateRejected unless `delta` (an update minus the global adapter, as decoded from a
+    possibly compressed or lower-rank upload) has the reference's keys and shapes, finite values,
+    and stays below 2**DELTA_LIMIT_EXP in every element."""
+    missing = reference.keys() - delta.keys()
+    extra = delta.keys() - reference.keys()
+    if missing or extra:
+        raise UpdateRejected(
+            f"keys differ from the global adapter (missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(extra)[:3]})"
+        )
+    for key, ref in reference.items():
+        value = delta[key]
+        if value.shape != ref.shape:
+            raise UpdateRejected(f"{key}: shape {tuple(value.shape)}, expected {tuple(ref.shape)}")
+        if value.numel():
+            _check_delta(key, value)
+
+
+def l2_norm(delta: TensorDict) -> float:
+    """The L2 norm of a whole update (all its tensors as one vector)."""
+    return math.sqrt(sum(float((v.double() ** 2).sum()) for v in delta.values()))
+
+
+def clip_delta(delta: TensorDict, max_norm: float) -> tuple[TensorDict, float]:
+    """Scale `delta` down to L2 norm `max_norm` if it is longer; returns (delta, original norm)."""
+    norm = l2_norm(delta)
+    if norm <= max_norm:
+        return delta, norm
+    factor = max_norm / norm
+    return {k: v * factor for k, v in delta.items()}, norm
+
+
 FOLD_CHUNK = 1 << 15
 """Elements folded at a time (256 KiB of float64): temporaries stay in the CPU cache."""
 
@@ -112,11 +145,24 @@ class WeightedDeltaSum:
             _check_delta(key, delta)
             acc[lo:hi].add_(delta.mul_(scale).round_().to(torch.int64), alpha=sign)
 
-    def mean(self) -> TensorDict:
-        """The weighted mean delta over what was added, as float64 tensors."""
+    def add_delta(self, delta: TensorDict, weight: int) -> None:
+        """Fold in a float64 delta (decoded, possibly clipped) with an integer weight; checked
+        with `check_delta` first, so a rejected one leaves the sum as it was."""
+        if weight < 1 or self.total_weight + weight > self.max_total_weight:
+            raise ValueError(f"weight {weight} exceeds the round's bound {self.max_total_weight}")
+        check_delta(delta, self.reference)
+        scale = float(weight) * 2.0**self.shift
+        for key, acc in self._acc.items():
+            acc += torch.round(delta[key].double() * scale).to(torch.int64)
+        self.total_weight += weight
+        self.count += 1
+
+    def mean(self, denominator: int | None = None) -> TensorDict:
+        """The weighted mean delta over what was added, as float64 tensors; `denominator`
+        replaces the total weight added (DP-FedAvg's fixed weights)."""
         if self.count == 0:
             raise ValueError("no update was added")
-        scale = 2.0**-self.shift / self.total_weight
+        scale = 2.0**-self.shift / (denominator or self.total_weight)
         return {k: acc.double() * scale for k, acc in self._acc.items()}
 
 
