@@ -460,6 +460,8 @@ class _RoundContext:
         # --- report ---
         record["seconds"] = round(time.perf_counter() - start, 3)
         record["rejected"] = summary["aggregation"]["rejected"]
+        # Written after round.json, so it lives here: the cost of the round's checkpoint.
+        record["checkpoint_seconds"] = summary["checkpoint_seconds"]
         checkpoint.append_metrics(self.run_dir, record)
         for o in outcomes:
             if o.error:

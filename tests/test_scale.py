@@ -108,6 +108,7 @@ def test_one_ray_round_with_10k_registered_clients(tmp_path: Path, ray_local: No
     assert record["num_clients"] == 4 and record["num_failed"] == 0
     assert record["samples"] == 8
     assert all(0 <= c < CLIENTS for c in record["clients"])
+    assert 0 < record["checkpoint_seconds"] < record["seconds"]
     round_info = json.loads(
         next((result.run_dir / "rounds").glob("round_*/round.json")).read_text()
     )
