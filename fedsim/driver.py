@@ -44,6 +44,7 @@ from fedsim.model import (
 )
 from fedsim.server.aggregator import AggregatorActor, adapter_nbytes
 from fedsim.server.selection import client_seed, select_clients
+from fedsim.server.system_model import SystemModel, SystemSettings
 from fedsim.tb import train_log
 
 Log = Callable[[str], None]
@@ -334,6 +335,7 @@ def run_experiment(
             },
             log=log,
             show_progress=show_progress,
+            system=_system_model(cfg),
         )
         aggregator, global_ref = ctx.new_aggregator(start_round - 1, prep.resume_from)
         ctx.adapter_bytes = adapter_nbytes(ray.get(global_ref))
@@ -392,6 +394,7 @@ class _RoundContext:
     log: Log
     show_progress: bool
     adapter_bytes: int = 0
+    system: SystemModel | None = None
 
     def new_aggregator(
         self, last_round: int, state: checkpoint.RoundCheckpoint | None
@@ -426,6 +429,11 @@ class _RoundContext:
         else:
             per_round = clients_per_round(cfg)
             selected = select_clients(cfg.run.seed, round_idx, cfg.data.num_clients, per_round)
+        plan = None
+        if self.system is not None:  # simulated dropouts and stragglers do not train
+            steps = {c: _local_steps(cfg, self.sample_counts[c]) for c in selected}
+            plan = self.system.plan_round(round_idx, selected, steps, self.adapter_bytes)
+            selected = plan.kept
         tasks = [
             ClientTask(round_idx, c, client_seed(cfg.run.seed, round_idx, c)) for c in selected
         ]
@@ -448,11 +456,15 @@ class _RoundContext:
             _aggregator_call(fold)
         # --- aggregate and checkpoint ---
         record = _round_record(round_idx, outcomes, time.perf_counter() - start)
+        if plan is not None:  # simulated wall-clock next to the real `seconds`
+            record["simulated_seconds"] = round(plan.simulated_seconds, 6)
         info = {
             **record,
             "client_results": [_client_info(o) for o in outcomes],
             "bytes_downlink": self.adapter_bytes * len(tasks),
         }
+        if plan is not None:
+            info["system"] = plan.to_json()
         summary_ref, new_global_ref = aggregator.finish_round.options(num_returns=2).remote(
             round_idx, info
         )
@@ -468,6 +480,31 @@ class _RoundContext:
                 self.log(f"client {o.client_id} failed in round {round_idx}:\n{o.error.rstrip()}")
         self.log(_round_line(record, cfg.run.rounds, outcomes))
         return record, new_global_ref
+
+
+def _system_model(cfg: ExperimentConfig) -> SystemModel | None:
+    """The simulated system of `cfg.system`, or None when it is off."""
+    y = cfg.system
+    if not y.enabled:
+        return None
+    settings = SystemSettings(
+        step_seconds=y.step_seconds,
+        speed_sigma=y.speed_sigma,
+        bandwidth_mbps=y.bandwidth_mbps,
+        bandwidth_sigma=y.bandwidth_sigma,
+        dropout=y.dropout,
+        deadline_seconds=y.deadline_seconds,
+        profiles=y.profiles,
+    )
+    return SystemModel(settings, cfg.run.seed, cfg.data.num_clients)
+
+
+def _local_steps(cfg: ExperimentConfig, num_samples: int) -> int:
+    """Optimizer steps a client with `num_samples` records takes in a round."""
+    c = cfg.client
+    if c.local_steps is not None:
+        return c.local_steps
+    return max(1, math.ceil(num_samples / c.batch_size * (c.local_epochs or 1)))
 
 
 def _scalars(record: dict[str, Any]) -> dict[str, Any]:
