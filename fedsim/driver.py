@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray
 
 from fedsim import checkpoint
@@ -30,7 +31,7 @@ from fedsim.client.trainer import TrainSettings
 from fedsim.client.worker import FAULTS_ENV, ClientOutcome, ClientTask, WorkerSpec
 from fedsim.config import ClusterConfig, ExperimentConfig, clients_per_round
 from fedsim.data.pipeline import PreparedData, prepare_data, write_partition
-from fedsim.data.shards import tokenize_records, write_shards
+from fedsim.data.shards import IGNORE_INDEX, tokenize_records_compact, write_shards
 from fedsim.data.synthetic import generic_text
 from fedsim.data.templates import get_template, template_text
 from fedsim.errors import FedsimInputError
@@ -170,14 +171,14 @@ def materialise(prep: PreparedRun, overwrite: bool, log: Log = _print) -> Path:
         return shards_dir
     start = time.perf_counter()
     tokenizer = load_tokenizer(prep.model_path)
-    ids, labels = tokenize_records(
+    ids, labels = tokenize_records_compact(
         data.table,
         tokenizer,
         get_template(cfg.data.template),
         cfg.data.cutoff_len,
         cfg.data.train_on_inputs,
     )
-    no_answer = sum(1 for lab in labels if all(x == -100 for x in lab))
+    no_answer = sum(1 for lab in labels if not np.any(lab != IGNORE_INDEX))
     if no_answer:
         log(
             f"warning: {no_answer} of {len(labels)} records lose their whole response to "
