@@ -334,6 +334,29 @@ class EvalConfig:
 
 
 @dataclass
+class SystemConfig:
+    """Simulated system heterogeneity (fedsim.server.system_model); off unless `enabled`."""
+
+    enabled: bool = False
+    """Simulate per-client speed, bandwidth and dropout, and drop stragglers at the deadline."""
+    step_seconds: float = 1.0
+    """Simulated seconds of one local step on a client of speed 1."""
+    speed_sigma: float = 0.0
+    """Log-normal spread of clients' relative compute speed (median 1; 0 = all equal)."""
+    bandwidth_mbps: float = 100.0
+    """Median link bandwidth in megabits per second (adapter download + upload)."""
+    bandwidth_sigma: float = 0.0
+    """Log-normal spread of clients' bandwidth (0 = all equal)."""
+    dropout: float = 0.0
+    """Probability a sampled client drops out of the round."""
+    deadline_seconds: float | None = None
+    """Simulated round deadline; clients that would finish later are dropped. null: no deadline."""
+    profiles: str | None = None
+    """JSON file {"clients": {"ID": {"speed", "bandwidth_mbps", "dropout"}}} overriding the drawn
+    profiles of the clients it lists."""
+
+
+@dataclass
 class ExperimentConfig:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -342,6 +365,7 @@ class ExperimentConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    system: SystemConfig = field(default_factory=SystemConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -363,6 +387,8 @@ class ExperimentConfig:
         tree["run"] = {k: v for k, v in tree["run"].items() if k != "rounds"}
         for section in ("cluster", "eval"):
             tree.pop(section)
+        if not self.system.enabled:  # off changes nothing (and keeps older runs' hashes)
+            tree.pop("system")
         return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()
 
 
@@ -486,6 +512,8 @@ def config_from_dict(raw: dict[str, Any]) -> ExperimentConfig:
             cfg.data.partition.path = path
         if cfg.client.profile:
             cfg.client.profile = expand_path(cfg.client.profile, "client.profile", problems)
+        if cfg.system.profiles:
+            cfg.system.profiles = expand_path(cfg.system.profiles, "system.profiles", problems)
     if not problems:
         problems = validate(cfg)
     if problems:
@@ -635,6 +663,14 @@ def validate(cfg: ExperimentConfig) -> list[str]:
     _positive(p, "cluster.max_client_retries", k.max_client_retries, zero_ok=True)
     _positive(p, "cluster.max_worker_restarts", k.max_worker_restarts, zero_ok=True)
     _validate_eval(p, cfg.eval)
+    y = cfg.system
+    _positive(p, "system.step_seconds", y.step_seconds)
+    _positive(p, "system.speed_sigma", y.speed_sigma, zero_ok=True)
+    _positive(p, "system.bandwidth_mbps", y.bandwidth_mbps)
+    _positive(p, "system.bandwidth_sigma", y.bandwidth_sigma, zero_ok=True)
+    _positive(p, "system.deadline_seconds", y.deadline_seconds)
+    if not 0 <= y.dropout <= 1:
+        p.append(f"system.dropout: must be in [0, 1], got {y.dropout}")
     return p
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray
 
 from fedsim import checkpoint
@@ -31,7 +32,7 @@ from fedsim.client.trainer import TrainSettings
 from fedsim.client.worker import FAULTS_ENV, ClientOutcome, ClientTask, WorkerSpec
 from fedsim.config import ClusterConfig, ExperimentConfig, clients_per_round
 from fedsim.data.pipeline import PreparedData, prepare_data, write_partition
-from fedsim.data.shards import tokenize_records, write_shards
+from fedsim.data.shards import IGNORE_INDEX, tokenize_records_compact, write_shards
 from fedsim.data.synthetic import generic_text
 from fedsim.data.templates import get_template, template_text
 from fedsim.errors import FedsimInputError
@@ -46,6 +47,7 @@ from fedsim.model import (
 from fedsim.server.aggregator import AggregatorActor, adapter_nbytes
 from fedsim.server.client_state import ClientStateStore
 from fedsim.server.selection import Selection, client_seed, draw_probabilities, select_round
+from fedsim.server.system_model import SystemModel, SystemSettings
 from fedsim.tb import train_log
 
 Log = Callable[[str], None]
@@ -207,14 +209,14 @@ def materialise(prep: PreparedRun, overwrite: bool, log: Log = _print) -> Path:
         return shards_dir
     start = time.perf_counter()
     tokenizer = load_tokenizer(prep.model_path)
-    ids, labels = tokenize_records(
+    ids, labels = tokenize_records_compact(
         data.table,
         tokenizer,
         get_template(cfg.data.template),
         cfg.data.cutoff_len,
         cfg.data.train_on_inputs,
     )
-    no_answer = sum(1 for lab in labels if all(x == -100 for x in lab))
+    no_answer = sum(1 for lab in labels if not np.any(lab != IGNORE_INDEX))
     if no_answer:
         log(
             f"warning: {no_answer} of {len(labels)} records lose their whole response to "
@@ -383,6 +385,7 @@ def run_experiment(
             show_progress=show_progress,
             probabilities=availability_probabilities(cfg, prep.profiles),
             ranks=[p.lora_rank for p in prep.profiles] if prep.profiles else None,
+            system=_system_model(cfg),
         )
         aggregator, global_ref = ctx.new_aggregator(start_round - 1, prep.resume_from)
         ctx.adapter_bytes = adapter_nbytes(ray.get(global_ref))
@@ -445,6 +448,7 @@ class _RoundContext:
     """Per-client availability (selection `availability`)."""
     ranks: list[int | None] | None = None
     """Per-client LoRA rank from the profile (None: the global rank)."""
+    system: SystemModel | None = None
 
     def new_aggregator(
         self, last_round: int, state: checkpoint.RoundCheckpoint | None
@@ -482,6 +486,11 @@ class _RoundContext:
                 self.probabilities,
             )
         selected = selection.clients
+        plan = None
+        if self.system is not None:  # simulated dropouts and stragglers do not train
+            steps = {c: _local_steps(cfg, self.sample_counts[c]) for c in selected}
+            plan = self.system.plan_round(round_idx, selected, steps, self.adapter_bytes)
+            selected = plan.kept
         tasks = [
             ClientTask(round_idx, c, client_seed(cfg.run.seed, round_idx, c)) for c in selected
         ]
@@ -510,12 +519,16 @@ class _RoundContext:
             _aggregator_call(fold)
         # --- aggregate and checkpoint ---
         record = _round_record(round_idx, outcomes, time.perf_counter() - start)
+        if plan is not None:  # simulated wall-clock next to the real `seconds`
+            record["simulated_seconds"] = round(plan.simulated_seconds, 6)
         info = {
             **record,
             "client_results": [_client_info(o) for o in outcomes],
             "bytes_downlink": self.adapter_bytes * len(tasks),
             "selection": selection.record(),
         }
+        if plan is not None:
+            info["system"] = plan.to_json()
         summary_ref, new_global_ref = aggregator.finish_round.options(num_returns=2).remote(
             round_idx, info
         )
@@ -528,12 +541,39 @@ class _RoundContext:
             record["kept_previous_adapter"] = True
         if "dp" in summary:
             record["epsilon"] = summary["dp"]["epsilon"]
+        # Written after round.json, so it lives here: the cost of the round's checkpoint.
+        record["checkpoint_seconds"] = summary["checkpoint_seconds"]
         checkpoint.append_metrics(self.run_dir, record)
         for o in outcomes:
             if o.error:
                 self.log(f"client {o.client_id} failed in round {round_idx}:\n{o.error.rstrip()}")
         self.log(_round_line(record, cfg.run.rounds, outcomes))
         return record, new_global_ref
+
+
+def _system_model(cfg: ExperimentConfig) -> SystemModel | None:
+    """The simulated system of `cfg.system`, or None when it is off."""
+    y = cfg.system
+    if not y.enabled:
+        return None
+    settings = SystemSettings(
+        step_seconds=y.step_seconds,
+        speed_sigma=y.speed_sigma,
+        bandwidth_mbps=y.bandwidth_mbps,
+        bandwidth_sigma=y.bandwidth_sigma,
+        dropout=y.dropout,
+        deadline_seconds=y.deadline_seconds,
+        profiles=y.profiles,
+    )
+    return SystemModel(settings, cfg.run.seed, cfg.data.num_clients)
+
+
+def _local_steps(cfg: ExperimentConfig, num_samples: int) -> int:
+    """Optimizer steps a client with `num_samples` records takes in a round."""
+    c = cfg.client
+    if c.local_steps is not None:
+        return c.local_steps
+    return max(1, math.ceil(num_samples / c.batch_size * (c.local_epochs or 1)))
 
 
 def _scalars(record: dict[str, Any]) -> dict[str, Any]:

@@ -83,6 +83,7 @@ def test_run_directory_layout(reference_run):
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["round"] for m in metrics] == [1, 2, 3]
     assert all(m["train_loss"] > 0 for m in metrics)
+    assert all(0 < m["checkpoint_seconds"] < m["seconds"] for m in metrics)
     assert config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text())) == cfg
 
 

@@ -15,6 +15,7 @@ from fedsim.data.shards import (
     SHARD_SCHEMA,
     ShardStore,
     tokenize_records,
+    tokenize_records_compact,
     write_shards,
 )
 from fedsim.data.synthetic import generate_instructions
@@ -195,3 +196,17 @@ def test_store_with_mismatched_index_is_an_input_error(written: tuple, tmp_path:
 def test_unknown_client_id_is_an_index_error(written: tuple) -> None:
     with pytest.raises(IndexError, match=r"client 5 out of range for 5 clients"):
         ShardStore(written[0]).num_records(5)
+
+
+def test_compact_tokenisation_is_the_same_in_int32_arrays_and_writes_the_same_file(
+    table: pa.Table, tokenizer: PreTrainedTokenizerFast, written: tuple, tmp_path: Path
+) -> None:
+    path, clients, input_ids, labels = written
+    # chunk_rows=7 makes several chunks, the last one partial
+    ids, labs = tokenize_records_compact(table, tokenizer, ALPACA, 512, False, chunk_rows=7)
+
+    assert all(a.dtype == np.int32 for a in ids + labs)
+    assert [a.tolist() for a in ids] == input_ids
+    assert [a.tolist() for a in labs] == labels
+    write_shards(tmp_path, clients, ids, labs)
+    assert (tmp_path / "train.arrow").read_bytes() == (path / "train.arrow").read_bytes()
