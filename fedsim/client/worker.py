@@ -9,25 +9,29 @@ across the actor boundary, so the driver's failure policy decides what a failed 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import tempfile
 import time
 import traceback
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray
 import torch
 
 from fedsim.client.trainer import TRAINERS, TrainSettings
 from fedsim.data.shards import ShardStore
+from fedsim.errors import FedsimInputError
 from fedsim.model import (
     LoraSpec,
     adapter_config_dict,
     attach_lora,
     get_adapter,
     load_base_model,
-    set_adapter,
 )
 
 TensorDict = dict[str, torch.Tensor]
@@ -35,7 +39,12 @@ TensorDict = dict[str, torch.Tensor]
 
 @dataclass(frozen=True)
 class WorkerSpec:
-    """Everything a worker needs to build its model and trainer once."""
+    """Everything a worker needs to build its model and trainer once.
+
+    The shards, and the model when it is the built-in tiny one, can come through Ray's object
+    store (`shards_ref`, `model_files_ref`) instead of paths, so that workers on nodes that do
+    not share the driver's filesystem get them too.
+    """
 
     model_path: str
     model_name: str
@@ -46,6 +55,13 @@ class WorkerSpec:
     backend: str
     settings: TrainSettings
     num_threads: int = 1
+    device: str = "cpu"
+    """cpu, or cuda for workers given GPUs (Ray sets CUDA_VISIBLE_DEVICES per worker)."""
+    quantization: str | None = None
+    shards_ref: Any = None
+    """ObjectRef of `pack_shards(shards_dir)`; when set, `shards_dir` is not read."""
+    model_files_ref: Any = None
+    """ObjectRef of `pack_directory(model_path)`; when set, `model_path` is not read."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +84,8 @@ class ClientOutcome:
     train_seconds: float = 0.0
     total_seconds: float = 0.0
     worker: str = ""
+    node: str = ""
+    """Ray node id of the worker."""
     error: str | None = None
 
     @property
@@ -91,12 +109,19 @@ class ClientWorker:
         torch.set_num_threads(max(1, spec.num_threads))
         quiet_libraries()
         self.spec = spec
-        base = load_base_model(spec.model_path, dtype=spec.dtype)
+        if spec.device == "cuda" and not torch.cuda.is_available():
+            raise FedsimInputError(
+                f"cluster.gpus_per_worker: this worker on {socket.gethostname()} was given a GPU "
+                "but torch sees no CUDA device (a CPU-only torch build?)"
+            )
+        base = _load_base(spec)
         self.model = attach_lora(base, spec.lora, seed=spec.seed)
         self._initial_adapter = get_adapter(self.model)
-        self.store = ShardStore(spec.shards_dir)
+        self.store = _open_shards(spec)
         self.trainer = TRAINERS[spec.backend](spec.settings)
+        self.trainer.prepare(self.model)  # e.g. the DeepSpeed engine, built once per worker
         self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self.node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
     def initial_adapter(self) -> TensorDict:
         """The round-0 global adapter: LoRA as initialised from the run's seed."""
@@ -107,20 +132,22 @@ class ClientWorker:
         return adapter_config_dict(self.model, self.spec.model_name)
 
     def info(self) -> dict[str, Any]:
-        return {"worker": self.name, "node_id": ray.get_runtime_context().get_node_id()}
+        return {"worker": self.name, "node_id": self.node_id}
 
     def train(
         self, task: ClientTask, global_adapter: TensorDict
     ) -> tuple[ClientOutcome, TensorDict]:
         """Run one client's local training from `global_adapter`; returns (outcome, its adapter)."""
         start = time.perf_counter()
-        outcome = ClientOutcome(client_id=task.client_id, ok=False, worker=self.name)
+        outcome = ClientOutcome(
+            client_id=task.client_id, ok=False, worker=self.name, node=self.node_id
+        )
         try:
-            set_adapter(self.model, global_adapter)
+            self.trainer.load_adapter(self.model, global_adapter)
             input_ids, labels = self.store.client_examples(task.client_id).to_lists()
             outcome.num_samples = len(input_ids)
             result = self.trainer.train(self.model, input_ids, labels, task.seed)
-            adapter = get_adapter(self.model)
+            adapter = self.trainer.read_adapter(self.model)
         except Exception:
             outcome.error = traceback.format_exc()
             outcome.total_seconds = time.perf_counter() - start
@@ -132,6 +159,45 @@ class ClientWorker:
         outcome.train_seconds = result.seconds
         outcome.total_seconds = time.perf_counter() - start
         return outcome, adapter
+
+
+def pack_directory(path: str | Path) -> dict[str, np.ndarray]:
+    """Every file under `path` as {relative path: bytes as uint8}, for `ray.put` (numpy arrays
+    come back from the object store without a copy)."""
+    root = Path(path)
+    return {
+        f.relative_to(root).as_posix(): np.frombuffer(f.read_bytes(), dtype=np.uint8)
+        for f in sorted(root.rglob("*"))
+        if f.is_file()
+    }
+
+
+def _load_base(spec: WorkerSpec) -> torch.nn.Module:
+    def load(path: str) -> torch.nn.Module:
+        return load_base_model(
+            path, dtype=spec.dtype, device=spec.device, quantization=spec.quantization
+        )
+
+    if spec.model_files_ref is None:
+        return load(spec.model_path)
+    # The model came through the object store: unpack it into a scratch directory on this node,
+    # load it, and remove the copy (the weights then live in memory).
+    files = ray.get(spec.model_files_ref)
+    scratch = Path(tempfile.mkdtemp(prefix="fedsim-model-"))
+    try:
+        for name, data in files.items():
+            (scratch / name).parent.mkdir(parents=True, exist_ok=True)
+            (scratch / name).write_bytes(data.tobytes())
+        return load(str(scratch))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _open_shards(spec: WorkerSpec) -> ShardStore:
+    if spec.shards_ref is None:
+        return ShardStore(Path(spec.shards_dir))
+    index_json, arrow = ray.get(spec.shards_ref)
+    return ShardStore.from_buffer(index_json, arrow, where=f"{spec.shards_dir} (object store)")
 
 
 ClientWorkerActor = ray.remote(ClientWorker)
