@@ -284,6 +284,7 @@ def reserve_workers(cluster: ClusterConfig, per_round: int, log: Log) -> Any:
     group is the demand it scales for); without it, a pool that fits no node present fails at once.
     """
     deadline = time.monotonic() + cluster.wait_for_nodes_s
+    fits_now = True
     while True:
         try:
             n_workers = pool_size(cluster, alive_nodes(), per_round)
@@ -292,7 +293,7 @@ def reserve_workers(cluster: ClusterConfig, per_round: int, log: Log) -> Any:
             if time.monotonic() >= deadline:
                 raise
             if cluster.num_workers is not None:
-                n_workers = cluster.num_workers  # let the autoscaler see the whole demand
+                n_workers, fits_now = cluster.num_workers, False  # the autoscaler sees it all
                 break
             log(f"waiting for nodes: {err}")
             time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
@@ -300,13 +301,15 @@ def reserve_workers(cluster: ClusterConfig, per_round: int, log: Log) -> Any:
     if cluster.gpus_per_worker > 0:
         bundle["GPU"] = cluster.gpus_per_worker
     group = placement_group([dict(bundle) for _ in range(n_workers)], strategy="PACK")
-    timeout = max(cluster.wait_for_nodes_s, PLACEMENT_TIMEOUT_S)
+    # Resources the nodes have but other work holds: a bounded wait. Nodes still to come: the
+    # rest of wait_for_nodes_s.
+    timeout = PLACEMENT_TIMEOUT_S if fits_now else max(1.0, deadline - time.monotonic())
     if not group.wait(timeout_seconds=timeout):
         remove_placement_group(group)
         raise FedsimInputError(
-            f"cluster: could not reserve {n_workers} workers of {bundle} within {timeout:g} s "
-            f"(available now: {_short(ray.available_resources())}); other work holds the "
-            "resources, or the nodes are still starting: raise cluster.wait_for_nodes_s or "
+            f"cluster: could not reserve {n_workers} workers of {_short(bundle)} each within "
+            f"{timeout:.0f} s (free now: {_short(ray.available_resources())}); other work holds "
+            "the resources, or nodes are still starting: raise cluster.wait_for_nodes_s or "
             "lower cluster.num_workers"
         )
     return group
