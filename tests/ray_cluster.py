@@ -171,16 +171,18 @@ def can_hide_paths() -> bool:
     return probe.returncode == 0
 
 
-def token_env(home: Path, token: str, **extra: str) -> dict[str, str]:
+def token_env(home: Path, token: str | None, **extra: str) -> dict[str, str]:
     """The environment of a shell with Ray's token auth on, HOME in the test's own folder (so
-    ~/.ray/auth_token is the test's, never the user's) and the venv's tools on PATH."""
+    ~/.ray/auth_token is the test's, never the user's) and the venv's tools on PATH. The token
+    is given in RAY_AUTH_TOKEN, or (None) left to ~/.ray/auth_token under that HOME."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(
         HOME=str(home),
         RAY_AUTH_MODE="token",
-        RAY_AUTH_TOKEN=token,
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
         PYTHONUNBUFFERED="1",
     )
+    if token is not None:
+        env["RAY_AUTH_TOKEN"] = token
     env.update(extra)
     return env
