@@ -2,6 +2,7 @@
 DeepSpeed's own parser for the rest, every problem naming the DeepSpeed key."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +11,8 @@ from fedsim.client.deepspeed_trainer import build_deepspeed_config
 from fedsim.client.trainer import TrainSettings
 from fedsim.config import config_from_dict, load_config
 from fedsim.errors import ConfigError
+
+EXPERIMENTS = Path(__file__).parents[2] / "experiments"
 
 
 def problems(deepspeed, **cluster) -> list[str]:
@@ -120,3 +123,15 @@ def test_quantized_base_fails_validation_without_cuda(monkeypatch, quantization)
     ]
     with pytest.raises(ConfigError, match=r"model.quantization: .* set cluster.gpus_per_worker"):
         config_from_dict({"model": {"quantization": quantization}})
+
+
+def test_the_shipped_deepspeed_json_loads_with_the_quickstart():
+    cfg = load_config(
+        EXPERIMENTS / "quickstart.yaml",
+        [
+            "client.backend=deepspeed",
+            f"client.deepspeed={EXPERIMENTS / 'deepspeed' / 'zero2_offload.json'}",
+        ],
+    )
+    assert cfg.client.deepspeed["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert cfg.client.deepspeed["train_batch_size"] == "auto"
