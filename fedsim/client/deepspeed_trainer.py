@@ -265,8 +265,8 @@ class DeepSpeedTrainer(Trainer):
                 f"{sorted(set(params) ^ expected)[:3]}"
             )
         # Adapters leave the worker in the dtype they arrived in, whatever precision DeepSpeed
-        # trains in (bf16 casts the module, LoRA included).
-        self._dtypes = {k: p.dtype for k, p in params.items()}
+        # trains in (bf16 casts the module, LoRA included; a rebuilt engine sees the cast one).
+        self._dtypes = self._dtypes or {k: p.dtype for k, p in params.items()}
         self._params = params
         s = self.settings
         if offloads_optimizer(self.ds_config):
