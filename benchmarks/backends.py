@@ -4,18 +4,18 @@
                                   [--steps 20] [--repeats 2]
 
 The workload: the config's model, LoRA and batch settings, `--clients` clients of its partition
-trained one after another by one worker (as a ClientWorker does), `--steps` local steps each. For
-every backend variant, in a fresh process of its own (so that peak memory is that variant's):
+trained one after another by one worker (as a ClientWorker does), `--steps` local steps each.
 
-* seconds per local optimizer step, over the clients after the first (warm engine, warm caches);
-* peak memory: the process's peak RSS on CPU; on a GPU also torch's peak allocated CUDA memory;
-* engine build time (`deepspeed.initialize`; JIT op builds are cached and not part of it).
+* seconds per local optimizer step: one worker per variant in one process, after a warm-up
+  client each, the variants take turns client by client (`--repeats` passes over the clients),
+  so that a machine whose load drifts slows them all alike; the median over clients is reported;
+* peak memory: each variant alone in a fresh process, the clients trained once: the process's
+  peak RSS on CPU, and torch's peak allocated CUDA memory on a GPU;
+* engine build time (`deepspeed.initialize`; JIT op builds are cached and not part of it);
+* DeepSpeed engine reuse (fedsim's design: one engine per worker, reset per client) against
+  re-initialising an engine for every client, taking turns the same way, in seconds per client.
 
-Then DeepSpeed engine reuse (the fedsim design: one engine per worker, reset per client) against
-re-initialising an engine for every client, in seconds per client.
-
-Variants run interleaved, `--repeats` times each, and the median is reported; run it on a quiet
-machine and read the ratios to torch, which move less than the absolute times.
+Read the ratios to torch, which move less than the absolute times on a shared machine.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -66,59 +67,77 @@ def _peak_memory() -> dict[str, float]:
     return peak
 
 
-def run_variant(name: str, config: str, clients: int, steps: int) -> dict[str, float]:
-    """One variant in this process: the clients one after another on one worker."""
-    from fedsim.client.worker import ClientTask, ClientWorker
+def _worker(spec, name: str):
+    from fedsim.client.worker import ClientWorker
 
     backend, deepspeed = VARIANTS[name]
+    settings = dataclasses.replace(spec.settings, deepspeed=deepspeed)
+    start = time.perf_counter()
+    worker = ClientWorker(dataclasses.replace(spec, backend=backend, settings=settings))
+    return worker, time.perf_counter() - start
+
+
+def run_memory(name: str, config: str, clients: int, steps: int) -> dict[str, float]:
+    """One variant alone in this process: its peak memory and engine build time."""
+    from fedsim.client.worker import ClientTask
+
     with tempfile.TemporaryDirectory() as out:
         spec, _ = _workload(config, steps, out)
-        spec = dataclasses.replace(
-            spec, backend=backend, settings=dataclasses.replace(spec.settings, deepspeed=deepspeed)
-        )
-        start = time.perf_counter()
-        worker = ClientWorker(spec)
-        build = time.perf_counter() - start
+        worker, start_s = _worker(spec, name)
         adapter = worker.initial_adapter()
-        seconds = []
         for c in range(clients):
             outcome, _ = worker.train(ClientTask(1, c, 1000 + c), adapter)
             assert outcome.ok, outcome.error
-            seconds.append(outcome.train_seconds)
-        init = getattr(worker.trainer, "init_seconds", 0.0)
     return {
-        "s_per_step": sum(seconds[1:]) / (steps * (clients - 1)),
-        "worker_start_s": build,
-        "engine_init_s": init,
+        "worker_start_s": start_s,
+        "engine_init_s": getattr(worker.trainer, "init_seconds", 0.0),
         **_peak_memory(),
     }
 
 
-def run_reuse(config: str, clients: int, steps: int) -> dict[str, float]:
-    """Seconds per client: one engine reset per client vs a new engine for each client."""
-    from fedsim.client.deepspeed_trainer import DeepSpeedTrainer
-    from fedsim.client.worker import ClientTask, ClientWorker
+def run_timing(names: list[str], config: str, clients: int, steps: int, repeats: int):
+    """Seconds per step of every variant, the variants taking turns client by client."""
+    from fedsim.client.worker import ClientTask
 
     with tempfile.TemporaryDirectory() as out:
         spec, _ = _workload(config, steps, out)
-        zero2 = VARIANTS["ds-zero2"][1]
-        spec = dataclasses.replace(
-            spec, backend="deepspeed", settings=dataclasses.replace(spec.settings, deepspeed=zero2)
-        )
-        worker = ClientWorker(spec)
-        adapter = worker.initial_adapter()
-        worker.train(ClientTask(1, 0, 999), adapter)  # warm-up
-        times = {"reuse": 0.0, "reinit": 0.0}
-        for c in range(1, clients):
-            start = time.perf_counter()
-            worker.train(ClientTask(1, c, 1000 + c), adapter)
-            times["reuse"] += time.perf_counter() - start
-            start = time.perf_counter()
-            worker.trainer = DeepSpeedTrainer(spec.settings)  # what re-initialising costs
-            worker.trainer.prepare(worker.model)
-            worker.train(ClientTask(1, c, 1000 + c), adapter)
-            times["reinit"] += time.perf_counter() - start
-    return {f"{k}_s_per_client": v / (clients - 1) for k, v in times.items()}
+        workers = {name: _worker(spec, name)[0] for name in names}
+        adapter = workers[names[0]].initial_adapter()
+        per_step: dict[str, list[float]] = {name: [] for name in names}
+        for worker in workers.values():
+            worker.train(ClientTask(1, 0, 999), adapter)  # warm-up
+        for _ in range(repeats):
+            for c in range(clients):
+                for name, worker in workers.items():
+                    outcome, _ = worker.train(ClientTask(1, c, 1000 + c), adapter)
+                    assert outcome.ok, outcome.error
+                    per_step[name].append(outcome.train_seconds / steps)
+    return per_step
+
+
+def run_reuse(config: str, clients: int, steps: int, repeats: int) -> dict[str, list[float]]:
+    """Seconds per client: one ZeRO-2 engine reset per client vs a new engine for each client."""
+    from fedsim.client.deepspeed_trainer import DeepSpeedTrainer
+    from fedsim.client.worker import ClientTask
+
+    with tempfile.TemporaryDirectory() as out:
+        spec, _ = _workload(config, steps, out)
+        reused, _ = _worker(spec, "ds-zero2")
+        fresh, _ = _worker(spec, "ds-zero2")
+        adapter = reused.initial_adapter()
+        reused.train(ClientTask(1, 0, 999), adapter)  # warm-up
+        times: dict[str, list[float]] = {"reuse": [], "reinit": []}
+        for _ in range(repeats):
+            for c in range(clients):
+                start = time.perf_counter()
+                reused.train(ClientTask(1, c, 1000 + c), adapter)
+                times["reuse"].append(time.perf_counter() - start)
+                start = time.perf_counter()
+                fresh.trainer = DeepSpeedTrainer(fresh.spec.settings)  # a new engine
+                fresh.trainer.prepare(fresh.model)
+                fresh.train(ClientTask(1, c, 1000 + c), adapter)
+                times["reinit"].append(time.perf_counter() - start)
+    return times
 
 
 def _child(args: list[str]) -> dict[str, float]:
@@ -139,45 +158,42 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--only", help=argparse.SUPPRESS)  # a child process: one measurement
     args = parser.parse_args()
-    if args.only == "reuse":
-        print(json.dumps(run_reuse(args.config, args.clients, args.steps)))
-        return
+    names = args.variants.split(",")
     if args.only:
-        print(json.dumps(run_variant(args.only, args.config, args.clients, args.steps)))
+        if args.only == "timing":
+            result = run_timing(names, args.config, args.clients, args.steps, args.repeats)
+        elif args.only == "reuse":
+            result = run_reuse(args.config, args.clients, args.steps, args.repeats)
+        else:
+            result = run_memory(args.only, args.config, args.clients, args.steps)
+        print(json.dumps(result))
         return
 
     common = ["--config", args.config, "--clients", str(args.clients), "--steps", str(args.steps)]
-    names = args.variants.split(",")
-    _child([*common, "--only", names[0]])  # untimed: builds the tiny model and JIT ops once
-    results: dict[str, list[dict[str, float]]] = {n: [] for n in [*names, "reuse"]}
-    for _ in range(args.repeats):
-        for name in [*names, "reuse"]:  # interleaved, so drifting load hits all alike
-            results[name].append(_child([*common, "--only", name]))
+    common += ["--repeats", str(args.repeats), "--variants", args.variants]
+    memory = {name: _child([*common, "--only", name]) for name in names}  # builds caches first
+    timing = _child([*common, "--only", "timing"])
+    reuse = _child([*common, "--only", "reuse"])
 
-    def med(name: str, key: str) -> float:
-        return statistics.median(r[key] for r in results[name])
-
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    print(
-        f"{args.clients} clients x {args.steps} local steps, {args.config}, {device}, "
-        f"median of {args.repeats}"
-    )
     gpu = torch.cuda.is_available()
+    device = torch.cuda.get_device_name() if gpu else f"CPU ({os.cpu_count()} cores)"
+    print(
+        f"{args.clients} clients x {args.steps} local steps x {args.repeats} passes, "
+        f"{args.config}, {device}; load average {os.getloadavg()[0]:.1f} at the end"
+    )
     header = f"{'variant':<18} {'s/step':>8} {'x torch':>8} {'peak RSS MB':>12}"
     header += f" {'peak CUDA MB':>13}" if gpu else ""
     print(header + f" {'engine init s':>14}")
-    base = med(names[0], "s_per_step")
+    base = statistics.median(timing[names[0]])
     for name in names:
-        line = (
-            f"{name:<18} {med(name, 's_per_step'):>8.4f} "
-            f"{med(name, 's_per_step') / base:>8.2f} {med(name, 'peak_rss_mb'):>12.0f}"
-        )
-        line += f" {med(name, 'peak_cuda_mb'):>13.0f}" if gpu else ""
-        print(line + f" {med(name, 'engine_init_s'):>14.2f}")
-    reuse, reinit = med("reuse", "reuse_s_per_client"), med("reuse", "reinit_s_per_client")
+        step = statistics.median(timing[name])
+        line = f"{name:<18} {step:>8.4f} {step / base:>8.2f} {memory[name]['peak_rss_mb']:>12.0f}"
+        line += f" {memory[name]['peak_cuda_mb']:>13.0f}" if gpu else ""
+        print(line + f" {memory[name]['engine_init_s']:>14.2f}")
+    kept, rebuilt = statistics.median(reuse["reuse"]), statistics.median(reuse["reinit"])
     print(
-        f"ZeRO-2 engine reused: {reuse:.3f} s per client; re-initialised per client: "
-        f"{reinit:.3f} s per client ({reinit / reuse:.2f}x)"
+        f"ZeRO-2 engine reused: {kept:.3f} s per client; re-initialised per client: "
+        f"{rebuilt:.3f} s per client ({rebuilt / kept:.2f}x)"
     )
 
 

@@ -49,7 +49,7 @@ def _run(cluster, tmp_path, raw) -> subprocess.CompletedProcess:
     config.write_text(yaml.safe_dump(raw))
     return subprocess.run(
         [sys.executable, "-m", "fedsim.cli", "run", str(config), "--overwrite"],
-        env={**cluster.env, "RAY_ADDRESS": cluster.address},
+        env=cluster.env,  # no RAY_ADDRESS: the driver attaches through cluster.address
         capture_output=True,
         text=True,
         timeout=600,
@@ -72,7 +72,12 @@ def test_workers_on_both_nodes_train_and_the_head_checkpoints(two_nodes, tmp_pat
         client={"backend": "deepspeed", "deepspeed": {"zero_optimization": {"stage": 2}}},
         # Two workers of 1 CPU on two 1-CPU nodes: one on each. The wait covers the second
         # node's registration.
-        cluster={"num_workers": 2, "cpus_per_worker": 1, "wait_for_nodes_s": 60},
+        cluster={
+            "address": cluster.address,
+            "num_workers": 2,
+            "cpus_per_worker": 1,
+            "wait_for_nodes_s": 60,
+        },
     )
     done = _run(cluster, tmp_path, raw)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -124,7 +124,7 @@ def deepspeed_config_problems(
         # global adapter (only refreshed from the half-precision copy); ZeRO 1/2 can.
         p.append(
             f"{where}.zero_optimization.stage: {'fp16' if fp16 else 'bf16'} needs ZeRO stage 1 "
-            "or 2 (with one rank per worker they shard nothing and cost nothing extra)"
+            "or 2 (with one rank per worker they shard nothing)"
         )
     if fp16 and gpus_per_worker <= 0:
         p.append(
@@ -137,7 +137,12 @@ def deepspeed_config_problems(
 
 
 def _enabled(section: Any) -> bool:
-    return isinstance(section, dict) and section.get("enabled") is True
+    """Whether a DeepSpeed `{enabled: ...}` section is on, read as DeepSpeed's parser (pydantic)
+    reads a boolean."""
+    value = section.get("enabled") if isinstance(section, dict) else None
+    if isinstance(value, str):
+        return value.strip().lower() in {"true", "yes", "on", "1", "t", "y"}
+    return value is True or (type(value) is int and value == 1)
 
 
 def _deepspeed_parser_problems(user: dict[str, Any], batch_size: int) -> list[str]:

@@ -47,6 +47,7 @@ def problems(deepspeed, **cluster) -> list[str]:
             "stage 1 or 2",
         ),
         ({"bf16": {"enabled": True}}, "zero_optimization.stage", "ZeRO stage 1"),
+        ({"bf16": {"enabled": "yes"}}, "zero_optimization.stage", "bf16 needs ZeRO stage 1"),
         ({"fp16": {"enabled": True}, "zero_optimization": {"stage": 2}}, "fp16", "no fp16"),
         (
             {"zero_optimization": {"stage": 2, "overlap_com": True}},
