@@ -9,7 +9,6 @@ across the actor boundary, so the driver's failure policy decides what a failed 
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import tempfile
 import time
@@ -114,7 +113,7 @@ class ClientWorker:
                 f"cluster.gpus_per_worker: this worker on {socket.gethostname()} was given a GPU "
                 "but torch sees no CUDA device (a CPU-only torch build?)"
             )
-        base = _load_base(spec)
+        base, self._model_copy = _load_base(spec)
         self.model = attach_lora(base, spec.lora, seed=spec.seed)
         self._initial_adapter = get_adapter(self.model)
         self.store = _open_shards(spec)
@@ -172,25 +171,23 @@ def pack_directory(path: str | Path) -> dict[str, np.ndarray]:
     }
 
 
-def _load_base(spec: WorkerSpec) -> torch.nn.Module:
+def _load_base(spec: WorkerSpec) -> tuple[torch.nn.Module, tempfile.TemporaryDirectory | None]:
+    """The frozen base model, and the scratch copy it was loaded from when it came through the
+    object store (kept while the worker lives: PEFT looks up the model's config.json there)."""
+
     def load(path: str) -> torch.nn.Module:
         return load_base_model(
             path, dtype=spec.dtype, device=spec.device, quantization=spec.quantization
         )
 
     if spec.model_files_ref is None:
-        return load(spec.model_path)
-    # The model came through the object store: unpack it into a scratch directory on this node,
-    # load it, and remove the copy (the weights then live in memory).
-    files = ray.get(spec.model_files_ref)
-    scratch = Path(tempfile.mkdtemp(prefix="fedsim-model-"))
-    try:
-        for name, data in files.items():
-            (scratch / name).parent.mkdir(parents=True, exist_ok=True)
-            (scratch / name).write_bytes(data.tobytes())
-        return load(str(scratch))
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        return load(spec.model_path), None
+    scratch = tempfile.TemporaryDirectory(prefix="fedsim-model-")
+    for name, data in ray.get(spec.model_files_ref).items():
+        target = Path(scratch.name) / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data.tobytes())
+    return load(scratch.name), scratch
 
 
 def _open_shards(spec: WorkerSpec) -> ShardStore:
