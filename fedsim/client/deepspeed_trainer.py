@@ -147,7 +147,18 @@ def _enabled(section: Any) -> bool:
 
 def _deepspeed_parser_problems(user: dict[str, Any], batch_size: int) -> list[str]:
     """Run DeepSpeed's own config parser over the config a worker would build."""
-    from deepspeed.runtime.config import DeepSpeedConfig
+    # Importing DeepSpeed picks an accelerator and, on a machine without CUDA, prints a warning
+    # about it; naming the one it would pick keeps `fedsim validate` and the driver's log quiet.
+    # Only for the import: DeepSpeed keeps its choice, and workers detect their own.
+    named = "DS_ACCELERATOR" not in os.environ
+    if named:
+        cuda = torch.cuda.device_count() > 0 and torch.cuda.is_available()
+        os.environ["DS_ACCELERATOR"] = "cuda" if cuda else "cpu"
+    try:
+        from deepspeed.runtime.config import DeepSpeedConfig
+    finally:
+        if named:
+            del os.environ["DS_ACCELERATOR"]
 
     settings = TrainSettings(None, 1.0, batch_size, batch_size, 1e-3)
     try:
