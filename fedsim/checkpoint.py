@@ -32,6 +32,10 @@ METRICS_FILE = "metrics.jsonl"
 ROUNDS_DIR = "rounds"
 
 
+class CheckpointWriteError(OSError):
+    """A round checkpoint could not be written; the previous round and `latest` are intact."""
+
+
 def round_name(round_idx: int) -> str:
     return f"round_{round_idx:04d}"
 
@@ -83,8 +87,29 @@ def write_round(
 ) -> Path:
     """Write `rounds/round_NNNN/` atomically, then advance `latest` and append to metrics.jsonl.
 
-    `info` becomes round.json, with the sha256 of each file added under `files`.
+    `info` becomes round.json, with the sha256 of each file added under `files`. On a failed
+    write (disk full, permission denied) the partial temporary directory is removed and
+    CheckpointWriteError names the path; the previous round and `latest` are untouched.
     """
+    tmp = run_dir / ROUNDS_DIR / f".{round_name(round_idx)}.tmp"
+    try:
+        return _write_round(run_dir, round_idx, adapter, adapter_config, server_state, info)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        where = err.filename or tmp
+        raise CheckpointWriteError(
+            f"cannot write the checkpoint of round {round_idx}: {where}: {err.strerror or err}"
+        ) from err
+
+
+def _write_round(
+    run_dir: Path,
+    round_idx: int,
+    adapter: TensorDict,
+    adapter_config: dict[str, Any],
+    server_state: TensorDict,
+    info: dict[str, Any],
+) -> Path:
     rounds = run_dir / ROUNDS_DIR
     rounds.mkdir(parents=True, exist_ok=True)
     final = rounds / round_name(round_idx)

@@ -7,9 +7,12 @@ Exit codes: 0 success, 2 bad input (one line per problem on stderr, naming the f
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
+from fedsim.checkpoint import CheckpointWriteError
 from fedsim.config import load_config
 from fedsim.errors import FedsimInputError
 
@@ -51,50 +54,203 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
-    "run": (cmd_run, "run (or --resume) an experiment"),
-    "partition": (cmd_partition, "build the client split and print each client's size and mix"),
-    "validate": (cmd_validate, "check a config file without running anything"),
+def cmd_eval(args: argparse.Namespace) -> int:
+    from fedsim import checkpoint
+    from fedsim.eval.job import (
+        Evaluator,
+        evaluate_rounds,
+        latest_round,
+        open_run,
+        parse_rounds,
+        wait_for_first_round,
+    )
+    from fedsim.eval.job import watch as watch_run
+
+    if args.watch:  # may start together with the trainer, before the run directory exists
+        try:
+            wait_for_first_round(Path(args.run_dir), poll=1.0, timeout=args.timeout)
+        except TimeoutError as err:
+            print(f"fedsim: {err}", file=sys.stderr)
+            return 1
+    run = open_run(args.run_dir, args.set)
+    if args.rounds:
+        rounds = parse_rounds(args.rounds)
+    elif args.all:
+        rounds = checkpoint.list_rounds(run.run_dir)
+    elif not args.watch:
+        rounds = [latest_round(run.run_dir)] if latest_round(run.run_dir) else []
+    if not args.watch and not rounds:
+        raise FedsimInputError(f"{run.run_dir} has no complete round to evaluate yet")
+    evaluator = Evaluator(run, force=args.force)
+    try:
+        if args.watch:
+            if args.nice:
+                os.nice(args.nice)  # the trainer beside us keeps the CPU when both want it
+            watch_run(evaluator, timeout=args.timeout)
+        else:
+            evaluate_rounds(evaluator, rounds)
+    except TimeoutError as err:
+        print(f"fedsim: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted; finished rounds keep their results", file=sys.stderr)
+        return 130
+    finally:
+        evaluator.close()
+    if evaluator.judge_errors:
+        for error in evaluator.judge_errors:
+            print(f"fedsim: judge request failed: {error}", file=sys.stderr)
+        print(
+            "fedsim: failed judgments are recorded as errors and excluded; rerun to retry them "
+            "(successful ones are cached)",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from fedsim.eval.job import answer_prompts, open_run
+
+    overrides = []
+    if args.max_new_tokens is not None:
+        overrides.append(f"eval.generation.max_new_tokens={args.max_new_tokens}")
+    if args.temperature is not None:
+        overrides.append(f"eval.generation.temperature={args.temperature}")
+    run = open_run(args.run_dir, overrides)
+    if args.prompt is not None:
+        prompts: Iterator[str] = iter([args.prompt])
+    elif not sys.stdin.isatty():
+        prompts = iter([sys.stdin.read()])
+    else:
+        prompts = _interactive()
+    for answer in answer_prompts(run, args.round, prompts):
+        print(answer, flush=True)
+    return 0
+
+
+def _interactive() -> Iterator[str]:
+    """Prompts typed at a terminal, until an empty line or end of input."""
+    print("type a prompt (empty line or Ctrl-D to quit)", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            return
+        if not line.strip():
+            return
+        yield line
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from fedsim.report import write_report
+
+    out = write_report([Path(r) for r in args.runs], Path(args.out) if args.out else None)
+    print(f"report: {out / 'report.md'}")
+    return 0
+
+
+# --- arguments of each command ----------------------------------------------------------------
+
+
+def _set_argument(p: argparse.ArgumentParser, example: str) -> None:
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override a config value, e.g. --set {example} (repeatable)",
+    )
+
+
+def _config_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="experiment YAML file")
+    _set_argument(p, "client.lr=1e-4")
+
+
+def _run_arguments(p: argparse.ArgumentParser) -> None:
+    _config_arguments(p)
+    p.add_argument("--resume", action="store_true", help="continue from the newest intact round")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="with --resume, accept a config that differs from the checkpoint's",
+    )
+
+
+def _eval_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="run directory (runs/<name>)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--rounds", help="rounds to score, e.g. 3,5 or 2-4 (default: the latest)")
+    which.add_argument("--all", action="store_true", help="score every round")
+    which.add_argument(
+        "--watch",
+        action="store_true",
+        help="score each new round as the trainer writes it; exit when the run is finished",
+    )
+    _set_argument(p, "eval.question_sets=[test,vicuna]")
+    p.add_argument("--force", action="store_true", help="redo results that are up to date")
+    p.add_argument(
+        "--timeout", type=float, help="with --watch: give up after this many seconds (exit 1)"
+    )
+    p.add_argument(
+        "--nice", type=int, default=10, help="with --watch: lower this process's CPU priority"
+    )
+
+
+def _generate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="run directory (runs/<name>)")
+    p.add_argument(
+        "--round", type=int, help="round whose adapter answers (default: the latest; 0: the base)"
+    )
+    p.add_argument("--prompt", help="the instruction (default: stdin, or a prompt loop)")
+    p.add_argument("--max-new-tokens", type=int, help="longest answer in tokens")
+    p.add_argument("--temperature", type=float, help="0 decodes greedily")
+
+
+def _report_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", nargs="+", help="run directories; several are compared")
+    p.add_argument(
+        "--out", help="output folder (default: RUN_DIR/report, or ./report for several runs)"
+    )
+
+
+Handler = Callable[[argparse.Namespace], int]
+COMMANDS: dict[str, tuple[Handler, str, Callable[[argparse.ArgumentParser], None]]] = {
+    "run": (cmd_run, "run (or --resume) an experiment", _run_arguments),
+    "partition": (
+        cmd_partition,
+        "build the client split and print each client's size and mix",
+        _config_arguments,
+    ),
+    "validate": (cmd_validate, "check a config file without running anything", _config_arguments),
+    "eval": (cmd_eval, "score round checkpoints (offline metrics, LLM judge)", _eval_arguments),
+    "generate": (cmd_generate, "answer a prompt with a round's adapter", _generate_arguments),
+    "report": (cmd_report, "write report.md and plots for one or more runs", _report_arguments),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedsim", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, (_, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text)
-        p.add_argument("config", help="experiment YAML file")
-        p.add_argument(
-            "--set",
-            action="append",
-            default=[],
-            metavar="KEY=VALUE",
-            help="override a config value, e.g. --set client.lr=1e-4 (repeatable)",
-        )
-        if name == "run":
-            p.add_argument(
-                "--resume", action="store_true", help="continue from the newest intact round"
-            )
-            p.add_argument(
-                "--overwrite", action="store_true", help="replace an existing run directory"
-            )
-            p.add_argument(
-                "--allow-config-change",
-                action="store_true",
-                help="with --resume, accept a config that differs from the checkpoint's",
-            )
+    for name, (_, help_text, add_arguments) in COMMANDS.items():
+        add_arguments(sub.add_parser(name, help=help_text))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler, _ = COMMANDS[args.command]
+    handler = COMMANDS[args.command][0]
     try:
         return handler(args)
     except FedsimInputError as err:
         for line in str(err).splitlines():
             print(f"fedsim: error: {line}", file=sys.stderr)
         return 2
+    except CheckpointWriteError as err:
+        print(f"fedsim: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -26,7 +26,11 @@ from fedsim.errors import ConfigError, FedsimInputError
 
 PARTITION_KINDS = ("iid", "dirichlet", "shards", "by_category", "split_file")
 STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadagrad", "fedyogi", "fedadam", "scaffold")
-IMPLEMENTED_STRATEGIES = ("fedavg",)
+IMPLEMENTED_STRATEGIES = STRATEGIES
+SELECTIONS = ("uniform", "round_robin", "all", "availability")
+AVAILABILITY_DISTRIBUTIONS = ("constant", "uniform", "beta")
+ROBUST_RULES = ("mean", "median", "trimmed_mean", "krum", "multi_krum")
+COMPRESSIONS = ("none", "fp16", "bf16", "int8", "topk")
 BACKENDS = ("torch", "deepspeed")
 IMPLEMENTED_BACKENDS = ("torch", "deepspeed")
 QUANTIZATIONS = ("8bit", "4bit")
@@ -130,6 +134,18 @@ class ModelConfig:
 
 
 @dataclass
+class CompressionConfig:
+    """Uplink compression of each client's delta (decompressed at the aggregator)."""
+
+    kind: str = "none"
+    """none | fp16 | bf16 | int8 | topk."""
+    block_size: int | None = None
+    """int8: elements sharing one scale; null gives one scale per tensor."""
+    topk_fraction: float = 0.1
+    """topk: fraction of each tensor's entries sent (the largest by magnitude)."""
+
+
+@dataclass
 class ClientConfig:
     backend: str = "torch"
     """Local trainer: torch | deepspeed."""
@@ -154,17 +170,89 @@ class ClientConfig:
     content). ZeRO stage 0/1/2, bf16/fp16, zero_optimization.offload_optimizer and the like go
     here; batch sizes, gradient clipping, optimizer and lr schedule come from client.* (keys that
     disagree with them are errors). null: ZeRO stage 0 in the model's dtype."""
+    profile: str | None = None
+    """Per-client profile file (YAML/JSON: `default`, `classes`, `clients`) giving each client's
+    `availability` probability and `lora_rank`; see the README's "Client profiles"."""
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
+
+
+@dataclass
+class AvailabilityConfig:
+    """Per-client availability probabilities for clients the profile does not cover, drawn once
+    per run from the seed."""
+
+    distribution: str = "constant"
+    """constant (`value`) | uniform (`low`..`high`) | beta (`a`, `b`)."""
+    value: float = 1.0
+    low: float = 0.2
+    high: float = 1.0
+    a: float = 2.0
+    b: float = 2.0
+
+
+@dataclass
+class RobustConfig:
+    """Defences against bad or malicious updates (`rule` other than mean buffers a round's
+    updates in the aggregator: one adapter per client in memory)."""
+
+    clip_norm: float | None = None
+    """Clip each client's delta to this L2 norm before aggregation; null disables it."""
+    rule: str = "mean"
+    """mean (streaming) | median | trimmed_mean | krum | multi_krum (coordinate-wise or
+    distance-based rules over the round's buffered updates; they ignore sample weights)."""
+    trim_beta: float = 0.1
+    """trimmed_mean: fraction of updates dropped at each end of every coordinate."""
+    num_byzantine: int = 1
+    """Number of faulty clients per round the rule must tolerate (f); fixes how many updates
+    median (2f+1), trimmed_mean (floor(beta*n) >= f), krum and multi_krum (2f+3) need."""
+    multi_krum_m: int | None = None
+    """multi_krum: updates averaged; null takes n - f."""
+
+
+@dataclass
+class DPConfig:
+    """Client-level differential privacy (DP-FedAvg, McMahan et al. 2018)."""
+
+    enabled: bool = False
+    clip_norm: float = 0.1
+    """C: each client's delta is clipped to this L2 norm."""
+    noise_multiplier: float = 1.0
+    """sigma: Gaussian noise of std sigma*C/k is added to the mean of the k selected clients."""
+    delta: float = 1e-5
+    """The delta at which the cumulative epsilon is reported every round."""
 
 
 @dataclass
 class ServerConfig:
     strategy: str = "fedavg"
+    """fedavg | fedprox | fedavgm | fedadagrad | fedyogi | fedadam | scaffold."""
+    selection: str = "uniform"
+    """uniform (seeded per round, without replacement) | round_robin | all | availability."""
+    availability: AvailabilityConfig = field(default_factory=AvailabilityConfig)
     clients_per_round: int | None = 5
     """Clients sampled each round (set this or `fraction`)."""
     fraction: float | None = None
     """Fraction of registered clients sampled each round (at least one)."""
     weighting: str = "samples"
     """samples (n_i / sum n, as FedIT) | uniform."""
+    lr: float | None = None
+    """Server learning rate (eta); null: 1.0 for fedavg, fedprox, fedavgm and scaffold,
+    0.01 for fedadagrad, fedyogi and fedadam."""
+    momentum: float = 0.9
+    """fedavgm: server momentum (beta)."""
+    beta1: float = 0.9
+    """fedadagrad, fedyogi, fedadam: first-moment decay."""
+    beta2: float = 0.99
+    """fedyogi, fedadam: second-moment decay."""
+    tau: float = 1e-3
+    """fedadagrad, fedyogi, fedadam: adaptivity (added to the root of the second moment)."""
+    prox_mu: float = 0.01
+    """fedprox: weight mu of the proximal term (mu/2)*||w - w_global||^2."""
+    robust: RobustConfig = field(default_factory=RobustConfig)
+    dp: DPConfig = field(default_factory=DPConfig)
+    client_ids: list[int] | None = None
+    """Train only these client ids, every round (e.g. one id for a local-only baseline); when
+    set, clients_per_round and fraction are ignored."""
 
 
 @dataclass
@@ -184,18 +272,84 @@ class ClusterConfig:
     wait_for_nodes_s: float = 0.0
     """Seconds to wait for the cluster to grow (an autoscaling cluster starting GPU nodes) until
     the worker pool fits; 0 fails at once when it does not fit the nodes present."""
+    max_client_retries: int = 2
+    """Times a client is retried when its worker dies mid-turn, before it is dropped."""
+    max_worker_restarts: int = 3
+    """Times Ray restarts a dead worker process (reloading the base model) before giving up."""
+
+
+@dataclass
+class GenerationConfig:
+    """How evaluation answers are generated."""
+
+    max_new_tokens: int = 64
+    """Longest answer, in tokens (per turn)."""
+    temperature: float = 0.0
+    """0 decodes greedily; above 0 samples, seeded by `seed`."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (only when temperature > 0)."""
+    batch_size: int = 16
+    """Prompts generated together (padded on the left)."""
+    seed: int = 0
+    """Seed of sampled generation."""
 
 
 @dataclass
 class JudgeConfig:
+    """LLM-as-judge through the `openai` client: OpenAI or any OpenAI-compatible server."""
+
     base_url: str | None = None
+    """OpenAI-compatible endpoint, e.g. http://localhost:8000/v1; null is OpenAI's API."""
     model: str = "gpt-4"
-    api_key_env: str = "OPENAI_API_KEY"
-    """Name of the environment variable holding the key (never the key itself)."""
+    """Judge model name as the endpoint knows it."""
+    api_key_env: str | None = "OPENAI_API_KEY"
+    """Name of the environment variable holding the key (never the key itself); null sends no
+    key, for local servers without authentication."""
+    single: bool = False
+    """Grade every answer 1-10 (single-v1; single-math-v1 with a reference answer)."""
+    baseline: str | None = None
+    """Compare every answer pairwise (pair-v2, judged in both orders) against: `round:N` of this
+    run, `base` (the base model without adapter), or another run directory `PATH` or `PATH@N`
+    (its latest round unless N is given), e.g. a local-only run."""
+    prompts: str = "${FEDSIM_DATA_DIR:-../shared/data}/eval/judge_prompts.jsonl"
+    """Judge prompt templates (FastChat's judge_prompts.jsonl: single-v1, pair-v2, ...)."""
+    max_tokens: int = 1024
+    """Longest judge reply, in tokens."""
+    concurrency: int = 4
+    """Judge requests in flight at once."""
+    timeout_seconds: float = 120.0
+    """Per-request timeout."""
+    max_retries: int = 6
+    """Retries of a request that got 429, a 5xx, a timeout or a connection error."""
+    backoff_seconds: float = 2.0
+    """First retry delay; doubles each retry (capped at 60 s); a Retry-After header wins."""
+    cache_dir: str | None = None
+    """Cache of judgments keyed by judge model and prompt; null is $FEDSIM_CACHE_DIR/judge."""
+    price_input_per_million: float | None = None
+    """USD per million prompt tokens for the cost estimate; null uses the list price of a few
+    known OpenAI models, or records no cost."""
+    price_output_per_million: float | None = None
+    """USD per million completion tokens (see price_input_per_million)."""
 
 
 @dataclass
 class EvalConfig:
+    """`fedsim eval`: which questions, how answers are generated, how they are judged."""
+
+    question_sets: list[str] = field(default_factory=lambda: ["test"])
+    """test (the run's held-out split), vicuna, mtbench (from questions_dir), or a jsonl path."""
+    questions_dir: str = "${FEDSIM_DATA_DIR:-../shared/data}/eval"
+    """Folder of vicuna_questions.jsonl, mtbench_questions.jsonl, mtbench_reference_gpt4.jsonl."""
+    max_questions: int | None = None
+    """At most this many questions per set, taken round-robin over categories."""
+    exact_match: bool | None = None
+    """Score exact match on the test split; null: only for built-in data, whose answers are
+    unique."""
+    num_threads: int = 1
+    """torch threads of the evaluation process (keep it small beside a training run)."""
+    poll_seconds: float = 5.0
+    """How often `fedsim eval --watch` looks for new rounds."""
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
 
 
@@ -332,6 +486,17 @@ def expand_path(text: str, dotted: str, problems: list[str]) -> str:
     return os.path.expanduser(expanded) if expanded.startswith("~") else expanded
 
 
+def resolve_path(text: str, dotted: str) -> str:
+    """`expand_path` for a single field, raising FedsimInputError on an unset variable. The eval
+    paths are kept unexpanded in config.yaml and resolved here when used, because evaluation may
+    run on another machine or in another folder than training did."""
+    problems: list[str] = []
+    expanded = expand_path(text, dotted, problems)
+    if problems:
+        raise ConfigError(problems)
+    return expanded
+
+
 def config_from_dict(raw: dict[str, Any]) -> ExperimentConfig:
     """Build and validate the config tree; raises ConfigError listing every problem."""
     problems: list[str] = []
@@ -343,6 +508,8 @@ def config_from_dict(raw: dict[str, Any]) -> ExperimentConfig:
             cfg.data.partition.path = path
         if isinstance(cfg.client.deepspeed, str):
             cfg.client.deepspeed = _read_deepspeed_file(cfg.client.deepspeed, problems)
+        if cfg.client.profile:
+            cfg.client.profile = expand_path(cfg.client.profile, "client.profile", problems)
     if not problems:
         problems = validate(cfg)
     if problems:
@@ -488,16 +655,26 @@ def validate(cfg: ExperimentConfig) -> list[str]:
     if s.strategy in STRATEGIES and s.strategy not in IMPLEMENTED_STRATEGIES:
         p.append(f"server.strategy: {s.strategy!r} is not available in this version; use fedavg")
     _choice(p, "server.weighting", s.weighting, ("samples", "uniform"))
-    if (s.clients_per_round is None) == (s.fraction is None):
+    if s.client_ids is not None:
+        # client_ids wins over clients_per_round/fraction, which are then not checked
+        _client_ids(p, s.client_ids, d.num_clients)
+    elif (s.clients_per_round is None) == (s.fraction is None):
         p.append("server.clients_per_round: set exactly one of clients_per_round and fraction")
     _positive(p, "server.clients_per_round", s.clients_per_round)
     if s.fraction is not None and not 0 < s.fraction <= 1:
         p.append(f"server.fraction: expected a value in (0, 1], got {s.fraction}")
-    if s.clients_per_round and d.num_clients > 0 and s.clients_per_round > d.num_clients:
+    if (
+        s.client_ids is None
+        and s.clients_per_round
+        and d.num_clients > 0
+        and s.clients_per_round > d.num_clients
+    ):
         p.append(
             f"server.clients_per_round: {s.clients_per_round} is more than "
             f"data.num_clients ({d.num_clients})"
         )
+
+    _validate_algorithms(p, cfg)
 
     k = cfg.cluster
     _positive(p, "cluster.num_workers", k.num_workers)
@@ -508,6 +685,9 @@ def validate(cfg: ExperimentConfig) -> list[str]:
         p.append(f"cluster.gpus_per_worker: above 1 it must be whole, got {k.gpus_per_worker}")
     _choice(p, "cluster.data_transport", k.data_transport, DATA_TRANSPORTS)
     _positive(p, "cluster.wait_for_nodes_s", k.wait_for_nodes_s, zero_ok=True)
+    _positive(p, "cluster.max_client_retries", k.max_client_retries, zero_ok=True)
+    _positive(p, "cluster.max_worker_restarts", k.max_worker_restarts, zero_ok=True)
+    _validate_eval(p, cfg.eval)
     return p
 
 
@@ -550,8 +730,140 @@ def _deepspeed_problems(cfg: ExperimentConfig) -> list[str]:
     )
 
 
+def _in_unit(p: list[str], dotted: str, value: float, upper_open: bool = False) -> None:
+    if not (0 <= value < 1 if upper_open else 0 <= value <= 1):
+        bound = "[0, 1)" if upper_open else "[0, 1]"
+        p.append(f"{dotted}: expected a value in {bound}, got {value}")
+
+
+def _validate_algorithms(p: list[str], cfg: ExperimentConfig) -> None:
+    """Server strategy parameters, selection, robust rules, DP and compression."""
+    from fedsim.server.robust import min_updates  # the rule's own statement of what it needs
+
+    s, c = cfg.server, cfg.client
+    _choice(p, "server.selection", s.selection, SELECTIONS)
+    av = s.availability
+    _choice(p, "server.availability.distribution", av.distribution, AVAILABILITY_DISTRIBUTIONS)
+    for name in ("value", "low", "high"):
+        _in_unit(p, f"server.availability.{name}", getattr(av, name))
+    if av.low > av.high:
+        p.append(f"server.availability.low: {av.low} is above server.availability.high")
+    _positive(p, "server.availability.a", av.a)
+    _positive(p, "server.availability.b", av.b)
+    _positive(p, "server.lr", s.lr)
+    for name in ("momentum", "beta1", "beta2"):
+        _in_unit(p, f"server.{name}", getattr(s, name), upper_open=True)
+    _positive(p, "server.tau", s.tau)
+    _positive(p, "server.prox_mu", s.prox_mu, zero_ok=True)
+
+    r = s.robust
+    _choice(p, "server.robust.rule", r.rule, ROBUST_RULES)
+    _positive(p, "server.robust.clip_norm", r.clip_norm)
+    if not 0 < r.trim_beta < 0.5:
+        p.append(f"server.robust.trim_beta: expected a value in (0, 0.5), got {r.trim_beta}")
+    _positive(p, "server.robust.num_byzantine", r.num_byzantine, zero_ok=True)
+    _positive(p, "server.robust.multi_krum_m", r.multi_krum_m)
+    if r.rule in ROBUST_RULES and r.rule != "mean" and not p:
+        n = cfg.data.num_clients if s.selection == "all" else clients_per_round(cfg)
+        if s.client_ids is not None:
+            n = len(s.client_ids)
+        need = min_updates(r.rule, r.num_byzantine, r.trim_beta, n)
+        if need > n:
+            p.append(
+                f"server.robust.rule: {r.rule} with num_byzantine={r.num_byzantine} needs at "
+                f"least {need} updates per round, but a round has at most {n} clients"
+            )
+        if r.multi_krum_m and r.multi_krum_m > n - r.num_byzantine:
+            p.append(
+                f"server.robust.multi_krum_m: {r.multi_krum_m} is more than clients per round "
+                f"minus num_byzantine ({n - r.num_byzantine})"
+            )
+    if s.strategy == "scaffold" and r.rule != "mean":
+        p.append("server.robust.rule: scaffold averages control variates; use rule mean")
+
+    d = s.dp
+    _positive(p, "server.dp.clip_norm", d.clip_norm)
+    _positive(p, "server.dp.noise_multiplier", d.noise_multiplier)
+    if not 0 < d.delta < 1:
+        p.append(f"server.dp.delta: expected a value in (0, 1), got {d.delta}")
+    if d.enabled:
+        if s.weighting != "uniform":
+            p.append(
+                "server.weighting: DP-FedAvg averages with fixed weights; set it to uniform "
+                "when server.dp.enabled"
+            )
+        if r.rule != "mean" or r.clip_norm is not None:
+            p.append(
+                "server.robust: DP clips with server.dp.clip_norm and needs rule mean; "
+                "leave server.robust at its defaults when server.dp.enabled"
+            )
+        if s.strategy == "scaffold":
+            p.append("server.strategy: scaffold's control variates are not covered by server.dp")
+
+    z = c.compression
+    _choice(p, "client.compression.kind", z.kind, COMPRESSIONS)
+    _positive(p, "client.compression.block_size", z.block_size)
+    if not 0 < z.topk_fraction <= 1:
+        p.append(f"client.compression.topk_fraction: expected (0, 1], got {z.topk_fraction}")
+
+
+def _client_ids(p: list[str], ids: list[int], num_clients: int) -> None:
+    if not ids:
+        p.append("server.client_ids: expected at least one client id, or null")
+    bad = [i for i in ids if not 0 <= i < num_clients]
+    if bad:
+        p.append(
+            f"server.client_ids: {bad} out of range; data.num_clients={num_clients} "
+            f"means ids 0..{num_clients - 1}"
+        )
+    if len(set(ids)) != len(ids):
+        p.append(f"server.client_ids: duplicate ids in {ids}")
+
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_BASELINE_ROUND = re.compile(r"^round:\d+$")
+
+
+def _validate_eval(p: list[str], e: EvalConfig) -> None:
+    if not e.question_sets:
+        p.append("eval.question_sets: expected at least one of test, vicuna, mtbench or a path")
+    _positive(p, "eval.max_questions", e.max_questions)
+    _positive(p, "eval.num_threads", e.num_threads)
+    _positive(p, "eval.poll_seconds", e.poll_seconds)
+    g = e.generation
+    _positive(p, "eval.generation.max_new_tokens", g.max_new_tokens)
+    _positive(p, "eval.generation.temperature", g.temperature, zero_ok=True)
+    if not 0 < g.top_p <= 1:
+        p.append(f"eval.generation.top_p: expected a value in (0, 1], got {g.top_p}")
+    _positive(p, "eval.generation.batch_size", g.batch_size)
+    _positive(p, "eval.generation.seed", g.seed, zero_ok=True)
+    j = e.judge
+    if j.api_key_env is not None and not _ENV_NAME.match(j.api_key_env):
+        # Someone pasted the key itself: say so without echoing it into a terminal or a log.
+        p.append(
+            "eval.judge.api_key_env: expected the NAME of an environment variable (e.g. "
+            "OPENAI_API_KEY) that holds the key, not the key itself"
+        )
+    if not j.model:
+        p.append("eval.judge.model: expected a model name, e.g. gpt-4")
+    if j.baseline is not None and j.baseline.startswith("round:"):
+        if not _BASELINE_ROUND.match(j.baseline):
+            p.append(f"eval.judge.baseline: expected round:N, got {j.baseline!r}")
+    elif j.baseline is not None and not j.baseline:
+        p.append("eval.judge.baseline: expected round:N, base, or a run directory")
+    _positive(p, "eval.judge.max_tokens", j.max_tokens)
+    _positive(p, "eval.judge.concurrency", j.concurrency)
+    _positive(p, "eval.judge.timeout_seconds", j.timeout_seconds)
+    _positive(p, "eval.judge.max_retries", j.max_retries, zero_ok=True)
+    _positive(p, "eval.judge.backoff_seconds", j.backoff_seconds, zero_ok=True)
+    _positive(p, "eval.judge.price_input_per_million", j.price_input_per_million, zero_ok=True)
+    _positive(p, "eval.judge.price_output_per_million", j.price_output_per_million, zero_ok=True)
+
+
 def clients_per_round(cfg: ExperimentConfig) -> int:
-    """Number of clients sampled each round, from `clients_per_round` or `fraction`."""
+    """Number of clients trained each round: `client_ids`, `clients_per_round` or `fraction`."""
+    if cfg.server.client_ids is not None:
+        return len(cfg.server.client_ids)
     if cfg.server.clients_per_round is not None:
         return cfg.server.clients_per_round
     assert cfg.server.fraction is not None

@@ -17,7 +17,6 @@ import math
 import os
 import shutil
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,27 +25,19 @@ from typing import Any
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import (
-    NodeAffinitySchedulingStrategy,
-    PlacementGroupSchedulingStrategy,
-)
-from tqdm import tqdm
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from fedsim import checkpoint
+from fedsim.client.profile import ClientProfile, load_profiles
 from fedsim.client.trainer import TrainSettings
-from fedsim.client.worker import (
-    ClientOutcome,
-    ClientTask,
-    ClientWorkerActor,
-    WorkerSpec,
-    pack_directory,
-)
+from fedsim.client.worker import FAULTS_ENV, ClientOutcome, ClientTask, WorkerSpec, pack_directory
 from fedsim.config import ClusterConfig, ExperimentConfig, clients_per_round
 from fedsim.data.pipeline import PreparedData, prepare_data, write_partition
 from fedsim.data.shards import pack_shards, tokenize_records, write_shards
 from fedsim.data.synthetic import generic_text
 from fedsim.data.templates import get_template, template_text
 from fedsim.errors import FedsimInputError
+from fedsim.execution import FailurePolicy, WorkerPool
 from fedsim.model import (
     LoraSpec,
     TinyModelSpec,
@@ -55,10 +46,14 @@ from fedsim.model import (
     resolve_model_path,
 )
 from fedsim.server.aggregator import AggregatorActor, adapter_nbytes
-from fedsim.server.selection import client_seed, select_clients
+from fedsim.server.client_state import ClientStateStore
+from fedsim.server.selection import Selection, client_seed, draw_probabilities, select_round
+from fedsim.tb import train_log
 
 Log = Callable[[str], None]
 TINY_CORPUS_LINES = 4000
+MAX_ROUND_ATTEMPTS = 3
+"""How often a round is redone after its aggregator died before the run gives up."""
 WORKER_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     "TRANSFORMERS_VERBOSITY": "error",
@@ -87,6 +82,7 @@ class PreparedRun:
     data: PreparedData
     model_path: str
     resume_from: checkpoint.RoundCheckpoint | None
+    profiles: list[ClientProfile] | None = None
 
 
 # ------------------------------------------------------------------------------------------
@@ -98,15 +94,7 @@ def prepare_model(cfg: ExperimentConfig, log: Log = _print) -> str:
     """Path of the base model: the cached built-in tiny model, or the user's model path/hub id."""
     if cfg.model.name_or_path != "tiny":
         return resolve_model_path(cfg.model.name_or_path)
-    t = cfg.model.tiny
-    spec = TinyModelSpec(
-        vocab_size=t.vocab_size,
-        hidden_size=t.hidden_size,
-        num_layers=t.num_layers,
-        num_heads=t.num_heads,
-        intermediate_size=t.intermediate_size,
-        pretrain_steps=t.pretrain_steps,
-    )
+    spec = TinyModelSpec(**dataclasses.asdict(cfg.model.tiny))
     # A real base model has seen prompt boilerplate like Alpaca's; so has the tiny one.
     corpus = generic_text(TINY_CORPUS_LINES, seed=0) + template_text() * 50
     return str(ensure_tiny_model(spec, corpus, log=log))
@@ -129,6 +117,12 @@ def prepare_run(
             f"run directory {run_dir} already exists; pass --resume to continue it "
             "or --overwrite to replace it"
         )
+    looks_like_a_run = (run_dir / "config.yaml").is_file()
+    if overwrite and run_dir.exists() and any(run_dir.iterdir()) and not looks_like_a_run:
+        raise FedsimInputError(
+            f"--overwrite: {run_dir} is not a fedsim run directory (no config.yaml); "
+            "refusing to delete it"
+        )
     resume_from = None
     if resume:
         if not run_dir.is_dir():
@@ -148,8 +142,43 @@ def prepare_run(
             f"--resume: the data or its partition differs from the one that wrote "
             f"{resume_from.path}; refusing to mix them"
         )
+    if resume_from:
+        ClientStateStore(run_dir).check_resumable(resume_from.round_idx)
+    profiles = None
+    if cfg.client.profile:
+        profiles = load_profiles(cfg.client.profile, cfg.data.num_clients, cfg.model.lora.r)
+        low = [i for i, p in enumerate(profiles) if p.lora_rank and p.lora_rank < cfg.model.lora.r]
+        if low and cfg.server.strategy == "scaffold":
+            raise FedsimInputError(
+                f"client.profile: clients {low[:3]} train LoRA rank below model.lora.r; "
+                "scaffold's control variates need every client at the global rank"
+            )
     model_path = prepare_model(cfg, log)
-    return PreparedRun(cfg, run_dir, data, model_path, resume_from)
+    return PreparedRun(cfg, run_dir, data, model_path, resume_from, profiles)
+
+
+def availability_probabilities(
+    cfg: ExperimentConfig, profiles: list[ClientProfile] | None
+) -> list[float]:
+    """Each client's availability: its profile's, else drawn from `server.availability`."""
+    a = cfg.server.availability
+    drawn = draw_probabilities(
+        a.distribution, cfg.data.num_clients, cfg.run.seed, a.value, a.low, a.high, a.a, a.b
+    )
+    if profiles is None:
+        return drawn
+    return [
+        p.availability if p.availability is not None else d
+        for p, d in zip(profiles, drawn, strict=True)
+    ]
+
+
+def selection_size(cfg: ExperimentConfig) -> int:
+    """Most clients a round can have: `client_ids`, every client for `all`, else
+    clients_per_round."""
+    if cfg.server.client_ids is not None:
+        return len(cfg.server.client_ids)
+    return cfg.data.num_clients if cfg.server.selection == "all" else clients_per_round(cfg)
 
 
 # ------------------------------------------------------------------------------------------
@@ -322,8 +351,12 @@ def _short(resources: dict[str, float]) -> str:
 
 @contextmanager
 def worker_pool(
-    cfg: ExperimentConfig, spec: WorkerSpec, per_round: int, log: Log = _print
-) -> Iterator[list[Any]]:
+    cfg: ExperimentConfig,
+    spec: WorkerSpec,
+    per_round: int,
+    options: dict[str, Any],
+    log: Log = _print,
+) -> Iterator[WorkerPool]:
     """Reserve the pool's resources (`reserve_workers`) and start one ClientWorker per bundle;
     the shards (and the built-in tiny model) travel through the object store unless
     `cluster.data_transport` is filesystem. On exit the reservation is removed, which ends the
@@ -337,16 +370,7 @@ def worker_pool(
                 shards_ref=ray.put(pack_shards(Path(spec.shards_dir))),
                 model_files_ref=ray.put(pack_directory(spec.model_path)) if tiny else None,
             )
-        yield [
-            ClientWorkerActor.options(
-                num_cpus=cfg.cluster.cpus_per_worker,
-                num_gpus=cfg.cluster.gpus_per_worker,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    group, placement_group_bundle_index=i
-                ),
-            ).remote(spec)
-            for i in range(group.bundle_count)
-        ]
+        yield WorkerPool(spec, group.bundle_count, options, cfg.cluster.max_worker_restarts, group)
     finally:
         remove_placement_group(group)
 
@@ -379,51 +403,19 @@ def worker_spec(
         num_threads=max(1, int(cfg.cluster.cpus_per_worker)),
         device="cuda" if cfg.cluster.gpus_per_worker > 0 else "cpu",
         quantization=cfg.model.quantization,
+        compression=c.compression,
     )
-
-
-def _train_round(
-    workers: list[Any],
-    aggregator: Any,
-    tasks: list[ClientTask],
-    global_ref: Any,
-    show_progress: bool,
-) -> tuple[list[ClientOutcome], list[Any]]:
-    """Let each free worker take the next client; stream finished updates to the aggregator.
-
-    Returns the outcomes (in client order) and the aggregator's fold results (refs)."""
-    queue = deque(tasks)
-    free = list(range(len(workers)))
-    pending: dict[Any, tuple[int, ClientTask, Any]] = {}
-    outcomes: dict[int, ClientOutcome] = {}
-    folds = []
-    bar = tqdm(total=len(tasks), desc="  clients", leave=False, disable=not show_progress)
-    while queue or pending:
-        while queue and free:
-            w, task = free.pop(), queue.popleft()
-            meta_ref, adapter_ref = workers[w].train.options(num_returns=2).remote(task, global_ref)
-            pending[meta_ref] = (w, task, adapter_ref)
-        [done], _ = ray.wait(list(pending), num_returns=1)
-        w, task, adapter_ref = pending.pop(done)
-        try:
-            outcome = ray.get(done)
-        except ray.exceptions.RayError as err:  # the worker process died
-            outcome = ClientOutcome(task.client_id, ok=False, error=f"worker failed: {err}")
-        else:
-            free.append(w)
-        if outcome.ok:
-            folds.append(aggregator.fold.remote(task.client_id, adapter_ref))
-        outcomes[task.client_id] = outcome
-        bar.update(1)
-        bar.set_postfix(loss=f"{outcome.mean_loss:.3f}")
-    bar.close()
-    return [outcomes[t.client_id] for t in tasks], folds
 
 
 def _round_record(round_idx: int, outcomes: list[ClientOutcome], seconds: float) -> dict[str, Any]:
     ok = [o for o in outcomes if o.ok]
     samples = sum(o.num_samples for o in ok)
     loss = sum(o.mean_loss * o.num_samples for o in ok) / samples if samples else float("nan")
+    # each client's first step runs at the incoming global weights: its loss scores the previous
+    # round's global adapter on that client's data, before any local update
+    first = [(o.losses[0], o.num_samples) for o in ok if o.losses]
+    weight = sum(n for _, n in first)
+    global_loss = sum(x * n for x, n in first) / weight if weight else float("nan")
     return {
         "round": round_idx,
         "clients": [o.client_id for o in outcomes],
@@ -431,6 +423,7 @@ def _round_record(round_idx: int, outcomes: list[ClientOutcome], seconds: float)
         "num_failed": len(outcomes) - len(ok),
         "samples": samples,
         "train_loss": loss,
+        "global_loss": global_loss,
         "seconds": round(seconds, 3),
     }
 
@@ -462,71 +455,193 @@ def run_experiment(
         log(f"resuming {prep.run_dir} after round {prep.resume_from.round_idx}")
     pad_id = load_tokenizer(prep.model_path).pad_token_id
     spec = worker_spec(cfg, prep.model_path, shards_dir, pad_id)
-    per_round = clients_per_round(cfg)
-    sample_counts = [len(c) for c in prep.data.clients]
-    provenance = {
-        "config_hash": cfg.training_hash(),
-        "partition_hash": prep.data.partition_hash(),
-    }
+    per_round = selection_size(cfg)
+    if prep.resume_from:  # finish a client-state commit that a crash cut short
+        ClientStateStore(prep.run_dir).settle(prep.resume_from.round_idx)
 
     # --- 3. rounds on Ray ---
-    with ray_session(cfg.cluster), worker_pool(cfg, spec, per_round, log) as workers:
-        n_workers = len(workers)
-        adapter_config = ray.get(workers[0].adapter_config.remote())
-        # Pinned to the driver's node: checkpoints land in the run directory the driver sees,
-        # even when the other nodes share no filesystem with it.
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        aggregator = AggregatorActor.options(scheduling_strategy=here).remote(
-            str(prep.run_dir.resolve()),
-            cfg.server.strategy,
-            cfg.server.weighting,
-            adapter_config,
-            provenance,
+    options: dict[str, Any] = {
+        "num_cpus": cfg.cluster.cpus_per_worker,
+        "num_gpus": cfg.cluster.gpus_per_worker,
+    }
+    if os.environ.get(FAULTS_ENV):  # failure tests inject faults into the workers
+        options["runtime_env"] = {"env_vars": {FAULTS_ENV: os.environ[FAULTS_ENV]}}
+    with ray_session(cfg.cluster), worker_pool(cfg, spec, per_round, options, log) as pool:
+        n_workers = len(pool.actors)
+        ctx = _RoundContext(
+            cfg=cfg,
+            run_dir=prep.run_dir,
+            pool=pool,
+            policy=FailurePolicy(cfg.cluster.max_client_retries),
+            sample_counts=[len(c) for c in prep.data.clients],
+            adapter_config=ray.get(pool.first().adapter_config.remote()),
+            provenance={
+                "config_hash": cfg.training_hash(),
+                "partition_hash": prep.data.partition_hash(),
+            },
+            log=log,
+            show_progress=show_progress,
+            probabilities=availability_probabilities(cfg, prep.profiles),
+            ranks=[p.lora_rank for p in prep.profiles] if prep.profiles else None,
         )
-        if prep.resume_from:
-            global_ref = ray.put(prep.resume_from.adapter)
-            ray.get(aggregator.set_global.remote(global_ref, prep.resume_from.server_state))
-        else:
-            global_ref = workers[0].initial_adapter.remote()
-            ray.get(aggregator.set_global.remote(global_ref))
-        adapter_bytes = adapter_nbytes(ray.get(global_ref))
+        aggregator, global_ref = ctx.new_aggregator(start_round - 1, prep.resume_from)
+        ctx.adapter_bytes = adapter_nbytes(ray.get(global_ref))
         log(
             f"run {prep.run_dir}: {cfg.data.num_clients} clients, {per_round} per round, "
             f"{n_workers} workers, rounds {start_round}..{cfg.run.rounds}"
         )
-
+        scalars = train_log(prep.run_dir)  # TensorBoard, when the extra is installed
         for round_idx in range(start_round, cfg.run.rounds + 1):
-            round_start = time.perf_counter()
-            # select
-            selected = select_clients(cfg.run.seed, round_idx, cfg.data.num_clients, per_round)
-            tasks = [
-                ClientTask(round_idx, c, client_seed(cfg.run.seed, round_idx, c)) for c in selected
-            ]
-            ray.get(aggregator.begin_round.remote({c: sample_counts[c] for c in selected}))
-            # train, streaming updates into the aggregator
-            outcomes, folds = _train_round(workers, aggregator, tasks, global_ref, show_progress)
-            ray.get(folds)
-            # aggregate and checkpoint
-            record = _round_record(round_idx, outcomes, time.perf_counter() - round_start)
-            info = {
-                **record,
-                "client_results": [_client_info(o) for o in outcomes],
-                "bytes_downlink": adapter_bytes * len(tasks),
-            }
-            summary_ref, global_ref = aggregator.finish_round.options(num_returns=2).remote(
-                round_idx, info
-            )
-            summary = ray.get(summary_ref)
-            record["seconds"] = round(time.perf_counter() - round_start, 3)
-            record["rejected"] = summary["aggregation"]["rejected"]
-            checkpoint.append_metrics(prep.run_dir, record)
+            for attempt in range(1, MAX_ROUND_ATTEMPTS + 1):
+                try:
+                    record, global_ref = ctx.run_round(round_idx, aggregator, global_ref)
+                    break
+                except AggregatorLost as err:
+                    log(
+                        f"round {round_idx}: the aggregator failed ({err}); redoing the round "
+                        f"from the last checkpoint (attempt {attempt + 1})"
+                    )
+                    aggregator, global_ref = ctx.new_aggregator(round_idx - 1, None)
+            else:
+                raise RuntimeError(f"round {round_idx}: the aggregator failed {attempt} times")
+            scalars.add_all("train", _scalars(record), round_idx)
+            scalars.flush()
             result.metrics.append(record)
             result.last_round = round_idx
-            for o in outcomes:
-                if o.error:
-                    log(f"client {o.client_id} failed in round {round_idx}:\n{o.error.rstrip()}")
-            log(_round_line(record, cfg.run.rounds, outcomes))
+        scalars.close()
     return result
+
+
+class AggregatorLost(Exception):
+    """The aggregator actor died; the round in flight must be redone."""
+
+
+def _aggregator_call(ref: Any) -> Any:
+    """ray.get on an aggregator call, turning its death into AggregatorLost and its errors
+    (such as a checkpoint that could not be written) into the original exception."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayActorError as err:
+        raise AggregatorLost(type(err).__name__) from None
+    except ray.exceptions.RayTaskError as err:
+        raise err.as_instanceof_cause() from None
+
+
+@dataclass
+class _RoundContext:
+    """What every round of a run needs; `run_round` is one round, top to bottom."""
+
+    cfg: ExperimentConfig
+    run_dir: Path
+    pool: WorkerPool
+    policy: FailurePolicy
+    sample_counts: list[int]
+    adapter_config: dict[str, Any]
+    provenance: dict[str, str]
+    log: Log
+    show_progress: bool
+    adapter_bytes: int = 0
+    probabilities: list[float] | None = None
+    """Per-client availability (selection `availability`)."""
+    ranks: list[int | None] | None = None
+    """Per-client LoRA rank from the profile (None: the global rank)."""
+
+    def new_aggregator(
+        self, last_round: int, state: checkpoint.RoundCheckpoint | None
+    ) -> tuple[Any, Any]:
+        """A fresh aggregator holding the global adapter after `last_round` (from `state`, the
+        checkpoint on disk, or the seed's initial adapter for round 0)."""
+        # Pinned to the driver's node: checkpoints land in the run directory the driver sees,
+        # even when the other nodes share no filesystem with it.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        aggregator = AggregatorActor.options(scheduling_strategy=here).remote(
+            str(self.run_dir.resolve()), self.cfg, self.adapter_config, self.provenance
+        )
+        if state is None and last_round > 0:
+            path = self.run_dir / checkpoint.ROUNDS_DIR / checkpoint.round_name(last_round)
+            state = checkpoint.load_round(path)
+        if state is not None:
+            global_ref = ray.put(state.adapter)
+            _aggregator_call(aggregator.set_global.remote(global_ref, state.server_state))
+        else:
+            global_ref = self.pool.first().initial_adapter.remote()
+            _aggregator_call(aggregator.set_global.remote(global_ref))
+        return aggregator, global_ref
+
+    def run_round(self, round_idx: int, aggregator: Any, global_ref: Any) -> tuple[dict, Any]:
+        """Select, train, aggregate and checkpoint one round; returns its record and the new
+        global adapter's reference."""
+        cfg, start = self.cfg, time.perf_counter()
+        # --- select ---
+        if cfg.server.client_ids is not None:  # fixed clients, e.g. a local-only baseline
+            selection = Selection(sorted(cfg.server.client_ids), "client_ids")
+        else:
+            selection = select_round(
+                cfg.server.selection,
+                cfg.run.seed,
+                round_idx,
+                cfg.data.num_clients,
+                selection_size(cfg),
+                self.probabilities,
+            )
+        selected = selection.clients
+        tasks = [
+            ClientTask(round_idx, c, client_seed(cfg.run.seed, round_idx, c)) for c in selected
+        ]
+        _aggregator_call(
+            aggregator.begin_round.remote({c: self.sample_counts[c] for c in selected}, round_idx)
+        )
+        # what each client's training needs from the strategy (FedProx mu, SCAFFOLD correction)
+        contexts = {
+            c: aggregator.client_context.remote(c, self.ranks[c] if self.ranks else None)
+            for c in selected
+        }
+        # --- train, streaming each update straight from its worker into the aggregator ---
+        folds: list[Any] = []
+        outcomes = self.pool.run(
+            tasks,
+            global_ref,
+            lambda task, adapter_ref: folds.append(
+                aggregator.fold.remote(task.client_id, adapter_ref)
+            ),
+            self.policy,
+            self.log,
+            self.show_progress,
+            contexts,
+        )
+        for fold in folds:
+            _aggregator_call(fold)
+        # --- aggregate and checkpoint ---
+        record = _round_record(round_idx, outcomes, time.perf_counter() - start)
+        info = {
+            **record,
+            "client_results": [_client_info(o) for o in outcomes],
+            "bytes_downlink": self.adapter_bytes * len(tasks),
+            "selection": selection.record(),
+        }
+        summary_ref, new_global_ref = aggregator.finish_round.options(num_returns=2).remote(
+            round_idx, info
+        )
+        summary = _aggregator_call(summary_ref)
+        # --- report ---
+        record["seconds"] = round(time.perf_counter() - start, 3)
+        record["rejected"] = summary["aggregation"]["rejected"]
+        record["uplink_bytes"] = summary["bytes"]["uplink"]
+        if summary["aggregation"]["kept_previous_adapter"]:
+            record["kept_previous_adapter"] = True
+        if "dp" in summary:
+            record["epsilon"] = summary["dp"]["epsilon"]
+        checkpoint.append_metrics(self.run_dir, record)
+        for o in outcomes:
+            if o.error:
+                self.log(f"client {o.client_id} failed in round {round_idx}:\n{o.error.rstrip()}")
+        self.log(_round_line(record, cfg.run.rounds, outcomes))
+        return record, new_global_ref
+
+
+def _scalars(record: dict[str, Any]) -> dict[str, Any]:
+    keys = ("train_loss", "samples", "num_clients", "num_failed", "seconds")
+    return {k: record[k] for k in keys}
 
 
 def _client_info(o: ClientOutcome) -> dict[str, Any]:
@@ -539,6 +654,7 @@ def _client_info(o: ClientOutcome) -> dict[str, Any]:
         "train_seconds": round(o.train_seconds, 4),
         "worker": o.worker,
         "node": o.node,
+        "attempts": o.attempts,
     }
     if o.error:
         info["error"] = o.error
@@ -555,6 +671,10 @@ def _round_line(record: dict[str, Any], rounds: int, outcomes: list[ClientOutcom
     if failed:
         first = failed[0].error.strip().splitlines()[-1] if failed[0].error else "?"
         line += f" | {len(failed)} failed (client {failed[0].client_id}: {first})"
-    if record.get("rejected"):
-        line += f" | rejected {sorted(record['rejected'])}"
+    for client, why in sorted(record.get("rejected", {}).items()):
+        line += f" | rejected client {client}: {why}"
+    if record.get("kept_previous_adapter"):
+        line += " | no update applied: kept the previous adapter"
+    if "epsilon" in record:
+        line += f" | epsilon {record['epsilon']:.3f}"
     return line

@@ -469,6 +469,19 @@ def get_adapter(model: PeftModel) -> dict[str, torch.Tensor]:
     }
 
 
+def adapter_parameters(model: PeftModel) -> dict[str, torch.nn.Parameter]:
+    """The trainable LoRA parameters keyed by PEFT's saved names (as in `get_adapter`), so that
+    per-parameter server tensors (SCAFFOLD's variates, FedProx anchors, rank masks) line up."""
+    marker = f".{model.active_adapter}."
+    params = {
+        name.replace(marker, "."): p for name, p in model.named_parameters() if p.requires_grad
+    }
+    expected = set(get_peft_model_state_dict(model))
+    if set(params) != expected:
+        raise ValueError(_key_mismatch_message(expected - set(params), set(params) - expected))
+    return params
+
+
 def set_adapter(model: PeftModel, adapter: dict[str, torch.Tensor]) -> None:
     """Copy `adapter` (as from `get_adapter`) into the model's LoRA weights in place.
 

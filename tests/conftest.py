@@ -39,7 +39,7 @@ def tiny_experiment(tmp_path: Path, **sections: dict) -> dict:
         "data": {
             "source": "builtin:quickstart",
             "builtin_records": 400,
-            "cutoff_len": 96,
+            "cutoff_len": 160,
             "num_clients": 6,
             "partition": {"kind": "dirichlet", "alpha": 1.0, "min_size": 10},
         },

@@ -336,3 +336,15 @@ def test_console_script_exits_2_with_one_line(tmp_path, experiment_file):
         f"{ERROR}{cfg}: client.lr: expected a value > 0, got -1.0"
     ]
     assert snapshot(tmp_path) == before
+
+
+def test_overwrite_refuses_a_directory_that_is_not_a_run(capsys, tmp_path, experiment_file):
+    cfg = experiment_file()
+    precious = tmp_path / "runs" / "t" / "thesis.tex"
+    precious.parent.mkdir(parents=True)
+    precious.write_text("years of work")
+
+    message = run_fails(capsys, tmp_path, cfg, "--overwrite")
+
+    assert "not a fedsim run directory" in message
+    assert precious.read_text() == "years of work"

@@ -121,3 +121,39 @@ def test_paths_expand_environment_variables(monkeypatch):
     assert config_from_dict(raw).data.source == "../shared/data/dolly/x.jsonl"
     (problem,) = _problems({"data": {"source": "${FEDSIM_NOT_SET_ANYWHERE}/x.jsonl"}})
     assert problem == "data.source: environment variable FEDSIM_NOT_SET_ANYWHERE is not set"
+
+
+def test_client_ids_replace_sampling():
+    cfg = config_from_dict({"server": {"client_ids": [3, 1]}, "data": {"num_clients": 4}})
+    assert clients_per_round(cfg) == 2  # clients_per_round (default 5 > 4 clients) is ignored
+    problems = _problems({"server": {"client_ids": [0, 4, 4]}, "data": {"num_clients": 4}})
+    assert any(p.startswith("server.client_ids: [4, 4] out of range") for p in problems)
+    assert any(p.startswith("server.client_ids: duplicate ids") for p in problems)
+    (problem,) = _problems({"server": {"client_ids": []}})
+    assert problem.startswith("server.client_ids: expected at least one client id")
+
+
+@pytest.mark.parametrize(
+    ("raw", "field"),
+    [
+        ({"generation": {"max_new_tokens": 0}}, "eval.generation.max_new_tokens"),
+        ({"generation": {"top_p": 0}}, "eval.generation.top_p"),
+        ({"judge": {"concurrency": 0}}, "eval.judge.concurrency"),
+        ({"judge": {"baseline": "round:x"}}, "eval.judge.baseline"),
+        ({"judge": {"api_key_env": "sk-live-123"}}, "eval.judge.api_key_env"),
+        ({"question_sets": []}, "eval.question_sets"),
+    ],
+)
+def test_eval_values_name_the_field(raw, field):
+    problems = _problems({"eval": raw})
+    assert any(p.startswith(f"{field}:") for p in problems), problems
+    assert not any("sk-live-123" in p for p in problems)  # a pasted key is never echoed
+
+
+def test_eval_paths_stay_unexpanded_until_used(monkeypatch):
+    from fedsim.config import resolve_path
+
+    cfg = config_from_dict({})
+    assert cfg.eval.questions_dir == "${FEDSIM_DATA_DIR:-../shared/data}/eval"
+    monkeypatch.setenv("FEDSIM_DATA_DIR", "/data")
+    assert resolve_path(cfg.eval.questions_dir, "eval.questions_dir") == "/data/eval"

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from fedsim import checkpoint
 from fedsim.config import config_from_dict
 from fedsim.driver import run_experiment
+from fedsim.tb import tensorboard_available
 from tests.conftest import tiny_experiment
 
 pytestmark = pytest.mark.ray
@@ -49,6 +50,7 @@ def test_run_directory_layout(reference_run):
     cfg, result = reference_run
     run_dir = result.run_dir
     assert (result.first_round, result.last_round) == (1, 3)
+    optional = {"tensorboard"} if tensorboard_available() else set()  # the tensorboard extra
     assert {p.name for p in run_dir.iterdir()} == {
         "config.yaml",
         "partition.json",
@@ -56,7 +58,7 @@ def test_run_directory_layout(reference_run):
         "rounds",
         "latest",
         "metrics.jsonl",
-    }
+    } | optional
     assert (run_dir / "latest").read_text().strip() == "round_0003"
     assert sorted(p.name for p in (run_dir / "rounds").iterdir()) == [
         "round_0001",

@@ -37,6 +37,7 @@ import torch
 
 from fedsim.client.trainer import (
     IGNORE_INDEX,
+    ClientContext,
     Trainer,
     TrainResult,
     TrainSettings,
@@ -44,6 +45,7 @@ from fedsim.client.trainer import (
     lr_factor,
     micro_batch,
 )
+from fedsim.lora_ranks import rank_mask
 from fedsim.model import default_cache_dir
 
 TensorDict = dict[str, torch.Tensor]
@@ -261,25 +263,14 @@ class DeepSpeedTrainer(Trainer):
 
     def prepare(self, model: torch.nn.Module) -> None:
         """Build the engine around `model`'s trainable (LoRA) parameters."""
-        from peft.utils import get_peft_model_state_dict
+        from fedsim.model import adapter_parameters
 
         extensions_dir()
         init_single_rank_group()
         import deepspeed
 
         start = time.perf_counter()
-        # PEFT's saved names drop the adapter name ("...lora_A.default.weight" -> "lora_A.weight").
-        params = {
-            name.replace(".default", ""): p
-            for name, p in model.named_parameters()
-            if p.requires_grad
-        }
-        expected = set(get_peft_model_state_dict(model))
-        if set(params) != expected:
-            raise RuntimeError(
-                "trainable parameters do not match the adapter's keys: "
-                f"{sorted(set(params) ^ expected)[:3]}"
-            )
+        params = adapter_parameters(model)  # PEFT's saved names, as adapters and contexts use
         # Adapters leave the worker in the dtype they arrived in, whatever precision DeepSpeed
         # trains in (bf16 casts the module, LoRA included; a rebuilt engine sees the cast one).
         self._dtypes = self._dtypes or {k: p.dtype for k, p in params.items()}
@@ -346,29 +337,65 @@ class DeepSpeedTrainer(Trainer):
         if self._scaler_state is not None:
             vars(engine.optimizer.loss_scaler).update(copy.deepcopy(self._scaler_state))
 
+    def _update_weights(self, update: Any) -> None:
+        """Apply `update(key, fp32 value) -> new value` to every LoRA parameter, in DeepSpeed's
+        fp32 master copy (where it keeps one) and in the module's weights alike."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+        with torch.no_grad():
+            for key, param in self._params.items():
+                master = safe_get_full_fp32_param(param)
+                value = update(key, master if master is not None else param.detach().float())
+                if master is not None:
+                    safe_set_full_fp32_param(param, value)
+                param.data.copy_(value)
+
+    def _masks(self, ctx: ClientContext) -> dict[str, torch.Tensor]:
+        """Heterogeneous ranks: 1 where a rank-`ctx.lora_rank` client trains, else 0."""
+        if ctx.lora_rank is None:
+            return {}
+        masks = {}
+        for key, param in self._params.items():
+            mask = rank_mask(key, param.shape, ctx.lora_rank)
+            if mask is not None:
+                masks[key] = mask.to(param.device)
+        return masks
+
     def train(
         self,
         model: torch.nn.Module,
         input_ids: Sequence[Sequence[int]],
         labels: Sequence[Sequence[int]],
         seed: int,
+        context: ClientContext | None = None,
     ) -> TrainResult:
+        """As the torch backend, `context` included: FedProx's term is added to each
+        micro-batch's loss (DeepSpeed averages it back to once per step), SCAFFOLD's correction
+        and the rank masks are applied to the weights after every optimizer step."""
         if self.engine is None:
             self.prepare(model)
-        s, engine = self.settings, self.engine
+        s, engine, ctx = self.settings, self.engine, context or ClientContext()
         start = time.perf_counter()
         self._reset()
         self._stale = True  # until this client finishes cleanly
         torch.manual_seed(seed)  # dropout masks
         rng = np.random.default_rng(seed)
+        masks = self._masks(ctx)
+        if masks:
+            self._update_weights(lambda k, v: v * masks[k] if k in masks else v)
+        # FedProx anchors: the weights as training starts (after masking), in fp32
+        anchors = (
+            {k: p.detach().float().clone() for k, p in self._params.items()} if ctx.prox_mu else {}
+        )
         total_steps = s.num_steps(len(input_ids))
         order = batch_order(len(input_ids), total_steps * s.batch_size, rng)
         inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
         result = TrainResult()
         engine.train()
         for step in range(total_steps):
+            lr_now = s.lr * lr_factor(step, total_steps, s.lr_scheduler, s.warmup_steps)
             for group in inner.param_groups:
-                group["lr"] = s.lr * lr_factor(step, total_steps, s.lr_scheduler, s.warmup_steps)
+                group["lr"] = lr_now
             step_loss = 0.0
             for micro in range(s.accumulation):
                 batch = micro_batch(input_ids, labels, order, step, micro, s, engine.device)
@@ -383,14 +410,31 @@ class DeepSpeedTrainer(Trainer):
                     # RNG keeps the dropout masks of later batches those of the torch backend.
                     with torch.random.fork_rng(devices=_rng_devices(engine.device)):
                         loss = engine(**batch).logits.sum() * 0.0
+                if ctx.prox_mu:
+                    loss = loss + _proximal_term(self._params, anchors, ctx.prox_mu)
                 engine.backward(loss)  # scales by 1 / gradient_accumulation_steps
                 engine.step()  # clips and steps the optimizer at the accumulation boundary
+            if ctx.correction is not None:  # SCAFFOLD, as a separate step after AdamW's
+                self._update_weights(
+                    lambda k, v, c=ctx.correction, lr=lr_now: v - lr * c[k].to(v.device, v.dtype)
+                )
+            if masks:
+                self._update_weights(lambda k, v: v * masks[k] if k in masks else v)
+            result.lr_sum += lr_now
             result.losses.append(step_loss)
         engine.eval()
         self._stale = False
         result.examples = len(order)
         result.seconds = time.perf_counter() - start
         return result
+
+
+def _proximal_term(
+    params: dict[str, torch.nn.Parameter], anchors: dict[str, torch.Tensor], mu: float
+) -> torch.Tensor:
+    """(mu/2)*||w - anchor||^2: its gradient mu*(w - anchor) is what the torch backend adds to
+    each step's gradient."""
+    return 0.5 * mu * sum(((p.float() - anchors[k]) ** 2).sum() for k, p in params.items())
 
 
 def _rng_devices(device: torch.device) -> list[int]:

@@ -61,10 +61,54 @@ class TrainResult:
     examples: int = 0
     tokens: int = 0
     seconds: float = 0.0
+    lr_sum: float = 0.0
+    """Sum of the learning rates of the optimizer steps taken (K * lr for a constant rate)."""
 
     @property
     def mean_loss(self) -> float:
         return float(np.mean(self.losses)) if self.losses else float("nan")
+
+
+@dataclass(frozen=True)
+class ClientContext:
+    """What a server strategy or the client's profile changes about local training; the default
+    changes nothing. Tensors are keyed by PEFT adapter names (`model.adapter_parameters`)."""
+
+    prox_mu: float = 0.0
+    """FedProx: adds (mu/2)*||w - w_global||^2 over the trainable parameters to each step's loss."""
+    correction: dict[str, torch.Tensor] | None = None
+    """SCAFFOLD: c - c_i; after every optimizer step w <- w - lr_t * (c - c_i)."""
+    lora_rank: int | None = None
+    """Heterogeneous ranks: train only the first `lora_rank` LoRA components (see lora_ranks)."""
+
+    @property
+    def is_plain(self) -> bool:
+        """True when it changes nothing about local training."""
+        return not self.prox_mu and self.correction is None and self.lora_rank is None
+
+
+def add_proximal_gradient(
+    params: dict[str, torch.nn.Parameter], anchors: dict[str, torch.Tensor], mu: float
+) -> None:
+    """Add the gradient of (mu/2)*||w - anchor||^2, i.e. mu*(w - anchor), to each parameter's
+    gradient (once per optimizer step, before clipping: the same as adding the term to the loss)."""
+    with torch.no_grad():
+        for key, p in params.items():
+            prox = mu * (p - anchors[key])
+            if p.grad is None:
+                p.grad = prox
+            else:
+                p.grad.add_(prox)
+
+
+def apply_correction(
+    params: dict[str, torch.nn.Parameter], correction: dict[str, torch.Tensor], lr: float
+) -> None:
+    """SCAFFOLD's drift correction as a separate step after the optimizer's: w <- w - lr*(c - c_i)
+    (decoupled from AdamW's normalisation, as OpenFedLLM applies it)."""
+    with torch.no_grad():
+        for key, p in params.items():
+            p.sub_(lr * correction[key].to(p.dtype))
 
 
 def lr_factor(step: int, total: int, scheduler: str, warmup: int) -> float:
@@ -148,8 +192,10 @@ class Trainer(ABC):
         input_ids: Sequence[Sequence[int]],
         labels: Sequence[Sequence[int]],
         seed: int,
+        context: ClientContext | None = None,
     ) -> TrainResult:
-        """Tune the trainable (LoRA) parameters of `model` in place on the given examples."""
+        """Tune the trainable (LoRA) parameters of `model` in place on the given examples,
+        honouring `context` (FedProx term, SCAFFOLD correction, LoRA rank) when given."""
 
 
 class TorchTrainer(Trainer):
@@ -162,13 +208,15 @@ class TorchTrainer(Trainer):
         input_ids: Sequence[Sequence[int]],
         labels: Sequence[Sequence[int]],
         seed: int,
+        context: ClientContext | None = None,
     ) -> TrainResult:
-        s = self.settings
+        s, ctx = self.settings, context or ClientContext()
         start = time.perf_counter()
         torch.manual_seed(seed)  # dropout masks
         rng = np.random.default_rng(seed)
         params = [p for p in model.parameters() if p.requires_grad]
         device = params[0].device
+        named, anchors, masks = context_tensors(model, ctx)
         # A fresh optimizer per client: no state carries over from the worker's previous client.
         optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
         total_steps = s.num_steps(len(input_ids))
@@ -187,15 +235,53 @@ class TorchTrainer(Trainer):
                 loss.backward()
                 step_loss += loss.item()
                 result.tokens += int(batch["attention_mask"].sum())
+            if ctx.prox_mu:
+                add_proximal_gradient(named, anchors, ctx.prox_mu)
             if s.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            lr_now = optimizer.param_groups[0]["lr"]
+            if ctx.correction is not None:
+                apply_correction(named, ctx.correction, lr_now)
+            apply_masks(named, masks)
+            result.lr_sum += lr_now
             result.losses.append(step_loss)
         model.eval()
         result.examples = len(order)
         result.seconds = time.perf_counter() - start
         return result
+
+
+def context_tensors(
+    model: torch.nn.Module, ctx: ClientContext
+) -> tuple[dict[str, torch.nn.Parameter], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The named LoRA parameters, FedProx anchors (the global adapter: the parameters as training
+    starts) and rank masks that `ctx` needs; components a lower-rank client does not own are
+    zeroed before training starts."""
+    if ctx.is_plain:
+        return {}, {}, {}
+    from fedsim.lora_ranks import rank_mask
+    from fedsim.model import adapter_parameters
+
+    named = adapter_parameters(model)
+    masks = {}
+    if ctx.lora_rank is not None:
+        for key, p in named.items():
+            mask = rank_mask(key, p.shape, ctx.lora_rank)
+            if mask is not None:
+                masks[key] = mask.to(p.dtype)
+        apply_masks(named, masks)
+    # after masking, so the proximal term never pulls on components the client does not own
+    anchors = {k: p.detach().clone() for k, p in named.items()} if ctx.prox_mu else {}
+    return named, anchors, masks
+
+
+def apply_masks(named: dict[str, torch.nn.Parameter], masks: dict[str, torch.Tensor]) -> None:
+    """Zero the LoRA components a lower-rank client does not own (after every optimizer step)."""
+    with torch.no_grad():
+        for key, mask in masks.items():
+            named[key].mul_(mask)
 
 
 TRAINERS: dict[str, type[Trainer]] = {"torch": TorchTrainer}

@@ -8,6 +8,7 @@ across the actor boundary, so the driver's failure policy decides what a failed 
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import tempfile
@@ -22,7 +23,8 @@ import numpy as np
 import ray
 import torch
 
-from fedsim.client.trainer import TRAINERS, TrainSettings
+from fedsim.client.trainer import TRAINERS, ClientContext, TrainSettings
+from fedsim.config import CompressionConfig
 from fedsim.data.shards import ShardStore
 from fedsim.errors import FedsimInputError
 from fedsim.model import (
@@ -32,6 +34,8 @@ from fedsim.model import (
     get_adapter,
     load_base_model,
 )
+from fedsim.server.strategies import scaffold_client_variate
+from fedsim.uplink import ClientUpload, encode_upload
 
 TensorDict = dict[str, torch.Tensor]
 
@@ -61,6 +65,8 @@ class WorkerSpec:
     """ObjectRef of `pack_shards(shards_dir)`; when set, `shards_dir` is not read."""
     model_files_ref: Any = None
     """ObjectRef of `pack_directory(model_path)`; when set, `model_path` is not read."""
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
+    """Uplink compression of the client's delta (`client.compression`)."""
 
 
 @dataclass(frozen=True)
@@ -86,10 +92,25 @@ class ClientOutcome:
     node: str = ""
     """Ray node id of the worker."""
     error: str | None = None
+    attempts: int = 1
+    """Which try this outcome is from (a client whose worker died is retried)."""
+    worker_lost: bool = False
+    """The worker process died during this client's turn (as opposed to training raising)."""
 
     @property
     def mean_loss(self) -> float:
         return sum(self.losses) / len(self.losses) if self.losses else float("nan")
+
+
+FAULTS_ENV = "FEDSIM_FAULTS"
+"""Fault injection for fedsim's own failure tests: a JSON list of {"round": r, "client": c}; that
+client raises inside its turn in that round. Unset in normal use."""
+
+
+def raise_injected_fault(task: ClientTask) -> None:
+    for fault in json.loads(os.environ.get(FAULTS_ENV) or "[]"):
+        if (fault.get("round"), fault.get("client")) == (task.round_idx, task.client_id):
+            raise RuntimeError(f"injected fault ({FAULTS_ENV}) for client {task.client_id}")
 
 
 def quiet_libraries() -> None:
@@ -134,23 +155,36 @@ class ClientWorker:
         return {"worker": self.name, "node_id": self.node_id}
 
     def train(
-        self, task: ClientTask, global_adapter: TensorDict
-    ) -> tuple[ClientOutcome, TensorDict]:
-        """Run one client's local training from `global_adapter`; returns (outcome, its adapter)."""
+        self, task: ClientTask, global_adapter: TensorDict, context: ClientContext | None = None
+    ) -> tuple[ClientOutcome, ClientUpload]:
+        """Run one client's local training from `global_adapter`; returns (outcome, its upload:
+        the adapter, or its compressed delta, plus any client state the strategy keeps)."""
         start = time.perf_counter()
         outcome = ClientOutcome(
             client_id=task.client_id, ok=False, worker=self.name, node=self.node_id
         )
+        ctx = context or ClientContext()
         try:
+            raise_injected_fault(task)
             self.trainer.load_adapter(self.model, global_adapter)
             input_ids, labels = self.store.client_examples(task.client_id).to_lists()
             outcome.num_samples = len(input_ids)
-            result = self.trainer.train(self.model, input_ids, labels, task.seed)
-            adapter = self.trainer.read_adapter(self.model)
+            # a plain context is not passed, so trainers without the `context` parameter still run
+            extra = {} if ctx.is_plain else {"context": ctx}
+            result = self.trainer.train(self.model, input_ids, labels, task.seed, **extra)
+            local = self.trainer.read_adapter(self.model)
+            z = self.spec.compression
+            adapter = encode_upload(
+                local, global_adapter, z.kind, z.block_size, z.topk_fraction, ctx.lora_rank
+            )
+            if ctx.correction is not None:
+                adapter.client_state = scaffold_client_variate(
+                    ctx.correction, global_adapter, local, result.lr_sum
+                )
         except Exception:
             outcome.error = traceback.format_exc()
             outcome.total_seconds = time.perf_counter() - start
-            return outcome, {}
+            return outcome, ClientUpload({})
         outcome.ok = True
         outcome.losses = result.losses
         outcome.examples = result.examples

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from fedsim.checkpoint import sha256_file
 from fedsim.config import DataConfig
 from fedsim.data.partitioners import (
     SplitFile,
@@ -76,14 +77,6 @@ class PreparedData:
         }
 
 
-def _file_fingerprint(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return f"sha256:{digest.hexdigest()}"
-
-
 def load_source(cfg: DataConfig) -> tuple[pa.Table, str]:
     """The record table named by `data.source`, and a fingerprint of its content."""
     if cfg.source.startswith(BUILTIN_PREFIX):
@@ -97,16 +90,23 @@ def load_source(cfg: DataConfig) -> tuple[pa.Table, str]:
     fields = FieldMap(**vars(cfg.fields))
     table = load_records(cfg.source, fields, cfg.format)
     path = Path(cfg.source).expanduser()
-    fingerprint = _file_fingerprint(path) if path.is_file() else f"hub:{cfg.source}"
+    fingerprint = f"sha256:{sha256_file(path)}" if path.is_file() else f"hub:{cfg.source}"
+    return table, fingerprint
+
+
+def load_table(cfg: DataConfig) -> tuple[pa.Table, str]:
+    """The records a run uses (`data.source`, cut to `data.max_records`) and their fingerprint,
+    as recorded in partition.json."""
+    table, fingerprint = load_source(cfg)
+    if cfg.max_records is not None and cfg.max_records < table.num_rows:
+        table = table.slice(0, cfg.max_records)
+        fingerprint += f":first{cfg.max_records}"
     return table, fingerprint
 
 
 def prepare_data(cfg: DataConfig, seed: int) -> PreparedData:
     """Load, hold out and partition; raises FedsimInputError on any bad input."""
-    table, fingerprint = load_source(cfg)
-    if cfg.max_records is not None and cfg.max_records < table.num_rows:
-        table = table.slice(0, cfg.max_records)
-        fingerprint += f":first{cfg.max_records}"
+    table, fingerprint = load_table(cfg)
     categories = table.column("category").to_numpy(zero_copy_only=False)
     p = cfg.partition
 

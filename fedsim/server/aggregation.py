@@ -22,9 +22,8 @@ DELTA_LIMIT_EXP = 12
 bound fixes the fixed-point scale (values this large mean a diverged client, not a LoRA update)."""
 
 
-def check_update(update: TensorDict, reference: TensorDict) -> None:
-    """Raise UpdateRejected unless `update` has the reference's keys, shapes, dtypes, finite values
-    and deltas within the representable range."""
+def check_structure(update: TensorDict, reference: TensorDict) -> None:
+    """Raise UpdateRejected unless `update` has the reference's keys, shapes and dtypes."""
     missing = reference.keys() - update.keys()
     extra = update.keys() - reference.keys()
     if missing or extra:
@@ -32,19 +31,68 @@ def check_update(update: TensorDict, reference: TensorDict) -> None:
             f"keys differ from the global adapter (missing {sorted(missing)[:3]}, "
             f"unexpected {sorted(extra)[:3]})"
         )
-    limit = 2.0**DELTA_LIMIT_EXP
     for key, ref in reference.items():
         value = update[key]
         if value.shape != ref.shape:
             raise UpdateRejected(f"{key}: shape {tuple(value.shape)}, expected {tuple(ref.shape)}")
         if value.dtype != ref.dtype:
             raise UpdateRejected(f"{key}: dtype {value.dtype}, expected {ref.dtype}")
-        if not torch.isfinite(value).all():
-            raise UpdateRejected(f"{key}: non-finite values")
-        if (value.double() - ref.double()).abs().max() >= limit:
-            raise UpdateRejected(
-                f"{key}: delta from the global adapter reaches 2**{DELTA_LIMIT_EXP}"
-            )
+
+
+def _check_delta(key: str, delta: torch.Tensor) -> None:
+    """Reject non-finite values and deltas beyond the fixed-point range (NaN fails both tests)."""
+    low, high = torch.aminmax(delta)
+    limit = 2.0**DELTA_LIMIT_EXP
+    if -limit < low.item() and high.item() < limit:
+        return
+    if not (torch.isfinite(low) and torch.isfinite(high)):
+        raise UpdateRejected(f"{key}: non-finite values")
+    raise UpdateRejected(f"{key}: delta from the global adapter reaches 2**{DELTA_LIMIT_EXP}")
+
+
+def check_update(update: TensorDict, reference: TensorDict) -> None:
+    """Raise UpdateRejected unless `update` has the reference's keys, shapes, dtypes, finite values
+    and deltas within the representable range."""
+    check_structure(update, reference)
+    for key, ref in reference.items():
+        _check_delta(key, update[key].double() - ref.double())
+
+
+def check_delta(delta: TensorDict, reference: TensorDict) -> None:
+    """Raise UpdateRejected unless `delta` (an update minus the global adapter, as decoded from a
+    possibly compressed or lower-rank upload) has the reference's keys and shapes, finite values,
+    and stays below 2**DELTA_LIMIT_EXP in every element."""
+    missing = reference.keys() - delta.keys()
+    extra = delta.keys() - reference.keys()
+    if missing or extra:
+        raise UpdateRejected(
+            f"keys differ from the global adapter (missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(extra)[:3]})"
+        )
+    for key, ref in reference.items():
+        value = delta[key]
+        if value.shape != ref.shape:
+            raise UpdateRejected(f"{key}: shape {tuple(value.shape)}, expected {tuple(ref.shape)}")
+        if value.numel():
+            _check_delta(key, value)
+
+
+def l2_norm(delta: TensorDict) -> float:
+    """The L2 norm of a whole update (all its tensors as one vector)."""
+    return math.sqrt(sum(float((v.double() ** 2).sum()) for v in delta.values()))
+
+
+def clip_delta(delta: TensorDict, max_norm: float) -> tuple[TensorDict, float]:
+    """Scale `delta` down to L2 norm `max_norm` if it is longer; returns (delta, original norm)."""
+    norm = l2_norm(delta)
+    if norm <= max_norm:
+        return delta, norm
+    factor = max_norm / norm
+    return {k: v * factor for k, v in delta.items()}, norm
+
+
+FOLD_CHUNK = 1 << 15
+"""Elements folded at a time (256 KiB of float64): temporaries stay in the CPU cache."""
 
 
 class WeightedDeltaSum:
@@ -67,22 +115,54 @@ class WeightedDeltaSum:
         self._acc = {k: torch.zeros(v.shape, dtype=torch.int64) for k, v in reference.items()}
 
     def add(self, update: TensorDict, weight: int) -> None:
-        """Fold one client's adapter in with an integer weight (its sample count, or 1)."""
+        """Fold one client's adapter in with an integer weight (its sample count, or 1).
+
+        Raises UpdateRejected (and leaves the sum as it was) for a malformed update."""
         if weight < 1 or self.total_weight + weight > self.max_total_weight:
             raise ValueError(f"weight {weight} exceeds the round's bound {self.max_total_weight}")
-        check_update(update, self.reference)
+        check_structure(update, self.reference)
         scale = float(weight) * 2.0**self.shift
-        for key, acc in self._acc.items():
-            delta = update[key].double() - self.reference[key].double()
-            acc += torch.round(delta * scale).to(torch.int64)
+        folded: list[str] = []
+        try:
+            for key in self._acc:
+                self._fold(key, update[key], scale, sign=1)
+                folded.append(key)
+        except UpdateRejected:
+            for key in folded:  # integer sums undo exactly
+                self._fold(key, update[key], scale, sign=-1)
+            raise
         self.total_weight += weight
         self.count += 1
 
-    def mean(self) -> TensorDict:
-        """The weighted mean delta over what was added, as float64 tensors."""
+    def _fold(self, key: str, value: torch.Tensor, scale: float, sign: int) -> None:
+        # In cache-sized chunks, so that the float64 and int64 temporaries never reach memory.
+        acc = self._acc[key].view(-1)
+        ref = self.reference[key].reshape(-1)
+        flat = value.reshape(-1)
+        for lo in range(0, flat.numel(), FOLD_CHUNK):
+            hi = lo + FOLD_CHUNK
+            delta = flat[lo:hi].to(torch.float64).sub_(ref[lo:hi])
+            _check_delta(key, delta)
+            acc[lo:hi].add_(delta.mul_(scale).round_().to(torch.int64), alpha=sign)
+
+    def add_delta(self, delta: TensorDict, weight: int) -> None:
+        """Fold in a float64 delta (decoded, possibly clipped) with an integer weight; checked
+        with `check_delta` first, so a rejected one leaves the sum as it was."""
+        if weight < 1 or self.total_weight + weight > self.max_total_weight:
+            raise ValueError(f"weight {weight} exceeds the round's bound {self.max_total_weight}")
+        check_delta(delta, self.reference)
+        scale = float(weight) * 2.0**self.shift
+        for key, acc in self._acc.items():
+            acc += torch.round(delta[key].double() * scale).to(torch.int64)
+        self.total_weight += weight
+        self.count += 1
+
+    def mean(self, denominator: int | None = None) -> TensorDict:
+        """The weighted mean delta over what was added, as float64 tensors; `denominator`
+        replaces the total weight added (DP-FedAvg's fixed weights)."""
         if self.count == 0:
             raise ValueError("no update was added")
-        scale = 2.0**-self.shift / self.total_weight
+        scale = 2.0**-self.shift / (denominator or self.total_weight)
         return {k: acc.double() * scale for k, acc in self._acc.items()}
 
 

@@ -2,12 +2,21 @@
 
 It runs as a Ray actor (`AggregatorActor`) beside the workers; `Aggregator` itself is a plain
 class so the round logic is testable without Ray. Updates reach it straight from the workers
-through the object store (the driver only passes references), and it holds O(1) adapters: the
-global one, and one int64 accumulator per tensor.
+through the object store (the driver only passes references). For the plain strategies it holds
+O(1) adapters: the global one, and one int64 accumulator per tensor. A robust rule (median,
+trimmed mean, Krum) needs the whole round at once, so only then are the round's deltas buffered.
+
+Each update is decoded (decompressed, padded to the global rank) and checked before it is folded
+in; a bad one is rejected with its reason, and the round's weights renormalise over the accepted
+ones. With DP, each delta is clipped, the mean uses the fixed number of selected clients, and
+seeded Gaussian noise is added; the accountant's cumulative epsilon goes to round.json.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -16,62 +25,103 @@ import ray
 import torch
 
 from fedsim import checkpoint
+from fedsim.client.trainer import ClientContext
+from fedsim.config import ExperimentConfig, clients_per_round
 from fedsim.errors import UpdateRejected
-from fedsim.server.aggregation import WeightedDeltaSum
+from fedsim.server.aggregation import WeightedDeltaSum, check_delta, clip_delta
+from fedsim.server.client_state import ClientStateStore
+from fedsim.server.privacy import dp_epsilon, gaussian_noise
+from fedsim.server.robust import min_updates, robust_aggregate
 from fedsim.server.strategies import make_strategy
+from fedsim.uplink import ClientUpload, decode_upload, tensors_nbytes
 
 TensorDict = dict[str, torch.Tensor]
 
 
 def adapter_nbytes(adapter: TensorDict) -> int:
-    return sum(t.numel() * t.element_size() for t in adapter.values())
+    return tensors_nbytes(adapter)
 
 
 class Aggregator:
-    """Round-by-round weighted aggregation and checkpointing for one run directory."""
+    """Round-by-round aggregation and checkpointing for one run directory."""
 
     def __init__(
         self,
         run_dir: str,
-        strategy: str,
-        weighting: str,
+        cfg: ExperimentConfig,
         adapter_config: dict[str, Any],
         provenance: dict[str, str],
     ) -> None:
         self.run_dir = Path(run_dir)
-        self.strategy = make_strategy(strategy)
-        self.weighting = weighting
+        server = cfg.server
+        self.strategy = make_strategy(server.strategy, server, cfg.data.num_clients)
+        self.weighting = server.weighting
+        self.robust, self.dp = server.robust, server.dp
+        self.seed, self.num_clients = cfg.run.seed, cfg.data.num_clients
+        # the accountant's sampling: uniform selection amplifies, the others count in full
+        uniform = server.selection == "uniform" and server.client_ids is None
+        self.dp_per_round = clients_per_round(cfg) if uniform else None
+        self.block_size = cfg.client.compression.block_size
+        self.client_states = (
+            ClientStateStore(self.run_dir) if self.strategy.uses_client_state else None
+        )
         self.adapter_config = adapter_config
         self.provenance = provenance
         self.global_adapter: TensorDict = {}
         self._sum: WeightedDeltaSum | None = None
+        self._buffer: dict[int, TensorDict] = {}
         self._weights: dict[int, int] = {}
         self._rejected: dict[int, str] = {}
         self._accepted: list[int] = []
-        self._bytes_up = 0
+        self._bytes: dict[int, int] = {}
+        self._norms: dict[int, float] = {}
+        self._round = 0
         self._fold_seconds = 0.0
+
+    @property
+    def buffered(self) -> bool:
+        """Whether the configured rule needs the whole round (robust rules only)."""
+        return self.robust.rule != "mean"
+
+    @property
+    def clip_norm(self) -> float | None:
+        return self.dp.clip_norm if self.dp.enabled else self.robust.clip_norm
 
     def set_global(self, adapter: TensorDict, server_state: TensorDict | None = None) -> None:
         """Start from `adapter` (the initial one, or a checkpoint's) and the strategy's state."""
         self.global_adapter = {k: v.clone() for k, v in adapter.items()}
         self.strategy.load_state_dict(server_state or {})
 
-    def begin_round(self, sample_counts: dict[int, int]) -> None:
+    def client_context(self, client_id: int, lora_rank: int | None = None) -> ClientContext:
+        """What client `client_id`'s local training needs this round (from the strategy, its
+        stored state, and its LoRA rank)."""
+        state = self.client_states.load(client_id) if self.client_states else None
+        context = self.strategy.client_context(self.global_adapter, state)
+        return dataclasses.replace(context, lora_rank=lora_rank)
+
+    def begin_round(self, sample_counts: dict[int, int], round_idx: int = 0) -> None:
         """Prepare for the selected clients; `sample_counts` maps client id to its record count."""
         self._weights = {
             c: (n if self.weighting == "samples" else 1) for c, n in sample_counts.items()
         }
-        self._sum = WeightedDeltaSum(self.global_adapter, sum(self._weights.values()))
+        self._sum = WeightedDeltaSum(self.global_adapter, max(1, sum(self._weights.values())))
+        self._buffer = {}
         self._rejected, self._accepted = {}, []
-        self._bytes_up, self._fold_seconds = 0, 0.0
+        self._bytes, self._norms, self._fold_seconds = {}, {}, 0.0
+        self._round = round_idx
+        if self.client_states is not None:  # a redone round must not commit a stale stage
+            self.client_states.settle(round_idx - 1)
+        self.strategy.begin_round(len(sample_counts))
 
-    def fold(self, client_id: int, adapter: TensorDict) -> str | None:
-        """Add one client's adapter; returns the reason if it was rejected, else None."""
+    def fold(self, client_id: int, upload: ClientUpload | TensorDict) -> str | None:
+        """Add one client's upload; returns the reason if it was rejected, else None."""
         assert self._sum is not None, "begin_round first"
+        if not isinstance(upload, ClientUpload):  # a bare adapter
+            upload = ClientUpload(upload)
         start = time.perf_counter()
-        self._bytes_up += adapter_nbytes(adapter)
+        self._bytes[client_id] = upload.nbytes()
         try:
-            self._sum.add(adapter, self._weights[client_id])
+            self._fold(client_id, upload)
         except UpdateRejected as err:
             self._rejected[client_id] = str(err)
             return str(err)
@@ -80,34 +130,119 @@ class Aggregator:
         self._accepted.append(client_id)
         return None
 
+    def _fold(self, client_id: int, upload: ClientUpload) -> None:
+        plain = upload.encoding == "raw" and upload.rank is None
+        if plain and self.client_states is None and self.clip_norm is None and not self.buffered:
+            # the common case: the trained adapter itself, folded in one checked streaming pass
+            self._sum.add(upload.tensors, self._weights[client_id])  # type: ignore[union-attr]
+            return
+        delta = decode_upload(upload, self.global_adapter, self.block_size)
+        if self.clip_norm is not None:
+            delta, self._norms[client_id] = clip_delta(delta, self.clip_norm)
+        if self.client_states is not None:
+            if not upload.client_state:
+                raise UpdateRejected(f"{self.strategy.name}: the upload carries no client state")
+            check_delta(upload.client_state, self.global_adapter)
+            # folds the state's change first: it validates before it accumulates anything
+            old = self.client_states.load(client_id)
+            self.strategy.fold_client_state(old, upload.client_state)
+        if self.buffered:
+            self._buffer[client_id] = delta
+        else:
+            self._sum.add_delta(delta, self._weights[client_id])  # type: ignore[union-attr]
+        if self.client_states is not None:
+            self.client_states.stage(client_id, self._round, upload.client_state)
+
+    def _round_delta(self, notes: dict[str, Any]) -> TensorDict | None:
+        """The round's aggregated delta, or None when nothing may be applied."""
+        assert self._sum is not None
+        if self.buffered:
+            ids = sorted(self._buffer)
+            need = min_updates(self.robust.rule, self.robust.num_byzantine, self.robust.trim_beta)
+            if len(ids) < need:
+                notes["robust_refused"] = (
+                    f"{self.robust.rule} needs at least {need} updates "
+                    f"(num_byzantine={self.robust.num_byzantine}), got {len(ids)}"
+                )
+                return None
+            delta, details = robust_aggregate(
+                self.robust.rule,
+                [self._buffer[c] for c in ids],
+                self.robust.num_byzantine,
+                self.robust.trim_beta,
+                self.robust.multi_krum_m,
+            )
+            if "chosen" in details:
+                details["chosen"] = [ids[i] for i in details["chosen"]]
+            notes["robust"] = {"rule": self.robust.rule, **details}
+            return delta
+        if not self._sum.count:
+            return None
+        if not self.dp.enabled:
+            return self._sum.mean()
+        k = len(self._weights)  # fixed weights 1/k: a missing client contributes zero
+        std = self.dp.noise_multiplier * self.dp.clip_norm / k
+        noise = gaussian_noise(self.global_adapter, std, self.seed, self._round)
+        return {key: d + noise[key] for key, d in self._sum.mean(denominator=k).items()}
+
     def finish_round(
         self, round_idx: int, info: dict[str, Any]
     ) -> tuple[dict[str, Any], TensorDict]:
         """Apply the strategy, write the round checkpoint, and return (summary, new adapter).
 
-        With no accepted update the previous global adapter is kept, and round.json says so.
+        With no accepted update (or too few for a robust rule) the previous global adapter is
+        kept, and round.json says so.
         """
         assert self._sum is not None, "begin_round first"
-        if self._sum.count:
-            self.global_adapter = self.strategy.apply(self.global_adapter, self._sum.mean())
+        notes: dict[str, Any] = {}
+        delta = self._round_delta(notes)
+        if delta is not None:
+            self.global_adapter = self.strategy.apply(self.global_adapter, delta)
         start = time.perf_counter()
+        aggregation: dict[str, Any] = {
+            "strategy": self.strategy.name,
+            "weighting": self.weighting,
+            "weights": {str(c): self._weights[c] for c in sorted(self._accepted)},
+            "accepted": sorted(self._accepted),
+            "rejected": {str(c): why for c, why in sorted(self._rejected.items())},
+            "kept_previous_adapter": delta is None,
+            "fold_seconds": round(self._fold_seconds, 6),
+            **notes,
+        }
+        if self.clip_norm is not None:
+            aggregation["clip_norm"] = self.clip_norm
+            aggregation["update_norms"] = {str(c): n for c, n in sorted(self._norms.items())}
         summary = {
             **info,
-            "aggregation": {
-                "strategy": self.strategy.name,
-                "weighting": self.weighting,
-                "weights": {str(c): self._weights[c] for c in sorted(self._accepted)},
-                "accepted": sorted(self._accepted),
-                "rejected": {str(c): why for c, why in sorted(self._rejected.items())},
-                "kept_previous_adapter": self._sum.count == 0,
-                "fold_seconds": round(self._fold_seconds, 6),
-            },
+            "aggregation": aggregation,
+            "aggregator": f"{socket.gethostname()}:{os.getpid()}",
             "bytes": {
                 "adapter": adapter_nbytes(self.global_adapter),
-                "uplink": self._bytes_up,
+                "uplink": sum(self._bytes.values()),
+                "uplink_by_client": {str(c): b for c, b in sorted(self._bytes.items())},
             },
             **self.provenance,
         }
+        if self.dp.enabled:
+            summary["dp"] = {
+                "epsilon": dp_epsilon(
+                    self.dp.noise_multiplier,
+                    round_idx,
+                    self.dp.delta,
+                    self.num_clients,
+                    self.dp_per_round,
+                ),
+                "delta": self.dp.delta,
+                "noise_multiplier": self.dp.noise_multiplier,
+                "clip_norm": self.dp.clip_norm,
+                "clients_per_round": len(self._weights),
+                "sampling": (
+                    f"{self.dp_per_round} of {self.num_clients} without replacement"
+                    if self.dp_per_round
+                    else "none (every round counted in full)"
+                ),
+                "rounds": round_idx,
+            }
         checkpoint.write_round(
             self.run_dir,
             round_idx,
@@ -116,8 +251,10 @@ class Aggregator:
             self.strategy.state_dict(),
             summary,
         )
+        if self.client_states is not None:
+            summary["client_states_written"] = self.client_states.commit(round_idx)
         summary["checkpoint_seconds"] = round(time.perf_counter() - start, 6)
-        self._sum = None
+        self._sum, self._buffer = None, {}
         return summary, self.global_adapter
 
 

@@ -1,17 +1,30 @@
 """Server strategies: how the round's mean client delta becomes the next global adapter.
 
-A strategy is one small class behind one interface. The aggregator computes the weighted mean
-delta (see `aggregation.py`); the strategy turns it into the new global adapter and carries any
-state of its own (momentum, moments), which is checkpointed in `server_state.safetensors`.
+A strategy is one small class behind one interface. The aggregator computes the (weighted, or
+robust) mean delta of the round's accepted updates (see `aggregation.py`, `robust.py`); the
+strategy turns it into the new global adapter and carries any state of its own (momentum,
+moments, control variates), which is checkpointed in `server_state.safetensors` every round, so a
+resumed run continues the same optimiser trajectory. The arithmetic of each is a pure function
+below its class, unit-tested by hand. State is kept in float64 and saved as such, so a reloaded
+state is bitwise the one in memory.
+
+Client-side parts (FedProx's proximal term, SCAFFOLD's drift correction) reach the trainer through
+`client_context`, built per client by the aggregator.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
 
 import torch
 
+from fedsim.client.trainer import ClientContext
 from fedsim.errors import FedsimInputError
+from fedsim.server.aggregation import WeightedDeltaSum
+
+if TYPE_CHECKING:
+    from fedsim.config import ServerConfig
 
 TensorDict = dict[str, torch.Tensor]
 
@@ -20,6 +33,21 @@ class Strategy(ABC):
     """Turns the mean client delta of a round into the next global adapter."""
 
     name: str
+    uses_client_state: bool = False
+    """True when each client keeps state between its rounds (SCAFFOLD's control variate)."""
+
+    def client_context(
+        self, global_adapter: TensorDict, client_state: TensorDict | None
+    ) -> ClientContext:
+        """What a client's local training needs from the strategy (none by default)."""
+        return ClientContext()
+
+    def begin_round(self, num_selected: int) -> None:  # noqa: B027 (optional hook)
+        """Called before a round's updates arrive."""
+
+    def fold_client_state(self, old: TensorDict | None, new: TensorDict) -> None:
+        """Fold one accepted client's new state in (`old` is None before its first round)."""
+        raise NotImplementedError(f"{self.name} keeps no client state")
 
     @abstractmethod
     def apply(self, global_adapter: TensorDict, mean_delta: TensorDict) -> TensorDict:
@@ -35,24 +63,307 @@ class Strategy(ABC):
             raise ValueError(f"{self.name} keeps no state, got {sorted(state)[:3]}")
 
 
+def _step(global_adapter: TensorDict, step: TensorDict) -> TensorDict:
+    """global + step, computed in float64 and cast back to each tensor's dtype."""
+    return {k: (g.double() + step[k]).to(g.dtype) for k, g in global_adapter.items()}
+
+
+def _prefixed(prefix: str, tensors: TensorDict) -> TensorDict:
+    return {f"{prefix}/{k}": v for k, v in tensors.items()}
+
+
+def _unprefixed(prefix: str, state: TensorDict) -> TensorDict:
+    head = prefix + "/"
+    return {k[len(head) :]: v.double() for k, v in state.items() if k.startswith(head)}
+
+
+class _StatefulStrategy(Strategy):
+    """A strategy whose state is a few named float64 tensor dicts (`slots`)."""
+
+    slots: tuple[str, ...] = ()
+
+    def __init__(self) -> None:
+        self.state: dict[str, TensorDict] = {slot: {} for slot in self.slots}
+
+    def state_dict(self) -> TensorDict:
+        out: TensorDict = {}
+        for slot, tensors in self.state.items():
+            out.update(_prefixed(slot, tensors))
+        return out
+
+    def load_state_dict(self, state: TensorDict) -> None:
+        unknown = [k for k in state if k.split("/", 1)[0] not in self.slots]
+        if unknown:
+            raise ValueError(f"{self.name}: unexpected server state {sorted(unknown)[:3]}")
+        self.state = {slot: _unprefixed(slot, state) for slot in self.slots}
+
+
+# ---------------------------------------------------------------------------------------------
+# FedAvg and FedProx
+# ---------------------------------------------------------------------------------------------
+
+
 class FedAvg(Strategy):
-    """FedAvg (McMahan et al. 2017) as in FedIT: the global adapter moves by the mean delta."""
+    """FedAvg (McMahan et al. 2017) as in FedIT: the global adapter moves by lr * mean delta."""
 
     name = "fedavg"
 
+    def __init__(self, lr: float = 1.0) -> None:
+        self.lr = lr
+
     def apply(self, global_adapter: TensorDict, mean_delta: TensorDict) -> TensorDict:
-        return {k: (g.double() + mean_delta[k]).to(g.dtype) for k, g in global_adapter.items()}
+        if self.lr == 1.0:  # keeps plain FedAvg bitwise the average
+            return _step(global_adapter, mean_delta)
+        return _step(global_adapter, {k: self.lr * d for k, d in mean_delta.items()})
 
 
-STRATEGIES: dict[str, type[Strategy]] = {"fedavg": FedAvg}
+class FedProx(FedAvg):
+    """FedProx (Li et al. 2020): FedAvg on the server; each client adds (mu/2)*||w - w_global||^2
+    over its trainable parameters to its local objective."""
+
+    name = "fedprox"
+
+    def __init__(self, lr: float = 1.0, mu: float = 0.01) -> None:
+        super().__init__(lr)
+        self.mu = mu
+
+    def client_context(
+        self, global_adapter: TensorDict, client_state: TensorDict | None
+    ) -> ClientContext:
+        return ClientContext(prox_mu=self.mu)
 
 
-def make_strategy(name: str) -> Strategy:
-    """Instantiate the strategy named in `server.strategy`."""
-    try:
-        return STRATEGIES[name]()
-    except KeyError:
+# ---------------------------------------------------------------------------------------------
+# FedAvgM
+# ---------------------------------------------------------------------------------------------
+
+
+def fedavgm_step(
+    momentum: TensorDict, mean_delta: TensorDict, lr: float, beta: float
+) -> tuple[TensorDict, TensorDict]:
+    """Server momentum (Hsu et al. 2019): m <- beta*m + delta; step = lr*m. Returns (m, step)."""
+    new_m = {
+        k: beta * momentum[k] + d if k in momentum else d.clone() for k, d in mean_delta.items()
+    }
+    return new_m, {k: lr * m for k, m in new_m.items()}
+
+
+class FedAvgM(_StatefulStrategy):
+    """FedAvg with server momentum on the averaged update."""
+
+    name = "fedavgm"
+    slots = ("momentum",)
+
+    def __init__(self, lr: float = 1.0, beta: float = 0.9) -> None:
+        super().__init__()
+        self.lr, self.beta = lr, beta
+
+    def apply(self, global_adapter: TensorDict, mean_delta: TensorDict) -> TensorDict:
+        self.state["momentum"], step = fedavgm_step(
+            self.state["momentum"], mean_delta, self.lr, self.beta
+        )
+        return _step(global_adapter, step)
+
+
+# ---------------------------------------------------------------------------------------------
+# Adaptive server optimisers (Reddi et al. 2021, "Adaptive Federated Optimization", Alg. 2)
+# ---------------------------------------------------------------------------------------------
+
+
+def adaptive_step(
+    kind: str,
+    m: TensorDict,
+    v: TensorDict,
+    mean_delta: TensorDict,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    tau: float,
+) -> tuple[TensorDict, TensorDict, TensorDict]:
+    """One FedAdagrad / FedYogi / FedAdam step on the pseudo-gradient `mean_delta`.
+
+    m <- beta1*m + (1-beta1)*delta;
+    v <- v + delta^2 (adagrad) | v - (1-beta2)*delta^2*sign(v - delta^2) (yogi)
+         | beta2*v + (1-beta2)*delta^2 (adam);
+    step = lr * m / (sqrt(v) + tau). Moments start at zero, without bias correction, as in the
+    paper. Returns (m, v, step).
+    """
+    new_m, new_v, step = {}, {}, {}
+    for k, d in mean_delta.items():
+        m_k = m.get(k, torch.zeros_like(d))
+        v_k = v.get(k, torch.zeros_like(d))
+        d2 = d * d
+        new_m[k] = beta1 * m_k + (1 - beta1) * d
+        if kind == "fedadagrad":
+            new_v[k] = v_k + d2
+        elif kind == "fedyogi":
+            new_v[k] = v_k - (1 - beta2) * d2 * torch.sign(v_k - d2)
+        elif kind == "fedadam":
+            new_v[k] = beta2 * v_k + (1 - beta2) * d2
+        else:
+            raise ValueError(f"unknown adaptive optimiser {kind!r}")
+        step[k] = lr * new_m[k] / (new_v[k].sqrt() + tau)
+    return new_m, new_v, step
+
+
+class _Adaptive(_StatefulStrategy):
+    slots = ("m", "v")
+
+    def __init__(
+        self, lr: float = 0.01, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3
+    ) -> None:
+        super().__init__()
+        self.lr, self.beta1, self.beta2, self.tau = lr, beta1, beta2, tau
+
+    def apply(self, global_adapter: TensorDict, mean_delta: TensorDict) -> TensorDict:
+        m, v, step = adaptive_step(
+            self.name,
+            self.state["m"],
+            self.state["v"],
+            mean_delta,
+            self.lr,
+            self.beta1,
+            self.beta2,
+            self.tau,
+        )
+        self.state = {"m": m, "v": v}
+        return _step(global_adapter, step)
+
+
+class FedAdagrad(_Adaptive):
+    """Adagrad on the server: v accumulates the squared averaged update."""
+
+    name = "fedadagrad"
+
+
+class FedYogi(_Adaptive):
+    """Yogi on the server: v moves additively toward the squared averaged update."""
+
+    name = "fedyogi"
+
+
+class FedAdam(_Adaptive):
+    """Adam on the server (no bias correction, as in Reddi et al.)."""
+
+    name = "fedadam"
+
+
+# ---------------------------------------------------------------------------------------------
+# SCAFFOLD (Karimireddy et al. 2020, option II)
+# ---------------------------------------------------------------------------------------------
+
+
+def scaffold_client_variate(
+    correction: TensorDict, global_adapter: TensorDict, local_adapter: TensorDict, lr_sum: float
+) -> TensorDict:
+    """A client's new control variate, option II: c_i+ = c_i - c + (x - y_i) / (K * lr).
+
+    `correction` is c - c_i as the client got it; `lr_sum` is the sum of the learning rates of its
+    K local steps (K * lr for a constant rate). Returned as float32.
+    """
+    return {
+        k: (
+            -correction[k].double()
+            + (global_adapter[k].double() - local_adapter[k].double()) / lr_sum
+        ).float()
+        for k in global_adapter
+    }
+
+
+def scaffold_server_variate(
+    c: TensorDict, mean_delta_c: TensorDict, num_contributing: int, num_clients: int
+) -> TensorDict:
+    """c <- c + (|S| / N) * mean_i(c_i+ - c_i) over the round's contributing clients S."""
+    share = num_contributing / num_clients
+    return {k: c[k] + share * d if k in c else share * d for k, d in mean_delta_c.items()}
+
+
+class Scaffold(Strategy):
+    """SCAFFOLD: the server variate c is strategy state; each client's c_i is kept under
+    `clients/<id>.safetensors` by the aggregator, only for clients that have trained."""
+
+    name = "scaffold"
+    uses_client_state = True
+
+    def __init__(self, lr: float = 1.0, num_clients: int = 1) -> None:
+        self.lr, self.num_clients = lr, num_clients
+        self.c: TensorDict = {}
+        self._dc: WeightedDeltaSum | None = None
+        self._capacity = 1
+
+    def client_context(
+        self, global_adapter: TensorDict, client_state: TensorDict | None
+    ) -> ClientContext:
+        correction = {}
+        for k, g in global_adapter.items():
+            c = self.c[k] if k in self.c else torch.zeros(g.shape, dtype=torch.float64)
+            c_i = client_state[k].double() if client_state else 0.0
+            correction[k] = (c - c_i).float()
+        return ClientContext(correction=correction)
+
+    def begin_round(self, num_selected: int) -> None:
+        self._dc = None
+        self._capacity = max(1, num_selected)
+
+    def fold_client_state(self, old: TensorDict | None, new: TensorDict) -> None:
+        if self._dc is None:  # the variates' mean: uniform, exact and order-independent
+            zeros = {k: torch.zeros(v.shape, dtype=v.dtype) for k, v in new.items()}
+            self._dc = WeightedDeltaSum(zeros, self._capacity)
+        # new - old, with old = 0 before the client's first round
+        shifted = new if old is None else {k: (new[k].double() - old[k].double()) for k in new}
+        self._dc.add_delta({k: v.double() for k, v in shifted.items()}, 1)
+
+    def apply(self, global_adapter: TensorDict, mean_delta: TensorDict) -> TensorDict:
+        if self._dc is not None and self._dc.count:
+            self.c = scaffold_server_variate(
+                self.c, self._dc.mean(), self._dc.count, self.num_clients
+            )
+        self._dc = None
+        if self.lr == 1.0:
+            return _step(global_adapter, mean_delta)
+        return _step(global_adapter, {k: self.lr * d for k, d in mean_delta.items()})
+
+    def state_dict(self) -> TensorDict:
+        return _prefixed("c", self.c)
+
+    def load_state_dict(self, state: TensorDict) -> None:
+        unknown = [k for k in state if not k.startswith("c/")]
+        if unknown:
+            raise ValueError(f"scaffold: unexpected server state {sorted(unknown)[:3]}")
+        self.c = _unprefixed("c", state)
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry
+# ---------------------------------------------------------------------------------------------
+
+STRATEGIES: dict[str, type[Strategy]] = {
+    s.name: s for s in (FedAvg, FedProx, FedAvgM, FedAdagrad, FedYogi, FedAdam, Scaffold)
+}
+ADAPTIVE = ("fedadagrad", "fedyogi", "fedadam")
+
+
+def default_server_lr(name: str) -> float:
+    """Server learning rate when `server.lr` is null."""
+    return 0.01 if name in ADAPTIVE else 1.0
+
+
+def make_strategy(name: str, server: ServerConfig | None = None, num_clients: int = 1) -> Strategy:
+    """Instantiate the strategy named in `server.strategy` with its parameters from `server`."""
+    if name not in STRATEGIES:
         available = ", ".join(sorted(STRATEGIES))
-        raise FedsimInputError(
-            f"server.strategy: unknown {name!r}; available: {available}"
-        ) from None
+        raise FedsimInputError(f"server.strategy: unknown {name!r}; available: {available}")
+    if server is None:
+        from fedsim.config import ServerConfig
+
+        server = ServerConfig(strategy=name)
+    lr = server.lr if server.lr is not None else default_server_lr(name)
+    if name == "fedavg":
+        return FedAvg(lr)
+    if name == "fedprox":
+        return FedProx(lr, server.prox_mu)
+    if name == "fedavgm":
+        return FedAvgM(lr, server.momentum)
+    if name == "scaffold":
+        return Scaffold(lr, num_clients)
+    return STRATEGIES[name](lr, server.beta1, server.beta2, server.tau)  # type: ignore[call-arg]

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from fedsim.client.deepspeed_trainer import DeepSpeedTrainer
+from fedsim.client.trainer import ClientContext
 from fedsim.client.worker import ClientTask, ClientWorker
 from fedsim.config import config_from_dict
 from fedsim.driver import materialise, prepare_run, worker_spec
@@ -43,10 +44,12 @@ def make_worker(spec, backend: str, deepspeed: dict | None = None) -> ClientWork
     return ClientWorker(dataclasses.replace(spec, backend=backend, settings=settings))
 
 
-def train(worker: ClientWorker, client: int, adapter: dict) -> tuple[list[float], dict]:
-    outcome, trained = worker.train(ClientTask(1, client, 100 + client), adapter)
+def train(
+    worker: ClientWorker, client: int, adapter: dict, context: ClientContext | None = None
+) -> tuple[list[float], dict]:
+    outcome, upload = worker.train(ClientTask(1, client, 100 + client), adapter, context)
     assert outcome.ok, outcome.error
-    return outcome.losses, trained
+    return outcome.losses, upload.tensors
 
 
 @pytest.mark.parametrize("deepspeed", [None, ZERO2, ZERO1_BF16], ids=["zero0", "zero2", "bf16"])
@@ -82,6 +85,25 @@ def test_deepspeed_and_torch_reach_the_same_losses(spec):
     losses, _ = train(make_worker(spec, "deepspeed", ZERO1_BF16), 2, start)
     assert losses != reference
     assert losses == pytest.approx(reference, rel=BF16_RTOL)
+
+
+@pytest.mark.parametrize("deepspeed", [None, ZERO2], ids=["zero0", "zero2"])
+def test_strategy_contexts_match_the_torch_backend(spec, deepspeed):
+    """FedProx's term, SCAFFOLD's correction and a lower LoRA rank, all at once: the deepspeed
+    backend applies them as the torch backend does (through DeepSpeed's master weights)."""
+    torch_worker = make_worker(spec, "torch")
+    start = torch_worker.initial_adapter()
+    gen = torch.Generator().manual_seed(0)
+    correction = {k: 0.01 * torch.randn(v.shape, generator=gen) for k, v in start.items()}
+    context = ClientContext(prox_mu=0.5, correction=correction, lora_rank=2)
+    reference, reference_adapter = train(torch_worker, 2, start, context)
+    losses, adapter = train(make_worker(spec, "deepspeed", deepspeed), 2, start, context)
+    assert losses == pytest.approx(reference, rel=1e-5)
+    assert adapter.keys() == reference_adapter.keys()
+    for key in adapter:
+        torch.testing.assert_close(adapter[key], reference_adapter[key], rtol=1e-4, atol=1e-6)
+    plain, _ = train(make_worker(spec, "deepspeed", deepspeed), 2, start)
+    assert plain != losses  # the context did change training
 
 
 def test_deepspeed_settings_reach_the_engine(spec):

@@ -42,8 +42,9 @@ def test_a_gpu_worker_trains_and_returns_fp32_cpu_adapters(gpu_spec, backend, de
     settings = dataclasses.replace(gpu_spec.settings, deepspeed=deepspeed)
     worker = ClientWorker(dataclasses.replace(gpu_spec, backend=backend, settings=settings))
     start = worker.initial_adapter()
-    outcome, adapter = worker.train(ClientTask(1, 0, 5), start)
+    outcome, upload = worker.train(ClientTask(1, 0, 5), start)
     assert outcome.ok, outcome.error
+    adapter = upload.tensors
     for key, value in adapter.items():
         assert value.device.type == "cpu" and value.dtype == start[key].dtype
         assert torch.isfinite(value).all()

@@ -78,3 +78,18 @@ def test_weight_beyond_the_round_bound_is_refused():
     acc.add(_adapter(1.0, 1.0), 3)
     with pytest.raises(ValueError, match="bound"):
         acc.add(_adapter(1.0, 1.0), 1)
+
+
+def test_a_rejected_update_leaves_the_sum_exactly_as_it_was():
+    g = {"a": torch.zeros(70_000), "b": torch.zeros(3)}  # "a" spans several fold chunks
+    good = {"a": torch.full((70_000,), 0.25), "b": torch.ones(3)}
+    bad = {"a": torch.full((70_000,), 0.5), "b": torch.tensor([1.0, float("inf"), 0.0])}
+    clean = WeightedDeltaSum(g, 10)
+    clean.add(good, 2)
+    dirty = WeightedDeltaSum(g, 10)
+    dirty.add(good, 2)
+    with pytest.raises(UpdateRejected, match="b: non-finite"):
+        dirty.add(bad, 3)  # "a" was already folded in when "b" failed
+    assert dirty.count == 1 and dirty.total_weight == 2
+    for k in g:
+        assert torch.equal(dirty.mean()[k], clean.mean()[k])

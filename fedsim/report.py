@@ -1,0 +1,447 @@
+"""`fedsim report`: report.md and PNG plots from one or more run directories.
+
+For one run: the training curve, each question set's metrics and judge scores per round, the
+per-category breakdown of the newest evaluated round, and which clients took part in which
+round. For several runs: one comparison table (each run's newest evaluated round) and the same
+curves overlaid. Everything is read from files the trainer and evaluation jobs wrote
+(metrics.jsonl, config.yaml, rounds/*/eval/summary.json); nothing is recomputed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window
+import matplotlib.pyplot as plt
+import numpy as np
+import yaml
+from matplotlib.ticker import MaxNLocator
+
+from fedsim import checkpoint
+from fedsim.errors import FedsimInputError
+
+EVAL_METRICS: tuple[tuple[str, str], ...] = (
+    ("loss", "held-out loss"),
+    ("perplexity", "perplexity"),
+    ("rouge_l", "ROUGE-L"),
+    ("exact_match", "exact match"),
+    ("judge_score", "judge score (1-10)"),
+    ("win_rate", "win rate vs baseline"),
+)
+
+
+@dataclass
+class RunData:
+    """What a report needs from one run directory."""
+
+    path: Path
+    label: str
+    config: dict[str, Any]
+    train: list[dict[str, Any]]
+    evals: dict[str, dict[int, dict[str, Any]]] = field(default_factory=dict)
+    """Question set -> round -> the newest eval line for it."""
+
+    @property
+    def rounds_planned(self) -> int:
+        return int(self.config.get("run", {}).get("rounds", 0))
+
+    @property
+    def num_clients(self) -> int:
+        return int(self.config.get("data", {}).get("num_clients", 0))
+
+    def newest_eval(self, name: str) -> tuple[int, dict[str, Any]] | None:
+        rounds = self.evals.get(name)
+        if not rounds:
+            return None
+        r = max(rounds)
+        return r, rounds[r]
+
+
+def load_run(path: Path, label: str | None = None) -> RunData:
+    """Read config.yaml and metrics.jsonl; the newest eval line per (set, round) wins."""
+    config_path = path / "config.yaml"
+    if not config_path.is_file():
+        raise FedsimInputError(f"{path}: not a run directory (no config.yaml)")
+    config = yaml.safe_load(config_path.read_text()) or {}
+    train: dict[int, dict[str, Any]] = {}
+    evals: dict[str, dict[int, dict[str, Any]]] = {}
+    metrics = path / checkpoint.METRICS_FILE
+    lines = metrics.read_text().splitlines() if metrics.exists() else []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            raise FedsimInputError(f"{metrics}:{number}: not valid JSON") from None
+        if record.get("kind") == "eval":
+            evals.setdefault(record["set"], {})[int(record["round"])] = record
+        elif "round" in record:
+            train[int(record["round"])] = record
+    return RunData(path, label or path.name, config, [train[r] for r in sorted(train)], evals)
+
+
+def _labels(paths: list[Path]) -> list[str]:
+    names = [p.name for p in paths]
+    if len(set(names)) == len(names):
+        return names
+    return [str(p) for p in paths]
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def _eval_cells(record: dict[str, Any]) -> list[str]:
+    judge = "–"
+    if record.get("judge_score") is not None or "judge_n" in record:
+        judge = f"{_fmt(record.get('judge_score'), 2)} (n {record.get('judge_n', 0)}"
+        judge += f", {record.get('judge_excluded', 0)} excl.)"
+    win = "–"
+    if "win_rate" in record:
+        win = (
+            f"{_fmt(record.get('win_rate'), 3)} ({record.get('wins', 0)}W "
+            f"{record.get('losses', 0)}L {record.get('ties', 0)}T"
+            f", {record.get('pair_excluded', 0)} excl.)"
+        )
+    cost = record.get("judge_cost_usd")
+    return [
+        _fmt(record.get("loss")),
+        _fmt(record.get("perplexity"), 2),
+        _fmt(record.get("rouge_l"), 3),
+        _fmt(record.get("exact_match"), 3),
+        judge,
+        win,
+        f"${cost:.4f}" if cost is not None else "–",
+    ]
+
+
+EVAL_HEADER = ["loss", "ppl", "ROUGE-L", "exact", "judge", "win rate", "judge cost"]
+
+
+# ------------------------------------------------------------------------------------------
+# Plots
+# ------------------------------------------------------------------------------------------
+
+
+def plot_train_loss(runs: list[RunData], out: Path) -> Path | None:
+    if not any(r.train for r in runs):
+        return None
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for run in runs:
+        if run.train:
+            ax.plot(
+                [m["round"] for m in run.train],
+                [m["train_loss"] for m in run.train],
+                marker="o",
+                markersize=3,
+                label=run.label,
+            )
+    ax.set_xlabel("round")
+    ax.set_ylabel("train loss (mean over clients)")
+    ax.set_title("Training loss per round")
+    ax.grid(alpha=0.3)
+    if len(runs) > 1:
+        ax.legend(fontsize=8)
+    return _save(fig, out / "train_loss.png")
+
+
+def plot_eval(runs: list[RunData], name: str, out: Path) -> Path | None:
+    """One panel per metric that any run has for question set `name`; runs overlaid."""
+    metrics = [
+        (key, title)
+        for key, title in EVAL_METRICS
+        if any(key in rec for run in runs for rec in run.evals.get(name, {}).values())
+    ]
+    if not metrics:
+        return None
+    cols = min(3, len(metrics))
+    rows = (len(metrics) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for ax, (key, title) in zip(axes.flat, metrics, strict=False):
+        for run in runs:
+            points = sorted(
+                (r, rec[key]) for r, rec in run.evals.get(name, {}).items() if key in rec
+            )
+            if points:
+                xs, ys = zip(*points, strict=True)
+                ax.plot(xs, ys, marker="o", markersize=3, label=run.label)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+        if key == "judge_score":
+            ax.set_ylim(1, 10)
+        if key in ("exact_match", "win_rate", "rouge_l"):
+            ax.set_ylim(-0.02, 1.02)
+    spare = list(axes.flat)[len(metrics) :]
+    for ax in spare:
+        ax.axis("off")
+    if len(runs) > 1:  # in a spare panel when there is one, else over the first
+        handles, labels = axes.flat[0].get_legend_handles_labels()
+        (spare[0] if spare else axes.flat[0]).legend(handles, labels, fontsize=8, loc="upper left")
+    fig.suptitle(f"Evaluation on '{name}' per round")
+    return _save(fig, out / f"eval_{name}.png")
+
+
+def plot_participation(runs: list[RunData], out: Path) -> Path | None:
+    """Client x round grid: a cell is filled where the client trained in that round."""
+    shown = [r for r in runs if r.train and r.num_clients]
+    if not shown:
+        return None
+    fig, axes = plt.subplots(
+        1, len(shown), figsize=(max(4.5, 5.5 * len(shown)), 3.8), squeeze=False
+    )
+    for ax, run in zip(axes[0], shown, strict=True):
+        grid = np.zeros((run.num_clients, len(run.train)))
+        for col, m in enumerate(run.train):
+            for c in m.get("clients", []):
+                if 0 <= c < run.num_clients:
+                    grid[c, col] = 1
+        ax.imshow(grid, aspect="auto", cmap="Greens", interpolation="nearest", vmin=0, vmax=1)
+        rounds = [m["round"] for m in run.train]
+        ticks = np.linspace(0, len(rounds) - 1, min(len(rounds), 10)).round().astype(int)
+        ax.set_xticks(ticks, [str(rounds[t]) for t in ticks])
+        ax.set_xlabel("round")
+        ax.set_ylabel("client")
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(f"{run.label}: clients per round", fontsize=10)
+    return _save(fig, out / "participation.png")
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------------------
+# Markdown
+# ------------------------------------------------------------------------------------------
+
+
+def _run_line(run: RunData) -> str:
+    c = run.config
+    server = c.get("server", {})
+    if server.get("client_ids") is not None:
+        who = f"clients {server['client_ids']} every round"
+    elif server.get("clients_per_round") is not None:
+        who = f"{server['clients_per_round']} per round"
+    else:
+        who = f"fraction {server.get('fraction')} per round"
+    return (
+        f"{len(run.train)}/{run.rounds_planned} rounds, {run.num_clients} clients ({who}), "
+        f"{server.get('strategy', '?')}, model {c.get('model', {}).get('name_or_path', '?')}, "
+        f"data {c.get('data', {}).get('source', '?')}"
+    )
+
+
+def _set_names(runs: list[RunData]) -> list[str]:
+    names: list[str] = []
+    for run in runs:
+        names += [n for n in run.evals if n not in names]
+    return names
+
+
+def _category_section(run: RunData, name: str) -> list[str]:
+    newest = run.newest_eval(name)
+    if newest is None:
+        return []
+    r, _ = newest
+    summary_path = run.path / "rounds" / checkpoint.round_name(r) / "eval" / "summary.json"
+    try:
+        summary = json.loads(summary_path.read_text())["sets"][name]
+    except (OSError, ValueError, KeyError):
+        return []
+    columns = _category_columns(summary)
+    if not columns:
+        return []
+    categories = sorted({c for col in columns.values() for c in col})
+    rows = [[c] + [columns[k].get(c, "–") for k in columns] for c in categories]
+    return [
+        f"Per category, round {r}:",
+        "",
+        *_table(["category", *columns], rows),
+        "",
+    ]
+
+
+def _category_columns(summary: dict[str, Any]) -> dict[str, dict[str, str]]:
+    """Per-category cells of one set's summary.json entry, by column name."""
+    columns: dict[str, dict[str, str]] = {}
+    by_cat = summary.get("loss_by_category") or {}
+    if by_cat:
+        columns["loss"] = {c: _fmt(v["loss"]) for c, v in by_cat.items()}
+    for key, label, digits in (("rouge_l", "ROUGE-L", 3), ("exact_match", "exact", 3)):
+        cats = summary.get(key, {}).get("by_category", {})
+        if any(v["n"] for v in cats.values()):
+            columns[label] = {c: _fmt(v["mean"], digits) for c, v in cats.items() if v["n"]}
+    judge = summary.get("judge") or {}
+    if "single" in judge:
+        columns["judge"] = {
+            c: f"{_fmt(v['mean'], 2)} (n {v['n']})"
+            for c, v in judge["single"]["by_category"].items()
+        }
+    if "pairwise" in judge:
+        columns["win rate"] = {
+            c: f"{_fmt(v['win_rate'], 3)} (n {v['n']})"
+            for c, v in judge["pairwise"]["by_category"].items()
+        }
+    return columns
+
+
+def _single_run_markdown(run: RunData, plots: dict[str, Path | None]) -> list[str]:
+    lines = [f"# fedsim report: {run.path}", "", _run_line(run), ""]
+    lines += ["## Training", ""]
+    if run.train:
+        rows = [
+            [
+                str(m["round"]),
+                str(m.get("num_clients", "")),
+                str(m.get("samples", "")),
+                _fmt(m.get("train_loss")),
+                _fmt(m.get("seconds"), 1),
+            ]
+            for m in run.train
+        ]
+        lines += [*_table(["round", "clients", "samples", "train loss", "seconds"], rows), ""]
+    else:
+        lines += ["No round has finished yet.", ""]
+    if plots.get("train"):
+        lines += ["![train loss](train_loss.png)", ""]
+    lines += ["## Evaluation", ""]
+    names = _set_names([run])
+    if not names:
+        lines += ["No evaluation yet: `fedsim eval RUN_DIR --all`.", ""]
+    for name in names:
+        lines += [f"### {name}", ""]
+        rows = [[str(r), *_eval_cells(rec)] for r, rec in sorted(run.evals[name].items())]
+        lines += [*_table(["round", *EVAL_HEADER], rows), ""]
+        lines += _category_section(run, name)
+        if plots.get(name):
+            lines += [f"![{name}](eval_{name}.png)", ""]
+    lines += ["## Client participation", ""]
+    if plots.get("participation"):
+        counts = np.zeros(run.num_clients, dtype=int)
+        for m in run.train:
+            for c in m.get("clients", []):
+                if 0 <= c < run.num_clients:
+                    counts[c] += 1
+        per_client = ", ".join(f"{i}: {n}" for i, n in enumerate(counts))
+        lines += [
+            f"Rounds each client trained in: {per_client}",
+            "",
+            "![participation](participation.png)",
+            "",
+        ]
+    return lines
+
+
+ALGO_HEADER = ["global loss (last 3 rounds)", "uplink MB", "epsilon"]
+
+
+def _algo_cells(run: RunData) -> list[str]:
+    """What compares federated algorithms: the loss of the incoming global adapter (the first
+    local step of each round's clients) over the last three rounds, the bytes clients sent, and
+    the DP budget spent."""
+    tail = [m["global_loss"] for m in run.train[-3:] if m.get("global_loss") is not None]
+    tail = [x for x in tail if x == x]  # drop NaN (a round without a trained client)
+    uplink = sum(m.get("uplink_bytes", 0) for m in run.train)
+    epsilon = run.train[-1].get("epsilon") if run.train else None
+    return [
+        _fmt(sum(tail) / len(tail)) if tail else "–",
+        f"{uplink / 1e6:.2f}" if uplink else "–",
+        _fmt(epsilon, 3),
+    ]
+
+
+def _comparison_markdown(runs: list[RunData], plots: dict[str, Path | None]) -> list[str]:
+    lines = [f"# fedsim report: {len(runs)} runs compared", ""]
+    lines += [f"- **{run.label}** ({run.path}): {_run_line(run)}" for run in runs] + [""]
+    rows = []
+    for run in runs:
+        last = run.train[-1] if run.train else {}
+        rows.append(
+            [run.label, str(last.get("round", 0)), _fmt(last.get("train_loss")), *_algo_cells(run)]
+        )
+    lines += ["## Training", ""]
+    lines += [*_table(["run", "rounds", "final train loss", *ALGO_HEADER], rows), ""]
+    if plots.get("train"):
+        lines += ["![train loss](train_loss.png)", ""]
+    lines += ["## Evaluation (each run's newest evaluated round)", ""]
+    for name in _set_names(runs):
+        lines += [f"### {name}", ""]
+        rows = []
+        for run in runs:
+            newest = run.newest_eval(name)
+            if newest is None:
+                rows.append([run.label, "–", *["–"] * len(EVAL_HEADER)])
+            else:
+                rows.append([run.label, str(newest[0]), *_eval_cells(newest[1])])
+        lines += [*_table(["run", "round", *EVAL_HEADER], rows), ""]
+        lines += _category_comparison(runs, name)
+        if plots.get(name):
+            lines += [f"![{name}](eval_{name}.png)", ""]
+    if plots.get("participation"):
+        lines += ["## Client participation", "", "![participation](participation.png)", ""]
+    return lines
+
+
+def _category_comparison(runs: list[RunData], name: str) -> list[str]:
+    """One table per metric: category x run, at each run's newest evaluated round."""
+    per_run: dict[str, dict[str, dict[str, str]]] = {}
+    for run in runs:
+        newest = run.newest_eval(name)
+        if newest is None:
+            continue
+        path = run.path / "rounds" / checkpoint.round_name(newest[0]) / "eval" / "summary.json"
+        try:
+            per_run[run.label] = _category_columns(json.loads(path.read_text())["sets"][name])
+        except (OSError, ValueError, KeyError):
+            continue
+    lines: list[str] = []
+    metrics = []
+    for columns in per_run.values():
+        metrics += [m for m in columns if m not in metrics]
+    for metric in metrics:
+        cats = sorted({c for cols in per_run.values() for c in cols.get(metric, {})})
+        labels = [label for label in per_run if metric in per_run[label]]
+        rows = [[c] + [per_run[label][metric].get(c, "–") for label in labels] for c in cats]
+        lines += [f"{metric} per category:", "", *_table(["category", *labels], rows), ""]
+    return lines
+
+
+def write_report(run_dirs: list[Path], out: Path | None = None) -> Path:
+    """Write report.md and its PNGs; returns the output folder."""
+    if not run_dirs:
+        raise FedsimInputError("report: name at least one run directory")
+    runs = [load_run(p, label) for p, label in zip(run_dirs, _labels(run_dirs), strict=True)]
+    if out is None:
+        out = run_dirs[0] / "report" if len(runs) == 1 else Path("report")
+    out.mkdir(parents=True, exist_ok=True)
+    plots: dict[str, Path | None] = {"train": plot_train_loss(runs, out)}
+    for name in _set_names(runs):
+        plots[name] = plot_eval(runs, name, out)
+    plots["participation"] = plot_participation(runs, out)
+    lines = (
+        _single_run_markdown(runs[0], plots)
+        if len(runs) == 1
+        else _comparison_markdown(runs, plots)
+    )
+    checkpoint.write_text_atomic(out / "report.md", "\n".join(lines).rstrip() + "\n")
+    return out

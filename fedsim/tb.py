@@ -1,0 +1,64 @@
+"""TensorBoard event files, when the optional `tensorboard` extra is installed.
+
+`pip install fedsim[tensorboard]` and every round's training metrics (the driver) and every
+evaluation result (`fedsim eval`) also stream to `RUN_DIR/tensorboard/{train,eval}`, so
+`tensorboard --logdir runs/` shows them. Without the extra, `ScalarLog` does nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+TENSORBOARD_DIR = "tensorboard"
+
+
+def tensorboard_available() -> bool:
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class ScalarLog:
+    """Scalars by tag and step into one TensorBoard log directory; a no-op without tensorboard.
+
+    The directory (and its event file) is created on the first scalar, not before."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self._writer: Any = None
+        self.enabled = tensorboard_available()
+
+    def add(self, tag: str, value: float | int | None, step: int) -> None:
+        if not self.enabled or value is None or isinstance(value, bool):
+            return
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.log_dir))
+        self._writer.add_scalar(tag, float(value), step)
+
+    def add_all(self, prefix: str, values: dict[str, Any], step: int) -> None:
+        """Every number in `values` as `prefix/key`."""
+        for key, value in values.items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                self.add(f"{prefix}/{key}", value, step)
+
+    def flush(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def train_log(run_dir: Path) -> ScalarLog:
+    return ScalarLog(run_dir / TENSORBOARD_DIR / "train")
+
+
+def eval_log(run_dir: Path) -> ScalarLog:
+    return ScalarLog(run_dir / TENSORBOARD_DIR / "eval")

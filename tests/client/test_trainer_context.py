@@ -1,0 +1,86 @@
+"""The trainer's strategy hooks on a small real LLaMA model with LoRA: FedProx's proximal
+term, SCAFFOLD's correction, and rank masks for heterogeneous clients."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from fedsim.client.trainer import ClientContext, TorchTrainer, TrainSettings
+from fedsim.model import LoraSpec, adapter_parameters, attach_lora, get_adapter, set_adapter
+
+SETTINGS = TrainSettings(
+    local_steps=6, local_epochs=None, batch_size=4, micro_batch_size=2, lr=5e-2, max_grad_norm=None
+)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+    )
+    return attach_lora(LlamaForCausalLM(config), LoraSpec(r=4, alpha=8, dropout=0.0), seed=1)
+
+
+@pytest.fixture(scope="module")
+def start(model):
+    # LoRA B starts at zero; give it values so every component matters
+    adapter = get_adapter(model)
+    gen = torch.Generator().manual_seed(2)
+    return {k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in adapter.items()}
+
+
+EXAMPLES = [[(i * 7 + j) % 64 for j in range(12)] for i in range(8)]
+
+
+def _train(model, start, context=None):
+    set_adapter(model, start)
+    result = TorchTrainer(SETTINGS).train(model, EXAMPLES, EXAMPLES, seed=3, context=context)
+    return get_adapter(model), result
+
+
+def _distance(a, b) -> float:
+    return sum(float((a[k] - b[k]).double().norm() ** 2) for k in a) ** 0.5
+
+
+def test_adapter_parameters_use_peft_saved_names(model):
+    assert set(adapter_parameters(model)) == set(get_adapter(model))
+
+
+def test_no_context_and_an_empty_one_train_identically(model, start):
+    plain, result = _train(model, start)
+    empty, _ = _train(model, start, ClientContext())
+    assert all(torch.equal(plain[k], empty[k]) for k in plain)
+    assert result.lr_sum == pytest.approx(6 * 5e-2)
+
+
+def test_proximal_term_keeps_the_client_near_the_global_adapter(model, start):
+    free, _ = _train(model, start)
+    held, _ = _train(model, start, ClientContext(prox_mu=50.0))
+    assert _distance(held, start) < 0.5 * _distance(free, start)
+
+
+def test_scaffold_correction_is_a_decoupled_step(model, start):
+    """A constant correction c moves each parameter by -sum(lr)*c on top of training."""
+    free, _ = _train(model, start)
+    correction = {k: torch.full(v.shape, 0.1) for k, v in start.items()}
+    corrected, result = _train(model, start, ClientContext(correction=correction))
+    shifted = {k: corrected[k] - free[k] for k in free}
+    # not exactly -lr_sum * c: the correction also changes the path of AdamW's later steps
+    for k, v in shifted.items():
+        assert float(v.mean()) == pytest.approx(-result.lr_sum * 0.1, rel=0.35), k
+
+
+def test_rank_mask_trains_only_the_first_components(model, start):
+    trained, _ = _train(model, start, ClientContext(lora_rank=2))
+    for key, value in trained.items():
+        if "lora_A" in key:
+            assert torch.all(value[2:] == 0) and not torch.equal(value[:2], start[key][:2])
+        elif "lora_B" in key:
+            assert torch.all(value[:, 2:] == 0) and not torch.equal(value[:, :2], start[key][:, :2])

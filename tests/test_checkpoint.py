@@ -1,0 +1,117 @@
+"""Round checkpoints: the exact file set, integrity checks, fallback, and failed writes."""
+
+import errno
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedsim import checkpoint
+from fedsim.checkpoint import CheckpointWriteError
+
+
+def _write(run_dir, round_idx, value, state=None):
+    adapter = {"layer.lora_A.weight": torch.full((2, 3), float(value))}
+    return checkpoint.write_round(
+        run_dir, round_idx, adapter, {"r": 2}, state or {}, {"clients": [1, 2]}
+    )
+
+
+def test_round_directory_holds_exactly_the_contract_files(tmp_path):
+    path = _write(tmp_path, 1, 1.0)
+    assert path == tmp_path / "rounds" / "round_0001"
+    assert {p.name for p in path.iterdir()} == {
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "round.json",
+    }
+    with_state = _write(tmp_path, 2, 2.0, state={"momentum": torch.ones(3)})
+    assert (with_state / "server_state.safetensors").is_file()
+    assert (tmp_path / "latest").read_text() == "round_0002\n"
+    info = json.loads((with_state / "round.json").read_text())
+    assert info["round"] == 2 and info["clients"] == [1, 2]
+    assert set(info["files"]) == {
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "server_state.safetensors",
+    }
+    assert not list((tmp_path / "rounds").glob(".*"))  # no temporary left behind
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete", "bad-json"])
+def test_damaged_round_is_detected_and_resume_falls_back(tmp_path, damage):
+    _write(tmp_path, 1, 1.0)
+    newest = _write(tmp_path, 2, 2.0)
+    target = newest / "adapter_model.safetensors"
+    if damage == "truncate":
+        target.write_bytes(target.read_bytes()[:-4])
+    elif damage == "flip":
+        data = bytearray(target.read_bytes())
+        data[-1] ^= 0x01
+        target.write_bytes(bytes(data))
+    elif damage == "delete":
+        target.unlink()
+    else:
+        (newest / "round.json").write_text("{not json")
+    assert checkpoint.verify_round(newest) is not None
+
+    messages: list[str] = []
+    found = checkpoint.find_resume_point(tmp_path, messages.append)
+    assert found is not None and found.round_idx == 1
+    assert torch.equal(found.adapter["layer.lora_A.weight"], torch.ones(2, 3))
+    assert len(messages) == 1 and messages[0].startswith("resume: skipping round_0002")
+
+
+@pytest.mark.parametrize(
+    ("code", "words"), [(errno.ENOSPC, "No space left"), (errno.EACCES, "Permission denied")]
+)
+def test_failed_write_keeps_the_previous_round_and_names_the_path(
+    tmp_path, monkeypatch, code, words
+):
+    _write(tmp_path, 1, 1.0)
+    before = (tmp_path / "rounds/round_0001/adapter_model.safetensors").read_bytes()
+
+    def failing_save(tensors, filename, metadata=None):
+        raise OSError(code, words, filename)  # the disk, as a full or read-only one answers
+
+    monkeypatch.setattr(checkpoint, "save_file", failing_save)
+    with pytest.raises(CheckpointWriteError) as info:
+        _write(tmp_path, 2, 2.0)
+    message = str(info.value)
+    assert "round 2" in message and ".round_0002.tmp/adapter_model.safetensors" in message
+    assert words in message
+
+    assert (tmp_path / "latest").read_text() == "round_0001\n"
+    assert checkpoint.list_rounds(tmp_path) == [1]
+    assert not list((tmp_path / "rounds").glob(".*"))
+    assert (tmp_path / "rounds/round_0001/adapter_model.safetensors").read_bytes() == before
+    loaded = load_file(tmp_path / "rounds/round_0001/adapter_model.safetensors")
+    assert torch.equal(loaded["layer.lora_A.weight"], torch.ones(2, 3))
+
+
+def test_a_redone_round_replaces_the_old_directory(tmp_path):
+    _write(tmp_path, 1, 1.0)
+    _write(tmp_path, 1, 5.0)
+    found = checkpoint.find_resume_point(tmp_path)
+    assert found is not None
+    assert torch.equal(found.adapter["layer.lora_A.weight"], torch.full((2, 3), 5.0))
+
+
+def test_metrics_are_truncated_to_the_resume_point(tmp_path):
+    for r in (1, 2, 3):
+        checkpoint.append_metrics(tmp_path, {"round": r})
+    checkpoint.truncate_metrics(tmp_path, 2)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["round"] for line in lines] == [1, 2]
+
+
+def test_a_half_written_round_left_by_a_crash_is_ignored_and_replaced(tmp_path):
+    _write(tmp_path, 1, 1.0)
+    stale = tmp_path / "rounds" / ".round_0002.tmp"
+    stale.mkdir()
+    (stale / "adapter_model.safetensors").write_bytes(b"half")
+    assert checkpoint.list_rounds(tmp_path) == [1]
+    _write(tmp_path, 2, 2.0)
+    assert not stale.exists()
+    assert checkpoint.verify_round(tmp_path / "rounds" / "round_0002") is None
