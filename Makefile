@@ -2,8 +2,11 @@
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
-# The tiny model and DeepSpeed's JIT-built ops are cached here between runs.
+# The tiny model is cached here between runs.
 export FEDSIM_CACHE_DIR ?= $(CURDIR)/.cache/fedsim
+# DeepSpeed's JIT-compiled ops depend on the machine, not the checkout: build them once per
+# machine (minutes), whichever clone runs.
+export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/fedsim/torch_extensions
 
 .PHONY: install quickstart test test-all quality format clean
 

@@ -32,7 +32,9 @@ AVAILABILITY_DISTRIBUTIONS = ("constant", "uniform", "beta")
 ROBUST_RULES = ("mean", "median", "trimmed_mean", "krum", "multi_krum")
 COMPRESSIONS = ("none", "fp16", "bf16", "int8", "topk")
 BACKENDS = ("torch", "deepspeed")
-IMPLEMENTED_BACKENDS = ("torch",)
+IMPLEMENTED_BACKENDS = ("torch", "deepspeed")
+QUANTIZATIONS = ("8bit", "4bit")
+DATA_TRANSPORTS = ("object_store", "filesystem")
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 DTYPES = ("float32", "bfloat16", "float16")
 DATA_FORMATS = ("auto", "jsonl", "json", "parquet", "arrow", "hub")
@@ -124,6 +126,9 @@ class ModelConfig:
     """Hub id, local directory, or `tiny` (the built-in model)."""
     dtype: str = "float32"
     """float32 | bfloat16 | float16 for the frozen base model."""
+    quantization: str | None = None
+    """null | 8bit | 4bit: load the frozen base quantized with bitsandbytes (QLoRA-style) to fit
+    large models on small GPUs; needs CUDA workers and `pip install fedsim[gpu]`."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     tiny: TinyConfig = field(default_factory=TinyConfig)
 
@@ -159,6 +164,12 @@ class ClientConfig:
     warmup_steps: int = 0
     max_grad_norm: float | None = 1.0
     """Gradient clipping; null disables it."""
+    deepspeed: Any = None
+    """DeepSpeed settings for `backend: deepspeed`: an inline mapping in DeepSpeed's own config
+    format, or the path of a DeepSpeed JSON file (read at load time; config.yaml records its
+    content). ZeRO stage 0/1/2, bf16/fp16, zero_optimization.offload_optimizer and the like go
+    here; batch sizes, gradient clipping, optimizer and lr schedule come from client.* (keys that
+    disagree with them are errors). null: ZeRO stage 0 in the model's dtype."""
     profile: str | None = None
     """Per-client profile file (YAML/JSON: `default`, `classes`, `clients`) giving each client's
     `availability` probability and `lora_rank`; see the README's "Client profiles"."""
@@ -251,7 +262,16 @@ class ClusterConfig:
     num_workers: int | None = None
     """ClientWorker actors; null sizes the pool from the cluster's resources."""
     gpus_per_worker: float = 0.0
+    """GPUs per ClientWorker; fractions share a GPU (0.5: two workers per GPU)."""
     cpus_per_worker: float = 1.0
+    """CPUs per ClientWorker (also its torch thread count)."""
+    data_transport: str = "object_store"
+    """How client shards (and the built-in tiny model) reach workers: object_store (put once per
+    run in Ray's object store; works across nodes without a shared filesystem) | filesystem
+    (workers memory-map `<run dir>/shards`; every node must see the run directory)."""
+    wait_for_nodes_s: float = 0.0
+    """Seconds to wait for the cluster to grow (an autoscaling cluster starting GPU nodes) until
+    the worker pool fits; 0 fails at once when it does not fit the nodes present."""
     max_client_retries: int = 2
     """Times a client is retried when its worker dies mid-turn, before it is dropped."""
     max_worker_restarts: int = 3
@@ -425,6 +445,8 @@ def _convert(value: Any, tp: Any, dotted: str, problems: list[str]) -> Any:
             problems.append(f"{dotted}: expected a list, got {value!r}")
             return None
         return [_convert(v, item_tp, f"{dotted}[{i}]", problems) for i, v in enumerate(value)]
+    if tp is Any:  # free-form (e.g. a DeepSpeed config); checked in validate()
+        return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str):
@@ -510,6 +532,8 @@ def config_from_dict(raw: dict[str, Any]) -> ExperimentConfig:
         if cfg.data.partition.path:
             path = expand_path(cfg.data.partition.path, "data.partition.path", problems)
             cfg.data.partition.path = path
+        if isinstance(cfg.client.deepspeed, str):
+            cfg.client.deepspeed = _read_deepspeed_file(cfg.client.deepspeed, problems)
         if cfg.client.profile:
             cfg.client.profile = expand_path(cfg.client.profile, "client.profile", problems)
         if cfg.system.profiles:
@@ -519,6 +543,26 @@ def config_from_dict(raw: dict[str, Any]) -> ExperimentConfig:
     if problems:
         raise ConfigError(problems)
     return cfg
+
+
+def _read_deepspeed_file(text: str, problems: list[str]) -> Any:
+    """The mapping in the DeepSpeed JSON file named by `client.deepspeed` (None on error)."""
+    path = Path(expand_path(text, "client.deepspeed", problems))
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        problems.append(f"client.deepspeed: DeepSpeed config file not found: {path}")
+        return None
+    except (OSError, UnicodeDecodeError) as err:
+        problems.append(f"client.deepspeed: cannot read {path} ({err})")
+        return None
+    except json.JSONDecodeError as err:
+        problems.append(f"client.deepspeed: {path}:{err.lineno}: not valid JSON ({err.msg})")
+        return None
+    if not isinstance(content, dict):
+        problems.append(f"client.deepspeed: {path}: expected a JSON object")
+        return None
+    return content
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
@@ -594,6 +638,8 @@ def validate(cfg: ExperimentConfig) -> list[str]:
     if not m.name_or_path:
         p.append("model.name_or_path: expected a hub id, a local directory or 'tiny'")
     _choice(p, "model.dtype", m.dtype, DTYPES)
+    if m.quantization is not None:
+        p.extend(_quantization_problems(cfg))
     _positive(p, "model.lora.r", m.lora.r)
     _positive(p, "model.lora.alpha", m.lora.alpha)
     if not 0 <= m.lora.dropout < 1:
@@ -611,6 +657,8 @@ def validate(cfg: ExperimentConfig) -> list[str]:
     _choice(p, "client.backend", c.backend, BACKENDS)
     if c.backend in BACKENDS and c.backend not in IMPLEMENTED_BACKENDS:
         p.append(f"client.backend: {c.backend!r} is not available in this version; use torch")
+    if c.deepspeed is not None:
+        p.extend(_deepspeed_problems(cfg))
     _choice(p, "client.lr_scheduler", c.lr_scheduler, LR_SCHEDULERS)
     if (c.local_steps is None) == (c.local_epochs is None):
         p.append(
@@ -660,6 +708,11 @@ def validate(cfg: ExperimentConfig) -> list[str]:
     _positive(p, "cluster.num_workers", k.num_workers)
     _positive(p, "cluster.gpus_per_worker", k.gpus_per_worker, zero_ok=True)
     _positive(p, "cluster.cpus_per_worker", k.cpus_per_worker)
+    if k.gpus_per_worker > 1 and not float(k.gpus_per_worker).is_integer():
+        # Ray's rule: fractions only below one GPU.
+        p.append(f"cluster.gpus_per_worker: above 1 it must be whole, got {k.gpus_per_worker}")
+    _choice(p, "cluster.data_transport", k.data_transport, DATA_TRANSPORTS)
+    _positive(p, "cluster.wait_for_nodes_s", k.wait_for_nodes_s, zero_ok=True)
     _positive(p, "cluster.max_client_retries", k.max_client_retries, zero_ok=True)
     _positive(p, "cluster.max_worker_restarts", k.max_worker_restarts, zero_ok=True)
     _validate_eval(p, cfg.eval)
@@ -672,6 +725,45 @@ def validate(cfg: ExperimentConfig) -> list[str]:
     if not 0 <= y.dropout <= 1:
         p.append(f"system.dropout: must be in [0, 1], got {y.dropout}")
     return p
+
+
+def _quantization_problems(cfg: ExperimentConfig) -> list[str]:
+    """8/4-bit base models need bitsandbytes on CUDA: refuse them where no worker can have it."""
+    q = cfg.model.quantization
+    if q not in QUANTIZATIONS:
+        return [
+            f"model.quantization: expected null or one of {', '.join(QUANTIZATIONS)}, got {q!r}"
+        ]
+    if cfg.cluster.gpus_per_worker <= 0:
+        return [
+            f"model.quantization: {q} (bitsandbytes) runs on CUDA GPUs only; "
+            "set cluster.gpus_per_worker > 0 or remove model.quantization"
+        ]
+    if not (cfg.cluster.address or os.environ.get("RAY_ADDRESS")):
+        # A local run trains on this machine, so it needs CUDA here. With a cluster address the
+        # workers' nodes are checked when the pool starts instead.
+        import torch
+
+        if not torch.cuda.is_available():
+            return [
+                f"model.quantization: {q} (bitsandbytes) needs a CUDA GPU and this machine has "
+                "none; remove model.quantization, or run on a GPU cluster (cluster.address)"
+            ]
+    return []
+
+
+def _deepspeed_problems(cfg: ExperimentConfig) -> list[str]:
+    # DeepSpeed is imported only for configs that use it (its import takes seconds).
+    from fedsim.client.deepspeed_trainer import deepspeed_config_problems
+
+    c = cfg.client
+    return deepspeed_config_problems(
+        c.deepspeed,
+        batch_size=c.batch_size,
+        micro_batch_size=c.micro_batch_size,
+        max_grad_norm=c.max_grad_norm,
+        gpus_per_worker=cfg.cluster.gpus_per_worker,
+    )
 
 
 def _in_unit(p: list[str], dotted: str, value: float, upper_open: bool = False) -> None:

@@ -25,14 +25,16 @@ from typing import Any
 
 import numpy as np
 import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from fedsim import checkpoint
 from fedsim.client.profile import ClientProfile, load_profiles
 from fedsim.client.trainer import TrainSettings
-from fedsim.client.worker import FAULTS_ENV, ClientOutcome, ClientTask, WorkerSpec
+from fedsim.client.worker import FAULTS_ENV, ClientOutcome, ClientTask, WorkerSpec, pack_directory
 from fedsim.config import ClusterConfig, ExperimentConfig, clients_per_round
 from fedsim.data.pipeline import PreparedData, prepare_data, write_partition
-from fedsim.data.shards import IGNORE_INDEX, tokenize_records_compact, write_shards
+from fedsim.data.shards import IGNORE_INDEX, pack_shards, tokenize_records_compact, write_shards
 from fedsim.data.synthetic import generic_text
 from fedsim.data.templates import get_template, template_text
 from fedsim.errors import FedsimInputError
@@ -257,26 +259,122 @@ def ray_session(cluster: ClusterConfig) -> Iterator[None]:
             ray.shutdown()
 
 
-def pool_size(cluster: ClusterConfig, resources: dict[str, float], per_round: int) -> int:
-    """Number of ClientWorkers: `cluster.num_workers`, or as many as the resources allow (never
-    more than the clients of one round). An impossible request is an error, not a hang."""
-    cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
-    fits = math.floor(cpus / cluster.cpus_per_worker + 1e-9)
+def _node_capacity(node: dict[str, float], cluster: ClusterConfig) -> int:
+    """Workers of `cluster`'s shape that fit on one node with resources `node`."""
+    fits = math.floor(node.get("CPU", 0.0) / cluster.cpus_per_worker + 1e-9)
     if cluster.gpus_per_worker > 0:
-        fits = min(fits, math.floor(gpus / cluster.gpus_per_worker + 1e-9))
+        fits = min(fits, math.floor(node.get("GPU", 0.0) / cluster.gpus_per_worker + 1e-9))
+    return max(fits, 0)
+
+
+def pool_size(cluster: ClusterConfig, nodes: list[dict[str, float]], per_round: int) -> int:
+    """Number of ClientWorkers: `cluster.num_workers`, or as many as the nodes hold (never more
+    than the clients of one round). `nodes` holds the resources of each alive node: a worker
+    lives on one node, so it is sized per node, not from the cluster's totals. An impossible
+    request is an error, not a hang."""
+    cpus = sum(n.get("CPU", 0.0) for n in nodes)
+    gpus = sum(n.get("GPU", 0.0) for n in nodes)
+    shape = f"{cluster.cpus_per_worker:g} CPU and {cluster.gpus_per_worker:g} GPU"
+    fits = sum(_node_capacity(n, cluster) for n in nodes)
     if fits < 1:
+        field = "cluster.cpus_per_worker"
+        most = max((n.get("CPU", 0.0) for n in nodes), default=0.0)
+        largest = f"{most:g} CPU"
+        if cluster.gpus_per_worker > 0:
+            most_gpus = max((n.get("GPU", 0.0) for n in nodes), default=0.0)
+            if most_gpus < cluster.gpus_per_worker:
+                field, largest = "cluster.gpus_per_worker", f"{most_gpus:g} GPU"
         raise FedsimInputError(
-            f"cluster: a worker needs {cluster.cpus_per_worker} CPU and "
-            f"{cluster.gpus_per_worker} GPU, but the cluster has {cpus:g} CPU and {gpus:g} GPU"
+            f"{field}: a worker needs {shape}, but no node has that much (the largest has "
+            f"{largest}; the cluster: {len(nodes)} node(s), {cpus:g} CPU, {gpus:g} GPU)"
         )
     if cluster.num_workers is not None:
         if cluster.num_workers > fits:
             raise FedsimInputError(
                 f"cluster.num_workers: {cluster.num_workers} workers do not fit; the cluster "
-                f"({cpus:g} CPU, {gpus:g} GPU) holds {fits} at the requested resources"
+                f"({len(nodes)} node(s), {cpus:g} CPU, {gpus:g} GPU) holds {fits} of {shape}"
             )
         return cluster.num_workers
     return min(fits, per_round)
+
+
+def alive_nodes() -> list[dict[str, float]]:
+    """Resources of each alive node of the connected cluster."""
+    return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+
+
+# How long to wait for resources that the nodes present do have but other work holds.
+PLACEMENT_TIMEOUT_S = 120.0
+
+
+def reserve_workers(cluster: ClusterConfig, per_round: int, log: Log) -> Any:
+    """A placement group with one bundle per ClientWorker, reserved before any worker starts, so
+    that a pool that cannot be placed is a clear error after a bounded wait, never a hang.
+
+    With `cluster.wait_for_nodes_s` the wait covers an autoscaler starting nodes (the pending
+    group is the demand it scales for); without it, a pool that fits no node present fails at once.
+    """
+    deadline = time.monotonic() + cluster.wait_for_nodes_s
+    fits_now = True
+    while True:
+        try:
+            n_workers = pool_size(cluster, alive_nodes(), per_round)
+            break
+        except FedsimInputError as err:
+            if time.monotonic() >= deadline:
+                raise
+            if cluster.num_workers is not None:
+                n_workers, fits_now = cluster.num_workers, False  # the autoscaler sees it all
+                break
+            log(f"waiting for nodes: {err}")
+            time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
+    bundle = {"CPU": cluster.cpus_per_worker}
+    if cluster.gpus_per_worker > 0:
+        bundle["GPU"] = cluster.gpus_per_worker
+    group = placement_group([dict(bundle) for _ in range(n_workers)], strategy="PACK")
+    # Resources the nodes have but other work holds: a bounded wait. Nodes still to come: the
+    # rest of wait_for_nodes_s.
+    timeout = PLACEMENT_TIMEOUT_S if fits_now else max(1.0, deadline - time.monotonic())
+    if not group.wait(timeout_seconds=timeout):
+        remove_placement_group(group)
+        raise FedsimInputError(
+            f"cluster: could not reserve {n_workers} workers of {_short(bundle)} each within "
+            f"{timeout:.0f} s (free now: {_short(ray.available_resources())}); other work holds "
+            "the resources, or nodes are still starting: raise cluster.wait_for_nodes_s or "
+            "lower cluster.num_workers"
+        )
+    return group
+
+
+def _short(resources: dict[str, float]) -> str:
+    keep = {k: v for k, v in resources.items() if k in ("CPU", "GPU")}
+    return ", ".join(f"{v:g} {k}" for k, v in sorted(keep.items())) or "nothing"
+
+
+@contextmanager
+def worker_pool(
+    cfg: ExperimentConfig,
+    spec: WorkerSpec,
+    per_round: int,
+    options: dict[str, Any],
+    log: Log = _print,
+) -> Iterator[WorkerPool]:
+    """Reserve the pool's resources (`reserve_workers`) and start one ClientWorker per bundle;
+    the shards (and the built-in tiny model) travel through the object store unless
+    `cluster.data_transport` is filesystem. On exit the reservation is removed, which ends the
+    workers and frees their resources on a cluster that outlives the run."""
+    group = reserve_workers(cfg.cluster, per_round, log)
+    try:
+        if cfg.cluster.data_transport == "object_store":
+            tiny = cfg.model.name_or_path == "tiny"
+            spec = dataclasses.replace(
+                spec,
+                shards_ref=ray.put(pack_shards(Path(spec.shards_dir))),
+                model_files_ref=ray.put(pack_directory(spec.model_path)) if tiny else None,
+            )
+        yield WorkerPool(spec, group.bundle_count, options, cfg.cluster.max_worker_restarts, group)
+    finally:
+        remove_placement_group(group)
 
 
 def worker_spec(
@@ -302,8 +400,11 @@ def worker_spec(
             warmup_steps=c.warmup_steps,
             max_grad_norm=c.max_grad_norm,
             pad_token_id=pad_id,
+            deepspeed=c.deepspeed,
         ),
         num_threads=max(1, int(cfg.cluster.cpus_per_worker)),
+        device="cuda" if cfg.cluster.gpus_per_worker > 0 else "cpu",
+        quantization=cfg.model.quantization,
         compression=c.compression,
     )
 
@@ -361,15 +462,14 @@ def run_experiment(
         ClientStateStore(prep.run_dir).settle(prep.resume_from.round_idx)
 
     # --- 3. rounds on Ray ---
-    with ray_session(cfg.cluster):
-        n_workers = pool_size(cfg.cluster, ray.cluster_resources(), per_round)
-        options: dict[str, Any] = {
-            "num_cpus": cfg.cluster.cpus_per_worker,
-            "num_gpus": cfg.cluster.gpus_per_worker,
-        }
-        if os.environ.get(FAULTS_ENV):  # failure tests inject faults into the workers
-            options["runtime_env"] = {"env_vars": {FAULTS_ENV: os.environ[FAULTS_ENV]}}
-        pool = WorkerPool(spec, n_workers, options, cfg.cluster.max_worker_restarts)
+    options: dict[str, Any] = {
+        "num_cpus": cfg.cluster.cpus_per_worker,
+        "num_gpus": cfg.cluster.gpus_per_worker,
+    }
+    if os.environ.get(FAULTS_ENV):  # failure tests inject faults into the workers
+        options["runtime_env"] = {"env_vars": {FAULTS_ENV: os.environ[FAULTS_ENV]}}
+    with ray_session(cfg.cluster), worker_pool(cfg, spec, per_round, options, log) as pool:
+        n_workers = len(pool.actors)
         ctx = _RoundContext(
             cfg=cfg,
             run_dir=prep.run_dir,
@@ -455,7 +555,10 @@ class _RoundContext:
     ) -> tuple[Any, Any]:
         """A fresh aggregator holding the global adapter after `last_round` (from `state`, the
         checkpoint on disk, or the seed's initial adapter for round 0)."""
-        aggregator = AggregatorActor.remote(
+        # Pinned to the driver's node: checkpoints land in the run directory the driver sees,
+        # even when the other nodes share no filesystem with it.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        aggregator = AggregatorActor.options(scheduling_strategy=here).remote(
             str(self.run_dir.resolve()), self.cfg, self.adapter_config, self.provenance
         )
         if state is None and last_round > 0:
@@ -590,6 +693,7 @@ def _client_info(o: ClientOutcome) -> dict[str, Any]:
         "losses": [round(x, 6) for x in o.losses],
         "train_seconds": round(o.train_seconds, 4),
         "worker": o.worker,
+        "node": o.node,
         "attempts": o.attempts,
     }
     if o.error:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from tqdm import tqdm
 
 from fedsim.client.worker import ClientOutcome, ClientTask, ClientWorkerActor, WorkerSpec
@@ -38,12 +39,28 @@ class FailurePolicy:
 class WorkerPool:
     """The ClientWorker actors of a run; a free worker takes the next client of the round."""
 
-    def __init__(self, spec: WorkerSpec, size: int, options: dict[str, Any], restarts: int) -> None:
-        self.actors = [
-            ClientWorkerActor.options(**options, max_restarts=restarts, max_task_retries=0).remote(
-                spec
+    def __init__(
+        self,
+        spec: WorkerSpec,
+        size: int,
+        options: dict[str, Any],
+        restarts: int,
+        placement_group: Any = None,
+    ) -> None:
+        def place(i: int) -> dict[str, Any]:
+            # Worker i in bundle i of the reservation (a restarted worker returns to it).
+            if placement_group is None:
+                return {}
+            strategy = PlacementGroupSchedulingStrategy(
+                placement_group, placement_group_bundle_index=i
             )
-            for _ in range(size)
+            return {"scheduling_strategy": strategy}
+
+        self.actors = [
+            ClientWorkerActor.options(
+                **options, **place(i), max_restarts=restarts, max_task_retries=0
+            ).remote(spec)
+            for i in range(size)
         ]
         self.alive = list(range(size))
 

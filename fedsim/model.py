@@ -336,15 +336,59 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_base_model(path: str, dtype: str = "float32", device: str = "cpu") -> PreTrainedModel:
-    """Load a causal LM from `path` in `dtype` on `device`, in eval mode, every weight frozen."""
+def load_base_model(
+    path: str, dtype: str = "float32", device: str = "cpu", quantization: str | None = None
+) -> PreTrainedModel:
+    """Load a causal LM from `path` in `dtype` on `device`, in eval mode, every weight frozen.
+
+    `quantization` ("8bit" | "4bit") loads the weights with bitsandbytes onto the current CUDA
+    device (QLoRA-style: 4-bit NF4 with `dtype` compute, or LLM.int8()) and prepares the model
+    for k-bit LoRA training. It needs CUDA and the `gpu` extra (`pip install fedsim[gpu]`).
+    """
     if dtype not in _DTYPES:
         raise FedsimInputError(f"model.dtype: expected one of {'|'.join(_DTYPES)}, got {dtype!r}")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype])
-    model.to(device)
+    if quantization is None:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype])
+        model.to(device)
+    else:
+        model = _load_quantized(path, _DTYPES[dtype], quantization)
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def _load_quantized(path: str, dtype: torch.dtype, quantization: str) -> PreTrainedModel:
+    import importlib.util
+
+    from transformers import BitsAndBytesConfig
+
+    if not torch.cuda.is_available():
+        raise FedsimInputError(
+            f"model.quantization: {quantization} needs a CUDA GPU; this worker has none "
+            "(cluster.gpus_per_worker > 0 on a node with GPUs)"
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise FedsimInputError(
+            f"model.quantization: {quantization} needs bitsandbytes: pip install 'fedsim[gpu]'"
+        )
+    if quantization == "4bit":
+        config = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+    elif quantization == "8bit":
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        raise FedsimInputError(f"model.quantization: expected 8bit or 4bit, got {quantization!r}")
+    from peft import prepare_model_for_kbit_training
+
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, quantization_config=config, device_map={"": torch.cuda.current_device()}
+    )
+    # Casts norms to fp32 and lets gradients reach the LoRA inputs through the frozen k-bit base.
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

@@ -18,7 +18,14 @@ def data_dir() -> Path:
 @pytest.fixture(scope="session", autouse=True)
 def fedsim_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Build the tiny test models once per test session, away from the user's cache (unless
-    FEDSIM_CACHE_DIR is set, as `make test` does, to reuse them between sessions)."""
+    FEDSIM_CACHE_DIR is set, as `make test` does, to reuse them between sessions); DeepSpeed's
+    compiled ops are kept across sessions."""
+    if "TORCH_EXTENSIONS_DIR" not in os.environ:
+        # DeepSpeed's JIT-compiled ops take minutes to build: cache them per machine (where the
+        # Makefile puts them too), not per test session.
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(
+            Path.home() / ".cache" / "fedsim" / "torch_extensions"
+        )
     if "FEDSIM_CACHE_DIR" not in os.environ:
         os.environ["FEDSIM_CACHE_DIR"] = str(tmp_path_factory.mktemp("fedsim-cache"))
     return Path(os.environ["FEDSIM_CACHE_DIR"])

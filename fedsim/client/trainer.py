@@ -13,9 +13,12 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
+
+from fedsim.model import get_adapter, set_adapter
 
 IGNORE_INDEX = -100
 
@@ -34,6 +37,8 @@ class TrainSettings:
     warmup_steps: int = 0
     max_grad_norm: float | None = 1.0
     pad_token_id: int = 0
+    deepspeed: dict[str, Any] | None = None
+    """`client.deepspeed`: DeepSpeed settings, read by the deepspeed backend only."""
 
     @property
     def accumulation(self) -> int:
@@ -139,11 +144,46 @@ def collate(
     return {"input_ids": ids, "labels": lab, "attention_mask": mask}
 
 
+def micro_batch(
+    input_ids: Sequence[Sequence[int]],
+    labels: Sequence[Sequence[int]],
+    order: np.ndarray,
+    step: int,
+    micro: int,
+    settings: TrainSettings,
+    device: torch.device,
+) -> dict[str, torch.Tensor]:
+    """Micro-batch `micro` of optimizer step `step`, collated onto `device`."""
+    lo = step * settings.batch_size + micro * settings.micro_batch_size
+    idx = order[lo : lo + settings.micro_batch_size]
+    batch = collate([input_ids[i] for i in idx], [labels[i] for i in idx], settings.pad_token_id)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 class Trainer(ABC):
-    """A local training backend."""
+    """A local training backend.
+
+    The worker calls `prepare` once with its model, then for each client `load_adapter`, `train`
+    and `read_adapter`. The defaults move adapters straight in and out of the model's LoRA
+    parameters; a backend that keeps its own copy of the weights (DeepSpeed's fp32 master copy)
+    overrides them.
+    """
 
     def __init__(self, settings: TrainSettings) -> None:
         self.settings = settings
+
+    def prepare(self, model: torch.nn.Module) -> None:
+        """Build whatever the backend keeps for the whole run (called once per worker); the
+        torch backend keeps nothing."""
+        return None
+
+    def load_adapter(self, model: torch.nn.Module, adapter: dict[str, torch.Tensor]) -> None:
+        """Make `adapter` (PEFT key names) the starting point of the next `train`."""
+        set_adapter(model, adapter)
+
+    def read_adapter(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The trained adapter: PEFT key names, contiguous CPU tensors."""
+        return get_adapter(model)
 
     @abstractmethod
     def train(
@@ -175,6 +215,7 @@ class TorchTrainer(Trainer):
         torch.manual_seed(seed)  # dropout masks
         rng = np.random.default_rng(seed)
         params = [p for p in model.parameters() if p.requires_grad]
+        device = params[0].device
         named, anchors, masks = context_tensors(model, ctx)
         # A fresh optimizer per client: no state carries over from the worker's previous client.
         optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
@@ -187,11 +228,7 @@ class TorchTrainer(Trainer):
                 group["lr"] = s.lr * lr_factor(step, total_steps, s.lr_scheduler, s.warmup_steps)
             step_loss = 0.0
             for micro in range(s.accumulation):
-                lo = step * s.batch_size + micro * s.micro_batch_size
-                idx = order[lo : lo + s.micro_batch_size]
-                batch = collate(
-                    [input_ids[i] for i in idx], [labels[i] for i in idx], s.pad_token_id
-                )
+                batch = micro_batch(input_ids, labels, order, step, micro, s, device)
                 if not (batch["labels"] != IGNORE_INDEX).any():
                     continue  # every answer was cut off by cutoff_len: no signal, and a NaN loss
                 loss = model(**batch).loss / s.accumulation
@@ -248,3 +285,5 @@ def apply_masks(named: dict[str, torch.nn.Parameter], masks: dict[str, torch.Ten
 
 
 TRAINERS: dict[str, type[Trainer]] = {"torch": TorchTrainer}
+"""`client.backend` -> trainer class; `fedsim/client/__init__.py` adds the backends that live in
+modules of their own (deepspeed), which import this one."""

@@ -11,25 +11,28 @@ from __future__ import annotations
 import json
 import os
 import socket
+import tempfile
 import time
 import traceback
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray
 import torch
 
 from fedsim.client.trainer import TRAINERS, ClientContext, TrainSettings
 from fedsim.config import CompressionConfig
 from fedsim.data.shards import ShardStore
+from fedsim.errors import FedsimInputError
 from fedsim.model import (
     LoraSpec,
     adapter_config_dict,
     attach_lora,
     get_adapter,
     load_base_model,
-    set_adapter,
 )
 from fedsim.server.strategies import scaffold_client_variate
 from fedsim.uplink import ClientUpload, encode_upload
@@ -39,7 +42,12 @@ TensorDict = dict[str, torch.Tensor]
 
 @dataclass(frozen=True)
 class WorkerSpec:
-    """Everything a worker needs to build its model and trainer once."""
+    """Everything a worker needs to build its model and trainer once.
+
+    The shards, and the model when it is the built-in tiny one, can come through Ray's object
+    store (`shards_ref`, `model_files_ref`) instead of paths, so that workers on nodes that do
+    not share the driver's filesystem get them too.
+    """
 
     model_path: str
     model_name: str
@@ -50,6 +58,13 @@ class WorkerSpec:
     backend: str
     settings: TrainSettings
     num_threads: int = 1
+    device: str = "cpu"
+    """cpu, or cuda for workers given GPUs (Ray sets CUDA_VISIBLE_DEVICES per worker)."""
+    quantization: str | None = None
+    shards_ref: Any = None
+    """ObjectRef of `pack_shards(shards_dir)`; when set, `shards_dir` is not read."""
+    model_files_ref: Any = None
+    """ObjectRef of `pack_directory(model_path)`; when set, `model_path` is not read."""
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     """Uplink compression of the client's delta (`client.compression`)."""
 
@@ -74,6 +89,8 @@ class ClientOutcome:
     train_seconds: float = 0.0
     total_seconds: float = 0.0
     worker: str = ""
+    node: str = ""
+    """Ray node id of the worker."""
     error: str | None = None
     attempts: int = 1
     """Which try this outcome is from (a client whose worker died is retried)."""
@@ -112,12 +129,19 @@ class ClientWorker:
         torch.set_num_threads(max(1, spec.num_threads))
         quiet_libraries()
         self.spec = spec
-        base = load_base_model(spec.model_path, dtype=spec.dtype)
+        if spec.device == "cuda" and not torch.cuda.is_available():
+            raise FedsimInputError(
+                f"cluster.gpus_per_worker: this worker on {socket.gethostname()} was given a GPU "
+                "but torch sees no CUDA device (a CPU-only torch build?)"
+            )
+        base, self._model_copy = _load_base(spec)
         self.model = attach_lora(base, spec.lora, seed=spec.seed)
         self._initial_adapter = get_adapter(self.model)
-        self.store = ShardStore(spec.shards_dir)
+        self.store = _open_shards(spec)
         self.trainer = TRAINERS[spec.backend](spec.settings)
+        self.trainer.prepare(self.model)  # e.g. the DeepSpeed engine, built once per worker
         self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self.node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
     def initial_adapter(self) -> TensorDict:
         """The round-0 global adapter: LoRA as initialised from the run's seed."""
@@ -128,7 +152,7 @@ class ClientWorker:
         return adapter_config_dict(self.model, self.spec.model_name)
 
     def info(self) -> dict[str, Any]:
-        return {"worker": self.name, "node_id": ray.get_runtime_context().get_node_id()}
+        return {"worker": self.name, "node_id": self.node_id}
 
     def train(
         self, task: ClientTask, global_adapter: TensorDict, context: ClientContext | None = None
@@ -136,17 +160,19 @@ class ClientWorker:
         """Run one client's local training from `global_adapter`; returns (outcome, its upload:
         the adapter, or its compressed delta, plus any client state the strategy keeps)."""
         start = time.perf_counter()
-        outcome = ClientOutcome(client_id=task.client_id, ok=False, worker=self.name)
+        outcome = ClientOutcome(
+            client_id=task.client_id, ok=False, worker=self.name, node=self.node_id
+        )
         ctx = context or ClientContext()
         try:
             raise_injected_fault(task)
-            set_adapter(self.model, global_adapter)
+            self.trainer.load_adapter(self.model, global_adapter)
             input_ids, labels = self.store.client_examples(task.client_id).to_lists()
             outcome.num_samples = len(input_ids)
             # a plain context is not passed, so trainers without the `context` parameter still run
             extra = {} if ctx.is_plain else {"context": ctx}
             result = self.trainer.train(self.model, input_ids, labels, task.seed, **extra)
-            local = get_adapter(self.model)
+            local = self.trainer.read_adapter(self.model)
             z = self.spec.compression
             adapter = encode_upload(
                 local, global_adapter, z.kind, z.block_size, z.topk_fraction, ctx.lora_rank
@@ -166,6 +192,43 @@ class ClientWorker:
         outcome.train_seconds = result.seconds
         outcome.total_seconds = time.perf_counter() - start
         return outcome, adapter
+
+
+def pack_directory(path: str | Path) -> dict[str, np.ndarray]:
+    """Every file under `path` as {relative path: bytes as uint8}, for `ray.put` (numpy arrays
+    come back from the object store without a copy)."""
+    root = Path(path)
+    return {
+        f.relative_to(root).as_posix(): np.frombuffer(f.read_bytes(), dtype=np.uint8)
+        for f in sorted(root.rglob("*"))
+        if f.is_file()
+    }
+
+
+def _load_base(spec: WorkerSpec) -> tuple[torch.nn.Module, tempfile.TemporaryDirectory | None]:
+    """The frozen base model, and the scratch copy it was loaded from when it came through the
+    object store (kept while the worker lives: PEFT looks up the model's config.json there)."""
+
+    def load(path: str) -> torch.nn.Module:
+        return load_base_model(
+            path, dtype=spec.dtype, device=spec.device, quantization=spec.quantization
+        )
+
+    if spec.model_files_ref is None:
+        return load(spec.model_path), None
+    scratch = tempfile.TemporaryDirectory(prefix="fedsim-model-")
+    for name, data in ray.get(spec.model_files_ref).items():
+        target = Path(scratch.name) / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data.tobytes())
+    return load(scratch.name), scratch
+
+
+def _open_shards(spec: WorkerSpec) -> ShardStore:
+    if spec.shards_ref is None:
+        return ShardStore(Path(spec.shards_dir))
+    index_json, arrow = ray.get(spec.shards_ref)
+    return ShardStore.from_buffer(index_json, arrow, where=f"{spec.shards_dir} (object store)")
 
 
 ClientWorkerActor = ray.remote(ClientWorker)

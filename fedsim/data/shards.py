@@ -218,6 +218,14 @@ class ClientExamples:
         return [ids.tolist() for ids, _ in pairs], [lab.tolist() for _, lab in pairs]
 
 
+def pack_shards(path: Path) -> tuple[str, np.ndarray]:
+    """(`index.json` text, `train.arrow` bytes as uint8) of the shard folder `path`, for
+    `ray.put`: workers on any node open them with `ShardStore.from_buffer`."""
+    path = Path(path)
+    arrow = np.fromfile(path / TRAIN_FILE, dtype=np.uint8)
+    return (path / INDEX_FILE).read_text(encoding="utf-8"), arrow
+
+
 class ShardStore:
     """Read side of the shard store, opened by each worker on the folder `write_shards` wrote."""
 
@@ -226,9 +234,26 @@ class ShardStore:
         index_path = path / INDEX_FILE
         if not index_path.is_file():
             raise FedsimInputError(f"{index_path}: shard index missing (shards not written yet?)")
-        self.index = ShardIndex.from_json(index_path.read_text(encoding="utf-8"), str(index_path))
+        index_text = index_path.read_text(encoding="utf-8")
         try:
-            self._source = pa.memory_map(str(path / TRAIN_FILE))
+            source = pa.memory_map(str(path / TRAIN_FILE))
+        except (pa.ArrowException, OSError) as e:
+            raise FedsimInputError(f"{path / TRAIN_FILE}: cannot read shard file ({e})") from None
+        self._open(index_text, source, path)
+
+    @classmethod
+    def from_buffer(cls, index_json: str, train_arrow: Any, where: str) -> "ShardStore":
+        """The store from the contents of `index.json` and `train.arrow` held in memory (any
+        object with the buffer protocol, e.g. a numpy array fetched from Ray's object store,
+        read without a copy); `where` names their origin in error messages."""
+        store = cls.__new__(cls)
+        store._open(index_json, pa.BufferReader(pa.py_buffer(train_arrow)), Path(where))
+        return store
+
+    def _open(self, index_text: str, source: Any, path: Path) -> None:
+        self.index = ShardIndex.from_json(index_text, str(path / INDEX_FILE))
+        try:
+            self._source = source
             self._table = pa.ipc.open_file(self._source).read_all()
         except (pa.ArrowException, OSError) as e:
             raise FedsimInputError(f"{path / TRAIN_FILE}: cannot read shard file ({e})") from None

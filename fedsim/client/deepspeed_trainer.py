@@ -1,0 +1,441 @@
+"""The DeepSpeed backend (`client.backend: deepspeed`): local LoRA tuning on a DeepSpeed engine.
+
+Each ClientWorker builds one engine (`deepspeed.initialize`) when it starts and reuses it for every
+client it serves. Between clients the engine is put back to a fresh start: the global adapter is
+written into the LoRA parameters *and* into DeepSpeed's fp32 master copy (ZeRO 1/2 and bf16 keep
+one; writing only the module's weights would be undone by the next optimizer step), the optimizer
+state is dropped, the step counters and the loss scale are reset, and the lr follows fedsim's
+schedule from step 0. So a client's update depends only on (global adapter, shard, seed), never on
+the clients the worker served before, as with the torch backend.
+
+One source of truth for the numbers both fedsim and DeepSpeed know: batch sizes and gradient
+accumulation come from `client.batch_size` / `client.micro_batch_size`, clipping from
+`client.max_grad_norm`, the optimizer (AdamW) and lr schedule from `client.lr*`. A DeepSpeed config
+that sets any of them differently is an error naming the key, not silently overridden.
+
+Each worker is its own world of size 1: the process group is a gloo group over an in-memory
+store, so several workers on one machine never compete for a rendezvous port. With one rank ZeRO
+partitions nothing; what ZeRO 1/2 bring here is optimizer offload and DeepSpeed's mixed precision.
+
+DeepSpeed JIT-compiles C++ ops on first use (on CPU: its shared-memory comm op at every
+`deepspeed.initialize`, and `cpu_adam` for optimizer offload). They are compiled once per machine
+into `$TORCH_EXTENSIONS_DIR`, by default `<FEDSIM_CACHE_DIR>/torch_extensions`, and loaded from
+there afterwards.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedsim.client.trainer import (
+    IGNORE_INDEX,
+    ClientContext,
+    Trainer,
+    TrainResult,
+    TrainSettings,
+    batch_order,
+    lr_factor,
+    micro_batch,
+)
+from fedsim.lora_ranks import rank_mask
+from fedsim.model import default_cache_dir
+
+TensorDict = dict[str, torch.Tensor]
+
+ZERO_STAGES = (0, 1, 2)
+# DeepSpeed keys whose value fedsim owns, and the client.* field each comes from.
+OWNED_BY_FEDSIM = {
+    "optimizer": "client.lr, client.weight_decay (fedsim builds AdamW)",
+    "scheduler": "client.lr_scheduler, client.warmup_steps",
+}
+AUTO = "auto"  # as in Hugging Face's DeepSpeed integration: "take fedsim's value"
+
+
+# ---------------------------------------------------------------------------------------------
+# Config: checked at load time, built once per worker
+# ---------------------------------------------------------------------------------------------
+
+
+def deepspeed_config_problems(
+    user: Any,
+    *,
+    batch_size: int,
+    micro_batch_size: int,
+    max_grad_norm: float | None,
+    gpus_per_worker: float,
+) -> list[str]:
+    """Problems with `client.deepspeed` (empty when fine), each naming the DeepSpeed key.
+
+    Checks the keys fedsim owns against the client.* values, the ZeRO stage and precision that a
+    one-rank worker on this kind of device can run, and finally the whole built config with
+    DeepSpeed's own parser (which catches misspelt ZeRO keys and wrong types).
+    """
+    where = "client.deepspeed"
+    if not isinstance(user, dict):
+        return [f"{where}: expected a mapping or the path of a DeepSpeed JSON file, got {user!r}"]
+    p: list[str] = []
+    accumulation = batch_size // micro_batch_size if micro_batch_size > 0 else 0
+    owned = {
+        "train_batch_size": (batch_size, "client.batch_size"),
+        "train_micro_batch_size_per_gpu": (micro_batch_size, "client.micro_batch_size"),
+        "gradient_accumulation_steps": (accumulation, "client.batch_size / micro_batch_size"),
+        "gradient_clipping": (max_grad_norm or 0.0, "client.max_grad_norm"),
+    }
+    for key, (ours, source) in owned.items():
+        if key in user and user[key] != AUTO and user[key] != ours:
+            p.append(
+                f"{where}.{key}: {user[key]!r} disagrees with {source} ({ours}); fedsim sets it "
+                f"from {source}: remove it or set it to 'auto'"
+            )
+    for key, source in OWNED_BY_FEDSIM.items():
+        if key in user:
+            p.append(f"{where}.{key}: not allowed; fedsim sets it from {source}")
+
+    zero = user.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        p.append(f"{where}.zero_optimization: expected a mapping, got {zero!r}")
+        zero = {}
+    stage = zero.get("stage", 0)
+    if stage not in ZERO_STAGES:
+        p.append(
+            f"{where}.zero_optimization.stage: expected 0, 1 or 2, got {stage!r} (stage 3 "
+            "shards the frozen base across ranks; each fedsim worker is one rank)"
+        )
+    if zero.get("offload_param"):
+        p.append(f"{where}.zero_optimization.offload_param: needs ZeRO stage 3; not supported")
+    offload = zero.get("offload_optimizer") or {}
+    device = offload.get("device", "none") if isinstance(offload, dict) else offload
+    if device not in ("none", "cpu", None):
+        p.append(f"{where}.zero_optimization.offload_optimizer.device: expected cpu or none")
+    elif device == "cpu" and stage == 0:
+        p.append(f"{where}.zero_optimization.offload_optimizer: needs ZeRO stage 1 or 2")
+
+    fp16, bf16 = _enabled(user.get("fp16")), _enabled(user.get("bf16"))
+    if fp16 and bf16:
+        p.append(f"{where}: fp16 and bf16 are both enabled; choose one")
+    if (fp16 or bf16) and stage == 0:
+        # Stage 0 keeps its fp32 master weights where they cannot be set exactly from the
+        # global adapter (only refreshed from the half-precision copy); ZeRO 1/2 can.
+        p.append(
+            f"{where}.zero_optimization.stage: {'fp16' if fp16 else 'bf16'} needs ZeRO stage 1 "
+            "or 2 (with one rank per worker they shard nothing)"
+        )
+    if fp16 and gpus_per_worker <= 0:
+        p.append(
+            f"{where}.fp16: DeepSpeed's CPU accelerator has no fp16; use bf16, or GPU workers "
+            "(cluster.gpus_per_worker > 0)"
+        )
+    if p:
+        return p
+    return [f"{where}{problem}" for problem in _deepspeed_parser_problems(user, batch_size)]
+
+
+def _enabled(section: Any) -> bool:
+    """Whether a DeepSpeed `{enabled: ...}` section is on, read as DeepSpeed's parser (pydantic)
+    reads a boolean."""
+    value = section.get("enabled") if isinstance(section, dict) else None
+    if isinstance(value, str):
+        return value.strip().lower() in {"true", "yes", "on", "1", "t", "y"}
+    return value is True or (type(value) is int and value == 1)
+
+
+def _deepspeed_parser_problems(user: dict[str, Any], batch_size: int) -> list[str]:
+    """Run DeepSpeed's own config parser over the config a worker would build."""
+    # Importing DeepSpeed picks an accelerator and, on a machine without CUDA, prints a warning
+    # about it; naming the one it would pick keeps `fedsim validate` and the driver's log quiet.
+    # Only for the import: DeepSpeed keeps its choice, and workers detect their own.
+    named = "DS_ACCELERATOR" not in os.environ
+    if named:
+        cuda = torch.cuda.device_count() > 0 and torch.cuda.is_available()
+        os.environ["DS_ACCELERATOR"] = "cuda" if cuda else "cpu"
+    try:
+        from deepspeed.runtime.config import DeepSpeedConfig
+    finally:
+        if named:
+            del os.environ["DS_ACCELERATOR"]
+
+    settings = TrainSettings(None, 1.0, batch_size, batch_size, 1e-3)
+    try:
+        DeepSpeedConfig(build_deepspeed_config(settings, user))
+    except Exception as err:  # pydantic's ValidationError, AssertionError, ValueError ...
+        return [_describe(err)]
+    return []
+
+
+# DeepSpeed's pydantic models and the config sections they parse.
+_SECTIONS = {
+    "DeepSpeedZeroConfig": "zero_optimization",
+    "DeepSpeedZeroOffloadOptimizerConfig": "zero_optimization.offload_optimizer",
+    "DeepSpeedBF16Config": "bf16",
+    "DeepSpeedFP16Config": "fp16",
+}
+
+
+def _describe(err: Exception) -> str:
+    """One line for an error raised by DeepSpeed's config parser, naming the key when it can."""
+    errors = getattr(err, "errors", None)
+    if callable(errors):  # pydantic
+        section = _SECTIONS.get(getattr(err, "title", ""), "")
+        first = errors()[0]
+        key = ".".join([section, *map(str, first.get("loc", ()))]).strip(".")
+        return f".{key}: {first.get('msg')} (DeepSpeed's config parser)"
+    message = " ".join(str(err).split()) or type(err).__name__
+    return f": rejected by DeepSpeed's config parser: {message}"
+
+
+def build_deepspeed_config(settings: TrainSettings, user: dict[str, Any] | None) -> dict[str, Any]:
+    """The DeepSpeed config of a worker: the user's settings with fedsim's batch sizes and
+    clipping filled in (`deepspeed_config_problems` has refused any that disagree)."""
+    cfg = copy.deepcopy(user or {})
+    cfg["train_batch_size"] = settings.batch_size
+    cfg["train_micro_batch_size_per_gpu"] = settings.micro_batch_size
+    cfg["gradient_accumulation_steps"] = settings.accumulation
+    cfg["gradient_clipping"] = settings.max_grad_norm or 0.0
+    cfg.setdefault("zero_optimization", {"stage": 0})
+    cfg.setdefault("steps_per_print", 2**31 - 1)  # no per-step log lines in the driver's log
+    return cfg
+
+
+def offloads_optimizer(ds_config: dict[str, Any]) -> bool:
+    offload = ds_config.get("zero_optimization", {}).get("offload_optimizer") or {}
+    return isinstance(offload, dict) and offload.get("device") == "cpu"
+
+
+# ---------------------------------------------------------------------------------------------
+# Process-wide set-up: JIT op cache and a one-rank process group
+# ---------------------------------------------------------------------------------------------
+
+
+def extensions_dir() -> Path:
+    """Where DeepSpeed's JIT-compiled ops are cached: `$TORCH_EXTENSIONS_DIR` if set, else
+    `<fedsim cache>/torch_extensions` (set for this process so DeepSpeed's builders use it)."""
+    if "TORCH_EXTENSIONS_DIR" not in os.environ:
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(default_cache_dir() / "torch_extensions")
+    return Path(os.environ["TORCH_EXTENSIONS_DIR"])
+
+
+def init_single_rank_group() -> None:
+    """Make this process rank 0 of a world of size 1 (once), as DeepSpeed requires.
+
+    A gloo group over an in-memory HashStore needs no rendezvous, so no port: any number of
+    workers on one machine start without colliding.
+    """
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        if dist.get_world_size() != 1:
+            raise RuntimeError("fedsim's DeepSpeed workers expect a world of size 1")
+        return
+    # DeepSpeed reads these (device index, rank checks) even when the group already exists.
+    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+        os.environ.setdefault(name, value)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer
+# ---------------------------------------------------------------------------------------------
+
+
+class DeepSpeedTrainer(Trainer):
+    """Local training on a DeepSpeed engine built once per worker (see the module docstring)."""
+
+    def __init__(self, settings: TrainSettings) -> None:
+        super().__init__(settings)
+        self.ds_config = build_deepspeed_config(settings, settings.deepspeed)
+        self.engine: Any = None
+        self._params: dict[str, torch.nn.Parameter] = {}
+        self._dtypes: dict[str, torch.dtype] = {}
+        self._scaler_state: dict[str, Any] | None = None
+        self._stale = False
+        self.init_seconds = 0.0
+        """Seconds the last `deepspeed.initialize` took (JIT op builds included)."""
+
+    # -- once per worker ------------------------------------------------------------------------
+
+    def prepare(self, model: torch.nn.Module) -> None:
+        """Build the engine around `model`'s trainable (LoRA) parameters."""
+        from fedsim.model import adapter_parameters
+
+        extensions_dir()
+        init_single_rank_group()
+        import deepspeed
+
+        start = time.perf_counter()
+        params = adapter_parameters(model)  # PEFT's saved names, as adapters and contexts use
+        # Adapters leave the worker in the dtype they arrived in, whatever precision DeepSpeed
+        # trains in (bf16 casts the module, LoRA included; a rebuilt engine sees the cast one).
+        self._dtypes = self._dtypes or {k: p.dtype for k, p in params.items()}
+        self._params = params
+        s = self.settings
+        if offloads_optimizer(self.ds_config):
+            # ZeRO-Offload steps on the CPU with DeepSpeed's own Adam (the cpu_adam JIT op).
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            optimizer: Any = DeepSpeedCPUAdam(
+                list(params.values()), lr=s.lr, weight_decay=s.weight_decay, adamw_mode=True
+            )
+        else:
+            # A plain torch optimizer: no JIT-built optimizer op needed.
+            optimizer = torch.optim.AdamW(
+                list(params.values()), lr=s.lr, weight_decay=s.weight_decay
+            )
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=copy.deepcopy(self.ds_config)
+        )
+        scaler = getattr(self.engine.optimizer, "loss_scaler", None)
+        self._scaler_state = copy.deepcopy(vars(scaler)) if scaler is not None else None
+        self._stale = False
+        self.init_seconds = time.perf_counter() - start
+
+    # -- once per client ------------------------------------------------------------------------
+
+    def load_adapter(self, model: torch.nn.Module, adapter: TensorDict) -> None:
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        if self.engine is None or self._stale:
+            self.prepare(model)  # first use, or the previous client failed half-way
+        if set(adapter) != set(self._params):
+            missing, extra = set(self._params) - set(adapter), set(adapter) - set(self._params)
+            raise ValueError(
+                f"adapter keys do not match the model: missing {sorted(missing)[:3]}, "
+                f"unexpected {sorted(extra)[:3]}"
+            )
+        with torch.no_grad():
+            for key, param in self._params.items():
+                value = adapter[key]
+                param.data.copy_(value)
+                # The fp32 master copy of ZeRO 1/2 and bf16 training; no-op where there is none.
+                safe_set_full_fp32_param(param, value.to(param.device, torch.float32))
+
+    def read_adapter(self, model: torch.nn.Module) -> TensorDict:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        out = {}
+        for key, param in self._params.items():
+            master = safe_get_full_fp32_param(param)
+            value = master if master is not None else param.detach()
+            out[key] = value.to("cpu", self._dtypes[key], copy=True).contiguous()
+        return out
+
+    def _reset(self) -> None:
+        """Forget everything the previous client left: optimizer moments, counters, loss scale."""
+        engine = self.engine
+        inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+        # AdamW and DeepSpeedCPUAdam create their moments (and step 0) lazily when empty.
+        inner.state.clear()
+        engine.global_steps = engine.global_samples = engine.micro_steps = 0
+        engine.skipped_steps = 0
+        if self._scaler_state is not None:
+            vars(engine.optimizer.loss_scaler).update(copy.deepcopy(self._scaler_state))
+
+    def _update_weights(self, update: Any) -> None:
+        """Apply `update(key, fp32 value) -> new value` to every LoRA parameter, in DeepSpeed's
+        fp32 master copy (where it keeps one) and in the module's weights alike."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+        with torch.no_grad():
+            for key, param in self._params.items():
+                master = safe_get_full_fp32_param(param)
+                value = update(key, master if master is not None else param.detach().float())
+                if master is not None:
+                    safe_set_full_fp32_param(param, value)
+                param.data.copy_(value)
+
+    def _masks(self, ctx: ClientContext) -> dict[str, torch.Tensor]:
+        """Heterogeneous ranks: 1 where a rank-`ctx.lora_rank` client trains, else 0."""
+        if ctx.lora_rank is None:
+            return {}
+        masks = {}
+        for key, param in self._params.items():
+            mask = rank_mask(key, param.shape, ctx.lora_rank)
+            if mask is not None:
+                masks[key] = mask.to(param.device)
+        return masks
+
+    def train(
+        self,
+        model: torch.nn.Module,
+        input_ids: Sequence[Sequence[int]],
+        labels: Sequence[Sequence[int]],
+        seed: int,
+        context: ClientContext | None = None,
+    ) -> TrainResult:
+        """As the torch backend, `context` included: FedProx's term is added to each
+        micro-batch's loss (DeepSpeed averages it back to once per step), SCAFFOLD's correction
+        and the rank masks are applied to the weights after every optimizer step."""
+        if self.engine is None:
+            self.prepare(model)
+        s, engine, ctx = self.settings, self.engine, context or ClientContext()
+        start = time.perf_counter()
+        self._reset()
+        self._stale = True  # until this client finishes cleanly
+        torch.manual_seed(seed)  # dropout masks
+        rng = np.random.default_rng(seed)
+        masks = self._masks(ctx)
+        if masks:
+            self._update_weights(lambda k, v: v * masks[k] if k in masks else v)
+        # FedProx anchors: the weights as training starts (after masking), in fp32
+        anchors = (
+            {k: p.detach().float().clone() for k, p in self._params.items()} if ctx.prox_mu else {}
+        )
+        total_steps = s.num_steps(len(input_ids))
+        order = batch_order(len(input_ids), total_steps * s.batch_size, rng)
+        inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+        result = TrainResult()
+        engine.train()
+        for step in range(total_steps):
+            lr_now = s.lr * lr_factor(step, total_steps, s.lr_scheduler, s.warmup_steps)
+            for group in inner.param_groups:
+                group["lr"] = lr_now
+            step_loss = 0.0
+            for micro in range(s.accumulation):
+                batch = micro_batch(input_ids, labels, order, step, micro, s, engine.device)
+                if (batch["labels"] != IGNORE_INDEX).any():
+                    loss = engine(**batch).loss
+                    step_loss += loss.item() / s.accumulation
+                    result.tokens += int(batch["attention_mask"].sum())
+                else:
+                    # Every answer was cut off: no signal (the torch backend skips the batch).
+                    # The engine still needs the micro-step, so that its accumulation boundary
+                    # stays on fedsim's optimizer steps; a zero loss adds nothing, and the forked
+                    # RNG keeps the dropout masks of later batches those of the torch backend.
+                    with torch.random.fork_rng(devices=_rng_devices(engine.device)):
+                        loss = engine(**batch).logits.sum() * 0.0
+                if ctx.prox_mu:
+                    loss = loss + _proximal_term(self._params, anchors, ctx.prox_mu)
+                engine.backward(loss)  # scales by 1 / gradient_accumulation_steps
+                engine.step()  # clips and steps the optimizer at the accumulation boundary
+            if ctx.correction is not None:  # SCAFFOLD, as a separate step after AdamW's
+                self._update_weights(
+                    lambda k, v, c=ctx.correction, lr=lr_now: v - lr * c[k].to(v.device, v.dtype)
+                )
+            if masks:
+                self._update_weights(lambda k, v: v * masks[k] if k in masks else v)
+            result.lr_sum += lr_now
+            result.losses.append(step_loss)
+        engine.eval()
+        self._stale = False
+        result.examples = len(order)
+        result.seconds = time.perf_counter() - start
+        return result
+
+
+def _proximal_term(
+    params: dict[str, torch.nn.Parameter], anchors: dict[str, torch.Tensor], mu: float
+) -> torch.Tensor:
+    """(mu/2)*||w - anchor||^2: its gradient mu*(w - anchor) is what the torch backend adds to
+    each step's gradient."""
+    return 0.5 * mu * sum(((p.float() - anchors[k]) ** 2).sum() for k, p in params.items())
+
+
+def _rng_devices(device: torch.device) -> list[int]:
+    return [device.index or 0] if device.type == "cuda" else []
