@@ -486,6 +486,7 @@ def run_experiment(
             probabilities=availability_probabilities(cfg, prep.profiles),
             ranks=[p.lora_rank for p in prep.profiles] if prep.profiles else None,
             system=_system_model(cfg),
+            train_settings=spec.settings,
         )
         aggregator, global_ref = ctx.new_aggregator(start_round - 1, prep.resume_from)
         ctx.adapter_bytes = adapter_nbytes(ray.get(global_ref))
@@ -549,6 +550,7 @@ class _RoundContext:
     ranks: list[int | None] | None = None
     """Per-client LoRA rank from the profile (None: the global rank)."""
     system: SystemModel | None = None
+    train_settings: TrainSettings | None = None
 
     def new_aggregator(
         self, last_round: int, state: checkpoint.RoundCheckpoint | None
@@ -591,7 +593,7 @@ class _RoundContext:
         selected = selection.clients
         plan = None
         if self.system is not None:  # simulated dropouts and stragglers do not train
-            steps = {c: _local_steps(cfg, self.sample_counts[c]) for c in selected}
+            steps = {c: self.train_settings.num_steps(self.sample_counts[c]) for c in selected}
             plan = self.system.plan_round(round_idx, selected, steps, self.adapter_bytes)
             selected = plan.kept
         tasks = [
@@ -659,24 +661,9 @@ def _system_model(cfg: ExperimentConfig) -> SystemModel | None:
     y = cfg.system
     if not y.enabled:
         return None
-    settings = SystemSettings(
-        step_seconds=y.step_seconds,
-        speed_sigma=y.speed_sigma,
-        bandwidth_mbps=y.bandwidth_mbps,
-        bandwidth_sigma=y.bandwidth_sigma,
-        dropout=y.dropout,
-        deadline_seconds=y.deadline_seconds,
-        profiles=y.profiles,
-    )
+    fields = {k: v for k, v in dataclasses.asdict(y).items() if k != "enabled"}
+    settings = SystemSettings(**fields)
     return SystemModel(settings, cfg.run.seed, cfg.data.num_clients)
-
-
-def _local_steps(cfg: ExperimentConfig, num_samples: int) -> int:
-    """Optimizer steps a client with `num_samples` records takes in a round."""
-    c = cfg.client
-    if c.local_steps is not None:
-        return c.local_steps
-    return max(1, math.ceil(num_samples / c.batch_size * (c.local_epochs or 1)))
 
 
 def _scalars(record: dict[str, Any]) -> dict[str, Any]:
