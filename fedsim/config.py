@@ -276,6 +276,10 @@ class ClusterConfig:
     """Times a client is retried when its worker dies mid-turn, before it is dropped."""
     max_worker_restarts: int = 3
     """Times Ray restarts a dead worker process (reloading the base model) before giving up."""
+    overlap_checkpoints: bool = True
+    """Write round r's checkpoint in the aggregator's background thread while round r+1 trains
+    (false: write it before the next round starts). Either way a round's metrics line is written
+    only once its checkpoint is on disk."""
 
 
 @dataclass

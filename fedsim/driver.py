@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -31,7 +32,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from fedsim import checkpoint
 from fedsim.client.profile import ClientProfile, load_profiles
 from fedsim.client.trainer import TrainSettings
-from fedsim.client.worker import FAULTS_ENV, ClientOutcome, ClientTask, WorkerSpec, pack_directory
+from fedsim.client.worker import ClientOutcome, ClientTask, WorkerSpec, pack_directory
 from fedsim.config import ClusterConfig, ExperimentConfig, clients_per_round
 from fedsim.data.pipeline import PreparedData, prepare_data, write_partition
 from fedsim.data.shards import IGNORE_INDEX, pack_shards, tokenize_records_compact, write_shards
@@ -39,6 +40,7 @@ from fedsim.data.synthetic import generic_text
 from fedsim.data.templates import get_template, template_text
 from fedsim.errors import FedsimInputError
 from fedsim.execution import FailurePolicy, WorkerPool
+from fedsim.faults import forwarded_env
 from fedsim.model import (
     LoraSpec,
     TinyModelSpec,
@@ -55,6 +57,8 @@ from fedsim.tb import train_log
 Log = Callable[[str], None]
 TINY_CORPUS_LINES = 4000
 MAX_ROUND_ATTEMPTS = 3
+INTERRUPT_FLUSH_S = 5.0
+"""On Ctrl-C, how long to wait for the checkpoint being written in the background."""
 """How often a round is redone after its aggregator died before the run gives up."""
 WORKER_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
@@ -466,8 +470,7 @@ def run_experiment(
         "num_cpus": cfg.cluster.cpus_per_worker,
         "num_gpus": cfg.cluster.gpus_per_worker,
     }
-    if os.environ.get(FAULTS_ENV):  # failure tests inject faults into the workers
-        options["runtime_env"] = {"env_vars": {FAULTS_ENV: os.environ[FAULTS_ENV]}}
+    options.update(forwarded_env())  # failure tests inject faults into the workers
     with ray_session(cfg.cluster), worker_pool(cfg, spec, per_round, options, log) as pool:
         n_workers = len(pool.actors)
         ctx = _RoundContext(
@@ -494,25 +497,11 @@ def run_experiment(
             f"run {prep.run_dir}: {cfg.data.num_clients} clients, {per_round} per round, "
             f"{n_workers} workers, rounds {start_round}..{cfg.run.rounds}"
         )
-        scalars = train_log(prep.run_dir)  # TensorBoard, when the extra is installed
-        for round_idx in range(start_round, cfg.run.rounds + 1):
-            for attempt in range(1, MAX_ROUND_ATTEMPTS + 1):
-                try:
-                    record, global_ref = ctx.run_round(round_idx, aggregator, global_ref)
-                    break
-                except AggregatorLost as err:
-                    log(
-                        f"round {round_idx}: the aggregator failed ({err}); redoing the round "
-                        f"from the last checkpoint (attempt {attempt + 1})"
-                    )
-                    aggregator, global_ref = ctx.new_aggregator(round_idx - 1, None)
-            else:
-                raise RuntimeError(f"round {round_idx}: the aggregator failed {attempt} times")
-            scalars.add_all("train", _scalars(record), round_idx)
-            scalars.flush()
-            result.metrics.append(record)
-            result.last_round = round_idx
-        scalars.close()
+        rounds = _RoundLoop(ctx, result, train_log(prep.run_dir))  # TensorBoard, if installed
+        try:
+            rounds.run(start_round, cfg.run.rounds, aggregator, global_ref)
+        finally:
+            rounds.scalars.close()
     return result
 
 
@@ -560,7 +549,7 @@ class _RoundContext:
         # Pinned to the driver's node: checkpoints land in the run directory the driver sees,
         # even when the other nodes share no filesystem with it.
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        aggregator = AggregatorActor.options(scheduling_strategy=here).remote(
+        aggregator = AggregatorActor.options(scheduling_strategy=here, **forwarded_env()).remote(
             str(self.run_dir.resolve()), self.cfg, self.adapter_config, self.provenance
         )
         if state is None and last_round > 0:
@@ -574,9 +563,11 @@ class _RoundContext:
             _aggregator_call(aggregator.set_global.remote(global_ref))
         return aggregator, global_ref
 
-    def run_round(self, round_idx: int, aggregator: Any, global_ref: Any) -> tuple[dict, Any]:
-        """Select, train, aggregate and checkpoint one round; returns its record and the new
-        global adapter's reference."""
+    def run_round(
+        self, round_idx: int, aggregator: Any, global_ref: Any
+    ) -> tuple[dict[str, Any], Any, list[dict[str, Any]]]:
+        """Select, train and aggregate one round, and start its checkpoint; returns its record,
+        the new global adapter's reference, and the checkpoints that landed meanwhile."""
         cfg, start = self.cfg, time.perf_counter()
         # --- select ---
         if cfg.server.client_ids is not None:  # fixed clients, e.g. a local-only baseline
@@ -646,14 +637,87 @@ class _RoundContext:
             record["kept_previous_adapter"] = True
         if "dp" in summary:
             record["epsilon"] = summary["dp"]["epsilon"]
-        # Written after round.json, so it lives here: the cost of the round's checkpoint.
-        record["checkpoint_seconds"] = summary["checkpoint_seconds"]
-        checkpoint.append_metrics(self.run_dir, record)
         for o in outcomes:
             if o.error:
                 self.log(f"client {o.client_id} failed in round {round_idx}:\n{o.error.rstrip()}")
         self.log(_round_line(record, cfg.run.rounds, outcomes))
-        return record, new_global_ref
+        return record, new_global_ref, summary["checkpoints_written"]
+
+
+class _RoundLoop:
+    """Rounds start..end, with the checkpoint bookkeeping: a round's metrics line is appended only
+    once the aggregator reports its checkpoint on disk (written in the background while the next
+    round trains), and an aggregator that dies is replaced from the newest round on disk, redoing
+    every round after it."""
+
+    def __init__(self, ctx: _RoundContext, result: RunResult, scalars: Any) -> None:
+        self.ctx, self.result, self.scalars = ctx, result, scalars
+        self.unwritten: dict[int, dict[str, Any]] = {}
+        """Records of trained rounds whose checkpoints are not yet known to be on disk."""
+
+    def run(self, start: int, end: int, aggregator: Any, global_ref: Any) -> None:
+        round_idx, failures = start, 0
+        try:
+            while True:
+                try:
+                    if round_idx > end:  # the last checkpoint still being written
+                        self._written(_aggregator_call(aggregator.flush.remote()))
+                        return
+                    record, global_ref, written = self.ctx.run_round(
+                        round_idx, aggregator, global_ref
+                    )
+                except AggregatorLost as err:
+                    failures += 1
+                    if failures >= MAX_ROUND_ATTEMPTS:
+                        raise RuntimeError(
+                            f"round {round_idx}: the aggregator failed {failures} times"
+                        ) from None
+                    aggregator, global_ref, round_idx = self._replace(aggregator, round_idx, err)
+                    continue
+                failures = 0
+                self.unwritten[round_idx] = record
+                self._written(written)
+                round_idx += 1
+        except KeyboardInterrupt:
+            self._flush_quietly(aggregator)  # keep the round already trained, if it lands quickly
+            raise
+
+    def _replace(self, lost: Any, round_idx: int, err: Exception) -> tuple[Any, Any, int]:
+        """A fresh aggregator from the newest intact round on disk, and the round to go on with."""
+        with contextlib.suppress(Exception):  # it may be gone already
+            ray.kill(lost, no_restart=True)
+        state = checkpoint.find_resume_point(self.ctx.run_dir, self.ctx.log)
+        last = state.round_idx if state else 0
+        for r in sorted(self.unwritten):  # written before the aggregator died, or lost with it
+            record = self.unwritten.pop(r)
+            if r <= last:
+                self._commit(record, None)
+        self.ctx.log(
+            f"round {round_idx}: the aggregator failed ({err}); redoing the round"
+            f"{'s' if round_idx > last + 1 else ''} from round {last + 1} on, after the last "
+            f"checkpoint on disk (round {last})"
+        )
+        aggregator, global_ref = self.ctx.new_aggregator(last, state)
+        return aggregator, global_ref, last + 1
+
+    def _written(self, written: list[dict[str, Any]]) -> None:
+        for done in written:
+            self._commit(self.unwritten.pop(done["round"]), done)
+
+    def _commit(self, record: dict[str, Any], done: dict[str, Any] | None) -> None:
+        if done is not None:  # the cost of the round's checkpoint, and how long it held us up
+            record["checkpoint_seconds"] = done["checkpoint_seconds"]
+            record["checkpoint_wait_seconds"] = done["checkpoint_wait_seconds"]
+        checkpoint.append_metrics(self.ctx.run_dir, record)
+        self.scalars.add_all("train", _scalars(record), record["round"])
+        self.scalars.flush()
+        self.result.metrics.append(record)
+        self.result.last_round = record["round"]
+
+    def _flush_quietly(self, aggregator: Any) -> None:
+        # interrupted anyway: whatever did not land, resume finds out from the disk
+        with contextlib.suppress(Exception):
+            self._written(ray.get(aggregator.flush.remote(), timeout=INTERRUPT_FLUSH_S))
 
 
 def _system_model(cfg: ExperimentConfig) -> SystemModel | None:

@@ -8,7 +8,6 @@ across the actor boundary, so the driver's failure policy decides what a failed 
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import tempfile
@@ -27,6 +26,7 @@ from fedsim.client.trainer import TRAINERS, ClientContext, TrainSettings
 from fedsim.config import CompressionConfig
 from fedsim.data.shards import ShardStore
 from fedsim.errors import FedsimInputError
+from fedsim.faults import raise_client_fault
 from fedsim.model import (
     LoraSpec,
     adapter_config_dict,
@@ -102,15 +102,8 @@ class ClientOutcome:
         return sum(self.losses) / len(self.losses) if self.losses else float("nan")
 
 
-FAULTS_ENV = "FEDSIM_FAULTS"
-"""Fault injection for fedsim's own failure tests: a JSON list of {"round": r, "client": c}; that
-client raises inside its turn in that round. Unset in normal use."""
-
-
 def raise_injected_fault(task: ClientTask) -> None:
-    for fault in json.loads(os.environ.get(FAULTS_ENV) or "[]"):
-        if (fault.get("round"), fault.get("client")) == (task.round_idx, task.client_id):
-            raise RuntimeError(f"injected fault ({FAULTS_ENV}) for client {task.client_id}")
+    raise_client_fault(task.round_idx, task.client_id)  # fault tests only (fedsim.faults)
 
 
 def quiet_libraries() -> None:

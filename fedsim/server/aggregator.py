@@ -10,6 +10,13 @@ Each update is decoded (decompressed, padded to the global rank) and checked bef
 in; a bad one is rejected with its reason, and the round's weights renormalise over the accepted
 ones. With DP, each delta is clipped, the mean uses the fixed number of selected clients, and
 seeded Gaussian noise is added; the accountant's cumulative epsilon goes to round.json.
+
+Checkpoints are written off the critical path: `finish_round` hands round r's checkpoint to one
+background thread and returns the new adapter at once, so the write overlaps round r+1's training;
+round r+1's `finish_round` (or `flush`) waits for it first, keeping the rounds on disk in order.
+Each of those calls reports the checkpoints that became durable during it, so the driver records a
+round's metrics only once its checkpoint is on disk. A failed write raises there, naming the path.
+Strategies with per-client state (SCAFFOLD) write in line: their state files commit with the round.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import dataclasses
 import os
 import socket
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +36,7 @@ from fedsim import checkpoint
 from fedsim.client.trainer import ClientContext
 from fedsim.config import ExperimentConfig, clients_per_round
 from fedsim.errors import UpdateRejected
+from fedsim.faults import exit_if_aggregator_fault
 from fedsim.server.aggregation import WeightedDeltaSum, check_delta, clip_delta
 from fedsim.server.client_state import ClientStateStore
 from fedsim.server.privacy import dp_epsilon, gaussian_noise
@@ -77,6 +86,9 @@ class Aggregator:
         self._norms: dict[int, float] = {}
         self._round = 0
         self._fold_seconds = 0.0
+        self.overlap = cfg.cluster.overlap_checkpoints and self.client_states is None
+        self._writer: ThreadPoolExecutor | None = None
+        self._pending: Future[dict[str, Any]] | None = None
 
     @property
     def buffered(self) -> bool:
@@ -188,17 +200,19 @@ class Aggregator:
     def finish_round(
         self, round_idx: int, info: dict[str, Any]
     ) -> tuple[dict[str, Any], TensorDict]:
-        """Apply the strategy, write the round checkpoint, and return (summary, new adapter).
+        """Apply the strategy, start writing the round checkpoint, and return (summary, new
+        adapter); `summary["checkpoints_written"]` lists the checkpoints that became durable
+        during this call (see `flush`).
 
         With no accepted update (or too few for a robust rule) the previous global adapter is
         kept, and round.json says so.
         """
         assert self._sum is not None, "begin_round first"
+        written = self.flush()  # the previous round's checkpoint, waited for if still going
         notes: dict[str, Any] = {}
         delta = self._round_delta(notes)
         if delta is not None:
             self.global_adapter = self.strategy.apply(self.global_adapter, delta)
-        start = time.perf_counter()
         aggregation: dict[str, Any] = {
             "strategy": self.strategy.name,
             "weighting": self.weighting,
@@ -243,19 +257,48 @@ class Aggregator:
                 ),
                 "rounds": round_idx,
             }
-        checkpoint.write_round(
-            self.run_dir,
-            round_idx,
-            self.global_adapter,
-            self.adapter_config,
-            self.strategy.state_dict(),
-            summary,
-        )
-        if self.client_states is not None:
-            summary["client_states_written"] = self.client_states.commit(round_idx)
-        summary["checkpoint_seconds"] = round(time.perf_counter() - start, 6)
+        # a snapshot: the strategy's state tensors change in place as the next round folds in
+        state = {k: v.clone() for k, v in self.strategy.state_dict().items()}
+        adapter = self.global_adapter  # replaced, never changed in place, by the next round
+        if self.overlap:
+            if self._writer is None:
+                self._writer = ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
+            self._pending = self._writer.submit(self._write, round_idx, adapter, state, {**summary})
+        else:
+            done = self._write(round_idx, adapter, state, summary)
+            written.append({**done, "checkpoint_wait_seconds": done["checkpoint_seconds"]})
+        summary["checkpoints_written"] = written
         self._sum, self._buffer = None, {}
         return summary, self.global_adapter
+
+    def flush(self) -> list[dict[str, Any]]:
+        """Wait for the checkpoint being written, if any; returns what became durable: a list of
+        at most one `{"round", "checkpoint_seconds", "checkpoint_wait_seconds"}`. Raises the
+        write's CheckpointWriteError."""
+        if self._pending is None:
+            return []
+        start = time.perf_counter()
+        pending, self._pending = self._pending, None
+        done = pending.result()
+        done["checkpoint_wait_seconds"] = round(time.perf_counter() - start, 6)
+        return [done]
+
+    def _write(
+        self,
+        round_idx: int,
+        adapter: TensorDict,
+        state: TensorDict,
+        summary: dict[str, Any],
+    ) -> dict[str, Any]:
+        exit_if_aggregator_fault(round_idx, "exit_before_checkpoint")  # fault tests only
+        start = time.perf_counter()
+        config = self.adapter_config
+        checkpoint.write_round(self.run_dir, round_idx, adapter, config, state, summary)
+        done: dict[str, Any] = {"round": round_idx}
+        if self.client_states is not None:
+            done["client_states_written"] = self.client_states.commit(round_idx)
+        done["checkpoint_seconds"] = round(time.perf_counter() - start, 6)
+        return done
 
 
 AggregatorActor = ray.remote(num_cpus=0)(Aggregator)

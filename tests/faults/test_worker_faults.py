@@ -1,12 +1,13 @@
 """A worker process killed mid-round, a client whose training raises, the aggregator killed."""
 
 import json
+import re
 
 import pytest
 
-from fedsim.client.worker import FAULTS_ENV
 from fedsim.config import config_from_dict
 from fedsim.driver import run_experiment
+from fedsim.faults import FAULTS_ENV
 from tests.conftest import tiny_experiment
 from tests.faults.conftest import (
     SLOW_CLIENTS,
@@ -69,6 +70,30 @@ def test_aggregator_killed_mid_round_redoes_the_round(reference, tmp_path):
     assert any("the aggregator failed" in m and "redoing the round" in m for m in run.messages)
     for r in (1, 2, 3):
         assert_same_adapter(adapter(reference(3).run_dir, r), adapter(run.run_dir, r))
+
+
+def test_aggregator_dying_before_a_background_checkpoint_redoes_the_lost_round(
+    reference, monkeypatch, tmp_path
+):
+    # round 2 is trained and aggregated, then its aggregator dies before writing it: round 2
+    # exists nowhere but in the dead process, so rounds 2 and 3 are redone from round 1's files
+    fault = {"round": 2, "aggregator": "exit_before_checkpoint", "once_file": str(tmp_path / "x")}
+    monkeypatch.setenv(FAULTS_ENV, json.dumps([fault]))
+    raw = tiny_experiment(tmp_path, run={"rounds": 3}, client=SLOW_CLIENTS)
+    messages: list[str] = []
+    result = run_experiment(config_from_dict(raw), log=messages.append, show_progress=False)
+
+    assert result.last_round == 3
+    assert [m["round"] for m in result.metrics] == [1, 2, 3]  # one line per durable round
+    lines = (result.run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["round"] for x in lines] == [1, 2, 3]
+    # it dies while round 3 starts (or, on a slow machine, just before round 2 returned)
+    assert any(re.search("redoing the rounds? from round 2 on", m) for m in messages), messages
+    assert (
+        round_info(result.run_dir, 1)["aggregator"] != round_info(result.run_dir, 2)["aggregator"]
+    )
+    for r in (1, 2, 3):
+        assert_same_adapter(adapter(reference(3).run_dir, r), adapter(result.run_dir, r))
 
 
 def _selected(raw: dict, round_idx: int) -> list[int]:

@@ -61,6 +61,7 @@ def test_updates_are_clipped_and_averaged_over_the_fixed_k(tmp_path):
     expected[0, 0] += 0.5 / 4
     torch.testing.assert_close(new["w"], expected.float(), rtol=0, atol=1e-7)
     assert summary["aggregation"]["update_norms"] == {"2": pytest.approx(10.0)}
+    agg.flush()  # the checkpoint is written in the background
     info = json.loads((tmp_path / "rounds/round_0003/round.json").read_text())
     assert info["dp"]["epsilon"] == pytest.approx(dp_epsilon(1.0, 3, 1e-5, 20, 4))
     assert info["dp"]["sampling"] == "4 of 20 without replacement"
