@@ -28,6 +28,7 @@ from fedsim import checkpoint
 from fedsim.client.trainer import ClientContext
 from fedsim.config import ExperimentConfig, clients_per_round
 from fedsim.errors import UpdateRejected
+from fedsim.resources import peak_rss_mb
 from fedsim.server.aggregation import WeightedDeltaSum, check_delta, clip_delta
 from fedsim.server.client_state import ClientStateStore
 from fedsim.server.privacy import dp_epsilon, gaussian_noise
@@ -216,6 +217,7 @@ class Aggregator:
             **info,
             "aggregation": aggregation,
             "aggregator": f"{socket.gethostname()}:{os.getpid()}",
+            "aggregator_peak_rss_mb": peak_rss_mb(),
             "bytes": {
                 "adapter": adapter_nbytes(self.global_adapter),
                 "uplink": sum(self._bytes.values()),
