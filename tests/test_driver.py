@@ -111,6 +111,27 @@ def test_rounds_record_resource_figures(reference_run):
     assert driver == sorted(driver)
 
 
+def test_report_over_two_sizes_is_a_sweep(reference_run, tmp_path):
+    from fedsim.report import write_report
+
+    _, small = reference_run  # 6 clients, 3 per round
+    raw = tiny_experiment(
+        tmp_path,
+        run={"name": "twelve", "rounds": 1},
+        data={"num_clients": 12, "partition": {"kind": "iid"}},
+    )
+    large = run_experiment(config_from_dict(raw), log=lambda _: None, show_progress=False)
+
+    out = write_report([small.run_dir, large.run_dir], tmp_path / "report")
+    assert (out / "sweep.png").stat().st_size > 10_000
+    text = (out / "report.md").read_text()
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| 6 |")]
+    rows += [line.split(" | ") for line in text.splitlines() if line.startswith("| 12 |")]
+    # clients, per round, rounds, then figures the driver wrote (none of them missing)
+    assert [r[:3] for r in rows] == [["| 6", "3", "3"], ["| 12", "3", "1"]]
+    assert all("–" not in r[3:8] for r in rows), rows
+
+
 def test_global_adapter_changes_every_round(reference_run):
     _, result = reference_run
     adapters = [_adapter(result.run_dir, r) for r in (1, 2, 3)]
