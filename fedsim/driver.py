@@ -48,6 +48,7 @@ from fedsim.model import (
     load_tokenizer,
     resolve_model_path,
 )
+from fedsim.resources import peak_rss_mb, round_object_store_bytes
 from fedsim.server.aggregator import AggregatorActor, adapter_nbytes
 from fedsim.server.client_state import ClientStateStore
 from fedsim.server.selection import Selection, client_seed, draw_probabilities, select_round
@@ -413,7 +414,9 @@ def worker_spec(
     )
 
 
-def _round_record(round_idx: int, outcomes: list[ClientOutcome], seconds: float) -> dict[str, Any]:
+def _round_record(
+    round_idx: int, outcomes: list[ClientOutcome], seconds: float, adapter_bytes: int = 0
+) -> dict[str, Any]:
     ok = [o for o in outcomes if o.ok]
     samples = sum(o.num_samples for o in ok)
     loss = sum(o.mean_loss * o.num_samples for o in ok) / samples if samples else float("nan")
@@ -431,6 +434,23 @@ def _round_record(round_idx: int, outcomes: list[ClientOutcome], seconds: float)
         "train_loss": loss,
         "global_loss": global_loss,
         "seconds": round(seconds, 3),
+        **_resource_record(outcomes, adapter_bytes),
+    }
+
+
+def _resource_record(outcomes: list[ClientOutcome], adapter_bytes: int) -> dict[str, Any]:
+    """The round's resource figures (see fedsim/resources.py): peak RSS of the driver and of the
+    busiest worker (MiB, process lifetime so far), and the bytes moved through the object store,
+    with the global adapter counted once per dispatched task."""
+    ran = [o.peak_rss_mb for o in outcomes if o.peak_rss_mb > 0]
+    return {
+        "driver_peak_rss_mb": peak_rss_mb(),
+        "worker_peak_rss_mb": max(ran) if ran else None,
+        "object_store_bytes": round_object_store_bytes(
+            adapter_bytes * len(outcomes),
+            sum(o.upload_bytes for o in outcomes),
+            sum(o.context_bytes for o in outcomes),
+        ),
     }
 
 
@@ -614,7 +634,7 @@ class _RoundContext:
         for fold in folds:
             _aggregator_call(fold)
         # --- aggregate and checkpoint ---
-        record = _round_record(round_idx, outcomes, time.perf_counter() - start)
+        record = _round_record(round_idx, outcomes, time.perf_counter() - start, self.adapter_bytes)
         if plan is not None:  # simulated wall-clock next to the real `seconds`
             record["simulated_seconds"] = round(plan.simulated_seconds, 6)
         info = {
@@ -637,6 +657,7 @@ class _RoundContext:
             record["kept_previous_adapter"] = True
         if "dp" in summary:
             record["epsilon"] = summary["dp"]["epsilon"]
+        record["aggregator_peak_rss_mb"] = summary.get("aggregator_peak_rss_mb")
         for o in outcomes:
             if o.error:
                 self.log(f"client {o.client_id} failed in round {round_idx}:\n{o.error.rstrip()}")

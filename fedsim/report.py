@@ -3,7 +3,9 @@
 For one run: the training curve, each question set's metrics and judge scores per round, the
 per-category breakdown of the newest evaluated round, and which clients took part in which
 round. For several runs: one comparison table (each run's newest evaluated round) and the same
-curves overlaid. Everything is read from files the trainer and evaluation jobs wrote
+curves overlaid; when the runs differ in registered clients and/or clients per round (a
+scalability sweep), also a table and a plot of round time, peak memory and object-store traffic
+against the number of clients. Everything is read from files the trainer and evaluation jobs wrote
 (metrics.jsonl, config.yaml, rounds/*/eval/summary.json); nothing is recomputed.
 """
 
@@ -223,6 +225,146 @@ def plot_participation(runs: list[RunData], out: Path) -> Path | None:
     return _save(fig, out / "participation.png")
 
 
+# ------------------------------------------------------------------------------------------
+# Scalability sweep
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SweepPoint:
+    """One run of a sweep, reduced to the figures the sweep compares."""
+
+    label: str
+    num_clients: int
+    per_round: int
+    rounds: int
+    round_seconds: float | None
+    """Median round time over rounds 2.. (round 1 starts the workers); round 1 if it is alone."""
+    driver_rss_mb: float | None
+    worker_rss_mb: float | None
+    aggregator_rss_mb: float | None
+    """Peak RSS (MiB) of each process over the run: the largest value any round recorded."""
+    object_store_mb: float | None
+    """Mean bytes per round through the object store (`object_store_bytes`), in MB (10^6)."""
+
+
+def _per_round(run: RunData) -> int:
+    k = run.config.get("server", {}).get("clients_per_round")
+    if k is None:  # a fraction, or every client: what the rounds actually had
+        k = max((int(m.get("num_clients", 0)) for m in run.train), default=0)
+    return int(k)
+
+
+def _peak(run: RunData, key: str) -> float | None:
+    values = [m[key] for m in run.train if m.get(key) is not None]
+    return max(values) if values else None
+
+
+def sweep_points(runs: list[RunData]) -> list[SweepPoint] | None:
+    """The runs as a sweep, sorted by clients per round then registered clients; None unless
+    there are several runs that differ in `data.num_clients` and/or `server.clients_per_round`."""
+    if len(runs) < 2 or len({(r.num_clients, _per_round(r)) for r in runs}) < 2:
+        return None
+    points = []
+    for run in runs:
+        timed = run.train[1:] or run.train
+        seconds = [m["seconds"] for m in timed if m.get("seconds") is not None]
+        moved = [m["object_store_bytes"] for m in run.train if "object_store_bytes" in m]
+        points.append(
+            SweepPoint(
+                label=run.label,
+                num_clients=run.num_clients,
+                per_round=_per_round(run),
+                rounds=len(run.train),
+                round_seconds=float(np.median(seconds)) if seconds else None,
+                driver_rss_mb=_peak(run, "driver_peak_rss_mb"),
+                worker_rss_mb=_peak(run, "worker_peak_rss_mb"),
+                aggregator_rss_mb=_peak(run, "aggregator_peak_rss_mb"),
+                object_store_mb=sum(moved) / len(moved) / 1e6 if moved else None,
+            )
+        )
+    return sorted(points, key=lambda p: (p.per_round, p.num_clients, p.label))
+
+
+SWEEP_PANELS: tuple[tuple[str, str], ...] = (
+    ("round_seconds", "median round time (s, rounds 2..)"),
+    ("driver_rss_mb", "driver peak RSS (MiB)"),
+    ("worker_rss_mb", "worker peak RSS (MiB)"),
+    ("object_store_mb", "object store MB per round"),
+)
+
+
+def plot_sweep(points: list[SweepPoint], out: Path) -> Path:
+    """2x2 panels against registered clients (log scale), one line per clients-per-round."""
+    fig, axes = plt.subplots(2, 2, figsize=(9.5, 6.5), squeeze=False)
+    for ax, (key, title) in zip(axes.flat, SWEEP_PANELS, strict=True):
+        values = [getattr(p, key) for p in points if getattr(p, key) is not None]
+        for k in sorted({p.per_round for p in points}):
+            xy = [
+                (p.num_clients, getattr(p, key))
+                for p in points
+                if p.per_round == k and getattr(p, key) is not None
+            ]
+            if xy:
+                xs, ys = zip(*sorted(xy), strict=True)
+                ax.plot(xs, ys, marker="o", markersize=4, label=f"{k} per round")
+        ax.set_xscale("log")
+        ax.set_xlabel("registered clients")
+        ax.set_title(title, fontsize=10)
+        ax.set_ylim(0, 1.15 * max(values) if values and max(values) > 0 else 1)
+        ax.grid(alpha=0.3, which="both")
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle("Scalability: cost against registered clients")
+    return _save(fig, out / "sweep.png")
+
+
+def sweep_table(points: list[SweepPoint]) -> list[str]:
+    """The sweep as a markdown table, one row per run."""
+    header = [
+        "clients",
+        "per round",
+        "rounds",
+        "round s (median, 2..)",
+        "driver peak RSS MiB",
+        "worker peak RSS MiB",
+        "aggregator peak RSS MiB",
+        "object store MB/round",
+        "run",
+    ]
+    rows = [
+        [
+            str(p.num_clients),
+            str(p.per_round),
+            str(p.rounds),
+            _fmt(p.round_seconds, 2),
+            _fmt(p.driver_rss_mb, 0),
+            _fmt(p.worker_rss_mb, 0),
+            _fmt(p.aggregator_rss_mb, 0),
+            _fmt(p.object_store_mb, 3),
+            p.label,
+        ]
+        for p in points
+    ]
+    return _table(header, rows)
+
+
+def _sweep_markdown(points: list[SweepPoint], plot: Path | None) -> list[str]:
+    lines = ["## Scalability sweep", ""]
+    lines += [
+        "Round time is the median over rounds 2.. (round 1 starts the workers). Peak RSS is each "
+        "process's high-water mark (ru_maxrss) over the run; worker: the largest of the workers. "
+        "Object store: fedsim's accounting of the bytes a round moves through Ray's object store "
+        "(the global adapter per dispatched client, the uploads, SCAFFOLD's contexts), mean over "
+        "rounds.",
+        "",
+        *sweep_table(points),
+        "",
+    ]
+    if plot:
+        lines += ["![sweep](sweep.png)", ""]
+    return lines
+
+
 def _save(fig: Any, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -437,11 +579,15 @@ def write_report(run_dirs: list[Path], out: Path | None = None) -> Path:
     plots: dict[str, Path | None] = {"train": plot_train_loss(runs, out)}
     for name in _set_names(runs):
         plots[name] = plot_eval(runs, name, out)
-    plots["participation"] = plot_participation(runs, out)
+    points = sweep_points(runs)
+    # a client x round grid says nothing at thousands of clients: a sweep gets its own plot
+    plots["participation"] = plot_participation(runs, out) if points is None else None
     lines = (
         _single_run_markdown(runs[0], plots)
         if len(runs) == 1
         else _comparison_markdown(runs, plots)
     )
+    if points is not None:
+        lines += _sweep_markdown(points, plot_sweep(points, out))
     checkpoint.write_text_atomic(out / "report.md", "\n".join(lines).rstrip() + "\n")
     return out

@@ -147,6 +147,19 @@ def test_scaffold_state_only_for_clients_that_trained_and_never_skipped(scaffold
     assert {p.name: p.read_bytes() for p in (run_dir / "clients").iterdir()} == before
 
 
+def test_scaffold_object_store_bytes_count_contexts_and_client_state(scaffold_runs):
+    """SCAFFOLD moves more than FedAvg: each client also uploads its variate and is sent its
+    correction c - c_i (both float32, shaped like the adapter); object_store_bytes counts both."""
+    run_dir = scaffold_runs[0]
+    metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for m in metrics:
+        info = _info(run_dir, m["round"])
+        adapter, n = info["bytes"]["adapter"], len(info["clients"])
+        assert info["bytes_downlink"] == n * adapter
+        assert m["uplink_bytes"] == n * 2 * adapter  # the adapter and the variate
+        assert m["object_store_bytes"] == info["object_store_bytes"] == n * 4 * adapter
+
+
 @pytest.fixture(scope="module")
 def features_run(ray_local, tmp_path_factory):
     """FedProx with availability from a profile (client 0 never available, clients 1 and 2 of

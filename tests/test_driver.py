@@ -87,6 +87,51 @@ def test_run_directory_layout(reference_run):
     assert config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text())) == cfg
 
 
+def test_rounds_record_resource_figures(reference_run):
+    _, result = reference_run
+    metrics = [
+        json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()
+    ]
+    for m in metrics:
+        info = json.loads(
+            (
+                result.run_dir / "rounds" / checkpoint.round_name(m["round"]) / "round.json"
+            ).read_text()
+        )
+        # a process that imported torch holds well over 50 MiB; none of these needs 8 GiB
+        for key in ("driver_peak_rss_mb", "worker_peak_rss_mb", "aggregator_peak_rss_mb"):
+            assert 50 < m[key] < 8192, (key, m[key])
+            assert info[key] == m[key], key
+        # raw FedAvg: each of the 3 clients reads the global adapter and uploads one of its size
+        adapter = info["bytes"]["adapter"]
+        assert info["bytes_downlink"] == 3 * adapter and m["uplink_bytes"] == 3 * adapter
+        assert m["object_store_bytes"] == info["object_store_bytes"] == 6 * adapter
+    # peak RSS is a high-water mark: it never falls from one round to the next
+    driver = [m["driver_peak_rss_mb"] for m in metrics]
+    assert driver == sorted(driver)
+
+
+def test_report_over_two_sizes_is_a_sweep(reference_run, tmp_path):
+    from fedsim.report import write_report
+
+    _, small = reference_run  # 6 clients, 3 per round
+    raw = tiny_experiment(
+        tmp_path,
+        run={"name": "twelve", "rounds": 1},
+        data={"num_clients": 12, "partition": {"kind": "iid"}},
+    )
+    large = run_experiment(config_from_dict(raw), log=lambda _: None, show_progress=False)
+
+    out = write_report([small.run_dir, large.run_dir], tmp_path / "report")
+    assert (out / "sweep.png").stat().st_size > 10_000
+    text = (out / "report.md").read_text()
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| 6 |")]
+    rows += [line.split(" | ") for line in text.splitlines() if line.startswith("| 12 |")]
+    # clients, per round, rounds, then figures the driver wrote (none of them missing)
+    assert [r[:3] for r in rows] == [["| 6", "3", "3"], ["| 12", "3", "1"]]
+    assert all("–" not in r[3:8] for r in rows), rows
+
+
 def test_global_adapter_changes_every_round(reference_run):
     _, result = reference_run
     adapters = [_adapter(result.run_dir, r) for r in (1, 2, 3)]

@@ -34,8 +34,9 @@ from fedsim.model import (
     get_adapter,
     load_base_model,
 )
+from fedsim.resources import peak_rss_mb
 from fedsim.server.strategies import scaffold_client_variate
-from fedsim.uplink import ClientUpload, encode_upload
+from fedsim.uplink import ClientUpload, encode_upload, tensors_nbytes
 
 TensorDict = dict[str, torch.Tensor]
 
@@ -96,6 +97,12 @@ class ClientOutcome:
     """Which try this outcome is from (a client whose worker died is retried)."""
     worker_lost: bool = False
     """The worker process died during this client's turn (as opposed to training raising)."""
+    peak_rss_mb: float = 0.0
+    """Peak RSS of the worker's process at the end of this turn, MiB (0: the turn never ran)."""
+    upload_bytes: int = 0
+    """Bytes of the upload the worker returned (`ClientUpload.nbytes`; 0 when the turn failed)."""
+    context_bytes: int = 0
+    """Tensor bytes of the `ClientContext` the worker received (SCAFFOLD's correction)."""
 
     @property
     def mean_loss(self) -> float:
@@ -157,6 +164,7 @@ class ClientWorker:
             client_id=task.client_id, ok=False, worker=self.name, node=self.node_id
         )
         ctx = context or ClientContext()
+        outcome.context_bytes = tensors_nbytes(ctx.correction or {})
         try:
             raise_injected_fault(task)
             self.trainer.load_adapter(self.model, global_adapter)
@@ -177,6 +185,7 @@ class ClientWorker:
         except Exception:
             outcome.error = traceback.format_exc()
             outcome.total_seconds = time.perf_counter() - start
+            outcome.peak_rss_mb = peak_rss_mb()
             return outcome, ClientUpload({})
         outcome.ok = True
         outcome.losses = result.losses
@@ -184,6 +193,8 @@ class ClientWorker:
         outcome.tokens = result.tokens
         outcome.train_seconds = result.seconds
         outcome.total_seconds = time.perf_counter() - start
+        outcome.upload_bytes = adapter.nbytes()
+        outcome.peak_rss_mb = peak_rss_mb()
         return outcome, adapter
 
 

@@ -37,6 +37,7 @@ from fedsim.client.trainer import ClientContext
 from fedsim.config import ExperimentConfig, clients_per_round
 from fedsim.errors import UpdateRejected
 from fedsim.faults import exit_if_aggregator_fault
+from fedsim.resources import peak_rss_mb
 from fedsim.server.aggregation import WeightedDeltaSum, check_delta, clip_delta
 from fedsim.server.client_state import ClientStateStore
 from fedsim.server.privacy import dp_epsilon, gaussian_noise
@@ -230,6 +231,7 @@ class Aggregator:
             **info,
             "aggregation": aggregation,
             "aggregator": f"{socket.gethostname()}:{os.getpid()}",
+            "aggregator_peak_rss_mb": peak_rss_mb(),
             "bytes": {
                 "adapter": adapter_nbytes(self.global_adapter),
                 "uplink": sum(self._bytes.values()),
