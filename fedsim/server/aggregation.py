@@ -136,14 +136,20 @@ class WeightedDeltaSum:
 
     def _fold(self, key: str, value: torch.Tensor, scale: float, sign: int) -> None:
         # In cache-sized chunks, so that the float64 and int64 temporaries never reach memory.
-        acc = self._acc[key].view(-1)
-        ref = self.reference[key].reshape(-1)
         flat = value.reshape(-1)
         for lo in range(0, flat.numel(), FOLD_CHUNK):
-            hi = lo + FOLD_CHUNK
-            delta = flat[lo:hi].to(torch.float64).sub_(ref[lo:hi])
-            _check_delta(key, delta)
-            acc[lo:hi].add_(delta.mul_(scale).round_().to(torch.int64), alpha=sign)
+            try:
+                self._fold_chunk(key, flat, lo, scale, sign)
+            except UpdateRejected:
+                for done in range(0, lo, FOLD_CHUNK):  # this tensor's chunks already added
+                    self._fold_chunk(key, flat, done, scale, -sign)
+                raise
+
+    def _fold_chunk(self, key: str, flat: torch.Tensor, lo: int, scale: float, sign: int) -> None:
+        hi = lo + FOLD_CHUNK
+        delta = flat[lo:hi].to(torch.float64).sub_(self.reference[key].reshape(-1)[lo:hi])
+        _check_delta(key, delta)
+        self._acc[key].view(-1)[lo:hi].add_(delta.mul_(scale).round_().to(torch.int64), alpha=sign)
 
     def add_delta(self, delta: TensorDict, weight: int) -> None:
         """Fold in a float64 delta (decoded, possibly clipped) with an integer weight; checked

@@ -93,3 +93,17 @@ def test_a_rejected_update_leaves_the_sum_exactly_as_it_was():
     assert dirty.count == 1 and dirty.total_weight == 2
     for k in g:
         assert torch.equal(dirty.mean()[k], clean.mean()[k])
+
+
+def test_a_bad_value_late_in_a_large_tensor_leaves_the_sum_exactly_as_it_was():
+    g = {"a": torch.zeros(100_000)}
+    good = {"a": torch.full((100_000,), 0.25)}
+    bad = torch.full((100_000,), 0.5)
+    bad[-1] = float("nan")  # in the tensor's last fold chunk: the chunks before it were added
+    clean = WeightedDeltaSum(g, 10)
+    clean.add(good, 2)
+    dirty = WeightedDeltaSum(g, 10)
+    dirty.add(good, 2)
+    with pytest.raises(UpdateRejected, match="a: non-finite"):
+        dirty.add({"a": bad}, 3)
+    assert torch.equal(dirty.mean()["a"], clean.mean()["a"])
