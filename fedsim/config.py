@@ -172,7 +172,9 @@ class ClientConfig:
     disagree with them are errors). null: ZeRO stage 0 in the model's dtype."""
     profile: str | None = None
     """Per-client profile file (YAML/JSON: `default`, `classes`, `clients`) giving each client's
-    `availability` probability and `lora_rank`; see the README's "Client profiles"."""
+    `availability` probability, `lora_rank`, and the simulated device's `speed`,
+    `bandwidth_mbps` and `dropout` (used when system.enabled); see the README's "Client
+    profiles"."""
     compression: CompressionConfig = field(default_factory=CompressionConfig)
 
 
@@ -253,6 +255,10 @@ class ServerConfig:
     client_ids: list[int] | None = None
     """Train only these client ids, every round (e.g. one id for a local-only baseline); when
     set, clients_per_round and fraction are ignored."""
+    min_updates: int | None = None
+    """Over-selection (with system.enabled): while fewer than this many of the round's clients
+    would report (the rest dropped out or missed the deadline), invite more clients, drawn from
+    the seed. null: the round is as large as the clients that make it."""
 
 
 @dataclass
@@ -375,9 +381,6 @@ class SystemConfig:
     """Probability a sampled client drops out of the round."""
     deadline_seconds: float | None = None
     """Simulated round deadline; clients that would finish later are dropped. null: no deadline."""
-    profiles: str | None = None
-    """JSON file {"clients": {"ID": {"speed", "bandwidth_mbps", "dropout"}}} overriding the drawn
-    profiles of the clients it lists."""
 
 
 @dataclass
@@ -540,8 +543,6 @@ def config_from_dict(raw: dict[str, Any]) -> ExperimentConfig:
             cfg.client.deepspeed = _read_deepspeed_file(cfg.client.deepspeed, problems)
         if cfg.client.profile:
             cfg.client.profile = expand_path(cfg.client.profile, "client.profile", problems)
-        if cfg.system.profiles:
-            cfg.system.profiles = expand_path(cfg.system.profiles, "system.profiles", problems)
     if not problems:
         problems = validate(cfg)
     if problems:
@@ -728,7 +729,29 @@ def validate(cfg: ExperimentConfig) -> list[str]:
     _positive(p, "system.deadline_seconds", y.deadline_seconds)
     if not 0 <= y.dropout <= 1:
         p.append(f"system.dropout: must be in [0, 1], got {y.dropout}")
+    _validate_min_updates(p, cfg)
     return p
+
+
+def _validate_min_updates(p: list[str], cfg: ExperimentConfig) -> None:
+    s = cfg.server
+    if s.min_updates is None:
+        return
+    _positive(p, "server.min_updates", s.min_updates)
+    if not cfg.system.enabled:
+        p.append(
+            "server.min_updates: over-selection makes up for simulated dropouts and stragglers; "
+            "it needs system.enabled: true"
+        )
+    if s.min_updates > cfg.data.num_clients:
+        p.append(
+            f"server.min_updates: {s.min_updates} is more than data.num_clients "
+            f"({cfg.data.num_clients})"
+        )
+    if s.client_ids is not None or s.selection == "all":
+        p.append("server.min_updates: cannot over-select with server.client_ids or selection all")
+    if s.dp.enabled:
+        p.append("server.min_updates: DP accounting assumes clients_per_round clients a round")
 
 
 def _quantization_problems(cfg: ExperimentConfig) -> list[str]:

@@ -51,7 +51,13 @@ from fedsim.model import (
 from fedsim.resources import peak_rss_mb, round_object_store_bytes
 from fedsim.server.aggregator import AggregatorActor, adapter_nbytes
 from fedsim.server.client_state import ClientStateStore
-from fedsim.server.selection import Selection, client_seed, draw_probabilities, select_round
+from fedsim.server.selection import (
+    Selection,
+    client_seed,
+    draw_probabilities,
+    over_selection,
+    select_round,
+)
 from fedsim.server.system_model import SystemModel, SystemSettings
 from fedsim.tb import train_log
 
@@ -508,7 +514,7 @@ def run_experiment(
             show_progress=show_progress,
             probabilities=availability_probabilities(cfg, prep.profiles),
             ranks=[p.lora_rank for p in prep.profiles] if prep.profiles else None,
-            system=_system_model(cfg),
+            system=_system_model(cfg, prep.profiles),
             train_settings=spec.settings,
         )
         aggregator, global_ref = ctx.new_aggregator(start_round - 1, prep.resume_from)
@@ -604,8 +610,14 @@ class _RoundContext:
         selected = selection.clients
         plan = None
         if self.system is not None:  # simulated dropouts and stragglers do not train
-            steps = {c: self.train_settings.num_steps(self.sample_counts[c]) for c in selected}
-            plan = self.system.plan_round(round_idx, selected, steps, self.adapter_bytes)
+            plan = self.system.plan_round(
+                round_idx,
+                selected,
+                lambda c: self.train_settings.num_steps(self.sample_counts[c]),
+                self.adapter_bytes,
+                over_selection(cfg.run.seed, round_idx, cfg.data.num_clients, selected),
+                cfg.server.min_updates or 0,
+            )
             selected = plan.kept
         tasks = [
             ClientTask(round_idx, c, client_seed(cfg.run.seed, round_idx, c)) for c in selected
@@ -741,14 +753,16 @@ class _RoundLoop:
             self._written(ray.get(aggregator.flush.remote(), timeout=INTERRUPT_FLUSH_S))
 
 
-def _system_model(cfg: ExperimentConfig) -> SystemModel | None:
+def _system_model(
+    cfg: ExperimentConfig, profiles: list[ClientProfile] | None
+) -> SystemModel | None:
     """The simulated system of `cfg.system`, or None when it is off."""
     y = cfg.system
     if not y.enabled:
         return None
     fields = {k: v for k, v in dataclasses.asdict(y).items() if k != "enabled"}
     settings = SystemSettings(**fields)
-    return SystemModel(settings, cfg.run.seed, cfg.data.num_clients)
+    return SystemModel(settings, cfg.run.seed, profiles)
 
 
 def _scalars(record: dict[str, Any]) -> dict[str, Any]:

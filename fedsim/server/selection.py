@@ -9,6 +9,7 @@ available.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,7 @@ SELECTION_STREAM = 1
 """Distinguishes the selection's random stream from the training streams of the same round."""
 AVAILABILITY_STREAM = 4
 PROBABILITY_STREAM = 5
+OVERSELECTION_STREAM = 8
 
 
 def round_rng(seed: int, round_idx: int, stream: int) -> np.random.Generator:
@@ -104,6 +106,20 @@ def select_round(
         chosen = sorted(int(available[i]) for i in rng.choice(len(available), take, replace=False))
         return Selection(chosen, kind, {"requested": per_round, "available": len(available)})
     raise ValueError(f"unknown selection {kind!r}")
+
+
+def over_selection(
+    seed: int, round_idx: int, num_clients: int, selected: list[int]
+) -> Iterator[int]:
+    """Clients not in `selected`, in a seeded random order, drawn lazily: a round that needs two
+    extra clients costs two draws (plus rare repeats), not a pass over every registered client."""
+    rng = round_rng(seed, round_idx, OVERSELECTION_STREAM)
+    seen = set(selected)
+    while len(seen) < num_clients:
+        c = int(rng.integers(num_clients))
+        if c not in seen:
+            seen.add(c)
+            yield c
 
 
 def client_seed(seed: int, round_idx: int, client_id: int) -> int:

@@ -8,34 +8,32 @@ trains (its update would arrive too late, so the simulation does not spend compu
 client also drops out with its profile's probability. Everything is a function of (seed, round,
 client), so the same seed drops the same clients, on any machine and on resume.
 
-Profiles cost nothing per registered client: a client's profile is drawn from the seed when it is
-sampled (or read from the `system.profiles` file, which may list only some clients), so 10,000
-registered clients need no table. The driver calls `SystemModel.plan_round` once per round and
+Profiles cost nothing per registered client: a client's device is drawn from the seed when it is
+sampled, so 10,000 registered clients need no table; the run's `client.profile` file (see
+fedsim.client.profile) overrides speed, bandwidth and dropout for the clients and classes it
+describes. The driver calls `SystemModel.plan_round` once per round and
 trains only `RoundPlan.kept`.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from fedsim.errors import FedsimInputError
-from fedsim.server.selection import round_rng
+from fedsim.client.profile import ClientProfile
 
-PROFILE_STREAM = 5
+PROFILE_STREAM = 7
 """Random stream of the per-client profiles (distinct from selection and partition streams)."""
 DROPOUT_STREAM = 6
-"""Random stream of each round's dropout draws."""
-PROFILE_KEYS = ("speed", "bandwidth_mbps", "dropout")
+"""Random stream of each (round, client)'s dropout draw."""
 
 
 @dataclass(frozen=True)
-class ClientProfile:
+class DeviceProfile:
     """How one client's device behaves: relative compute speed (1 = reference), link bandwidth
     in megabits per second, and the probability it drops out of a round it was sampled for."""
 
@@ -54,7 +52,6 @@ class SystemSettings:
     bandwidth_sigma: float = 0.0
     dropout: float = 0.0
     deadline_seconds: float | None = None
-    profiles: str | None = None
 
 
 @dataclass
@@ -66,6 +63,8 @@ class RoundPlan:
     stragglers: list[int]
     client_seconds: dict[int, float]
     simulated_seconds: float
+    over_selected: list[int] = field(default_factory=list)
+    """Clients invited beyond the selection to reach `server.min_updates`, in invitation order."""
 
     def to_json(self) -> dict[str, Any]:
         """The `system` entry of round.json."""
@@ -75,30 +74,43 @@ class RoundPlan:
             "stragglers": self.stragglers,
             "client_seconds": {str(c): round(s, 6) for c, s in self.client_seconds.items()},
             "simulated_seconds": round(self.simulated_seconds, 6),
+            "over_selected": self.over_selected,
         }
 
 
 class SystemModel:
     """Per-client profiles and the round plan they imply, all derived from the run's seed."""
 
-    def __init__(self, settings: SystemSettings, seed: int, num_clients: int) -> None:
+    def __init__(
+        self,
+        settings: SystemSettings,
+        seed: int,
+        profiles: Sequence[ClientProfile] | None = None,
+    ) -> None:
         self.settings = settings
         self.seed = seed
-        self.num_clients = num_clients
-        self._fixed = load_profiles(settings.profiles, num_clients) if settings.profiles else {}
+        self.profiles = profiles
 
-    def profile(self, client_id: int) -> ClientProfile:
-        """The client's profile: from the profiles file when it lists the client, else drawn
-        (log-normal speed and bandwidth around the configured medians) from its own stream."""
-        if client_id in self._fixed:
-            return self._fixed[client_id]
+    def profile(self, client_id: int) -> DeviceProfile:
+        """The client's device: drawn (log-normal speed and bandwidth around the configured
+        medians) from its own random stream, with the fields its `client.profile` entry sets."""
         s = self.settings
-        rng = np.random.default_rng(np.random.SeedSequence([self.seed, client_id, PROFILE_STREAM]))
+        rng = _client_rng(self.seed, client_id, PROFILE_STREAM, 1)
         speed, bandwidth = rng.standard_normal(2)
-        return ClientProfile(
+        drawn = DeviceProfile(
             speed=math.exp(s.speed_sigma * speed),
             bandwidth_mbps=s.bandwidth_mbps * math.exp(s.bandwidth_sigma * bandwidth),
             dropout=s.dropout,
+        )
+        if self.profiles is None:
+            return drawn
+        own = self.profiles[client_id]
+        return DeviceProfile(
+            speed=drawn.speed if own.speed is None else own.speed,
+            bandwidth_mbps=drawn.bandwidth_mbps
+            if own.bandwidth_mbps is None
+            else own.bandwidth_mbps,
+            dropout=drawn.dropout if own.dropout is None else own.dropout,
         )
 
     def client_seconds(self, client_id: int, local_steps: int, adapter_bytes: int) -> float:
@@ -108,53 +120,50 @@ class SystemModel:
         return local_steps * self.settings.step_seconds / p.speed + transfer
 
     def plan_round(
-        self, round_idx: int, selected: list[int], steps: dict[int, int], adapter_bytes: int
+        self,
+        round_idx: int,
+        selected: list[int],
+        local_steps: Callable[[int], int],
+        adapter_bytes: int,
+        extras: Iterable[int] = (),
+        min_kept: int = 0,
     ) -> RoundPlan:
         """Drop the clients that drop out or would miss the deadline; the round's simulated time
         is the slowest kept client's, or the deadline when someone was waited for in vain.
-        `steps` maps each selected client to its local steps this round."""
-        rng = round_rng(self.seed, round_idx, DROPOUT_STREAM)
-        draws = rng.random(len(selected))  # one draw per sampled client, in ascending id order
-        seconds = {c: self.client_seconds(c, steps[c], adapter_bytes) for c in selected}
+        `local_steps(c)` is client c's local steps this round. Over-selection: while fewer than
+        `min_kept` clients are kept, the next client of `extras` is invited too."""
+        kept, dropped, late, invited = [], [], [], []
+        seconds: dict[int, float] = {}
         deadline = self.settings.deadline_seconds
-        kept, dropped, late = [], [], []
-        for c, u in zip(selected, draws, strict=True):
-            if u < self.profile(c).dropout:
+
+        def invite(c: int) -> None:
+            seconds[c] = self.client_seconds(c, local_steps(c), adapter_bytes)
+            if self.drops_out(round_idx, c):
                 dropped.append(c)
             elif deadline is not None and seconds[c] > deadline:
                 late.append(c)
             else:
                 kept.append(c)
+
+        for c in selected:
+            invite(c)
+        for c in extras:
+            if len(kept) >= min_kept:
+                break
+            invited.append(c)
+            invite(c)
         slowest = max((seconds[c] for c in kept), default=0.0)
         waited = deadline if (late or dropped) and deadline is not None else slowest
-        return RoundPlan(kept, dropped, late, seconds, max(slowest, waited))
+        return RoundPlan(
+            sorted(kept), sorted(dropped), sorted(late), seconds, max(slowest, waited), invited
+        )
+
+    def drops_out(self, round_idx: int, client_id: int) -> bool:
+        """Whether the client drops out of this round: its own draw, whoever else was sampled."""
+        draw = _client_rng(self.seed, round_idx, DROPOUT_STREAM, client_id + 1).random()
+        return bool(draw < self.profile(client_id).dropout)
 
 
-def load_profiles(path: str, num_clients: int) -> dict[int, ClientProfile]:
-    """`{"clients": {"ID": {"speed": .., "bandwidth_mbps": .., "dropout": ..}, ...}}` (JSON);
-    every key is required per listed client. Bad input names the file and the client."""
-    file = Path(path).expanduser()
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FedsimInputError(f"system.profiles: file not found: {path}") from None
-    except json.JSONDecodeError as e:
-        raise FedsimInputError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("clients"), dict):
-        raise FedsimInputError(f'{path}: expected an object with a "clients" object')
-    profiles = {}
-    for key, values in data["clients"].items():
-        if not key.isdigit() or not int(key) < num_clients:
-            raise FedsimInputError(f"{path}: client {key!r} is not an id in 0..{num_clients - 1}")
-        if not isinstance(values, dict) or set(values) != set(PROFILE_KEYS):
-            raise FedsimInputError(f"{path}: client {key} needs exactly {', '.join(PROFILE_KEYS)}")
-        try:
-            profile = ClientProfile(**{k: float(values[k]) for k in PROFILE_KEYS})
-        except (TypeError, ValueError):
-            raise FedsimInputError(f"{path}: client {key}: values must be numbers") from None
-        if not (profile.speed > 0 and profile.bandwidth_mbps > 0 and 0 <= profile.dropout <= 1):
-            raise FedsimInputError(
-                f"{path}: client {key}: speed and bandwidth_mbps must be > 0, dropout in [0, 1]"
-            )
-        profiles[int(key)] = profile
-    return profiles
+def _client_rng(seed: int, index: int, stream: int, client: int) -> np.random.Generator:
+    # four words, the last nonzero: never the same sequence as a three-word round_rng stream
+    return np.random.default_rng(np.random.SeedSequence([seed, index, stream, client]))

@@ -5,25 +5,32 @@ from pathlib import Path
 
 import pytest
 
+from fedsim.client.profile import ClientProfile
 from fedsim.config import config_from_dict
-from fedsim.errors import ConfigError, FedsimInputError
-from fedsim.server.system_model import ClientProfile, SystemModel, SystemSettings
+from fedsim.errors import ConfigError
+from fedsim.server.selection import over_selection
+from fedsim.server.system_model import DeviceProfile, SystemModel, SystemSettings
 from tests.conftest import tiny_experiment
 
 SELECTED = list(range(0, 200, 4))
-STEPS = dict.fromkeys(SELECTED, 10)
+
+
+def ten_steps(client_id: int) -> int:
+    return 10
+
+
 MB = 1_000_000
 
 
-def model(seed: int = 0, **settings: object) -> SystemModel:
+def model(seed: int = 0, profiles: list[ClientProfile] | None = None, **settings: object):
     defaults = {"speed_sigma": 0.8, "dropout": 0.1, "deadline_seconds": 12.0}
-    return SystemModel(SystemSettings(**(defaults | settings)), seed, num_clients=10_000)
+    return SystemModel(SystemSettings(**(defaults | settings)), seed, profiles)
 
 
 def test_same_seed_drops_the_same_clients() -> None:
-    a = model(seed=1).plan_round(3, SELECTED, STEPS, MB)
-    b = model(seed=1).plan_round(3, SELECTED, STEPS, MB)
-    other = model(seed=2).plan_round(3, SELECTED, STEPS, MB)
+    a = model(seed=1).plan_round(3, SELECTED, ten_steps, MB)
+    b = model(seed=1).plan_round(3, SELECTED, ten_steps, MB)
+    other = model(seed=2).plan_round(3, SELECTED, ten_steps, MB)
 
     assert a == b
     assert a.stragglers and a.dropped_out and a.kept  # the settings exercise all three
@@ -32,7 +39,7 @@ def test_same_seed_drops_the_same_clients() -> None:
 
 
 def test_stragglers_are_the_clients_past_the_deadline() -> None:
-    plan = model(dropout=0.0).plan_round(1, SELECTED, STEPS, MB)
+    plan = model(dropout=0.0).plan_round(1, SELECTED, ten_steps, MB)
 
     assert not plan.dropped_out
     assert all(plan.client_seconds[c] > 12.0 for c in plan.stragglers)
@@ -42,7 +49,7 @@ def test_stragglers_are_the_clients_past_the_deadline() -> None:
 
 
 def test_without_deadline_the_round_lasts_as_long_as_its_slowest_client() -> None:
-    plan = model(dropout=0.0, deadline_seconds=None).plan_round(1, SELECTED, STEPS, MB)
+    plan = model(dropout=0.0, deadline_seconds=None).plan_round(1, SELECTED, ten_steps, MB)
 
     assert plan.kept == SELECTED and not plan.stragglers
     assert plan.simulated_seconds == max(plan.client_seconds.values())
@@ -54,37 +61,49 @@ def test_client_time_is_compute_plus_adapter_transfer() -> None:
     assert m.client_seconds(7, 10, MB) == pytest.approx(5.0 + 0.2)
 
 
-def test_profiles_file_overrides_listed_clients(tmp_path: Path) -> None:
-    path = tmp_path / "profiles.json"
-    slow = {"speed": 0.01, "bandwidth_mbps": 1.0, "dropout": 0.0}
-    path.write_text(json.dumps({"clients": {"4": slow}}))
-    m = model(profiles=str(path), dropout=0.0)
+def test_client_profiles_override_the_drawn_devices_field_by_field() -> None:
+    profiles = [ClientProfile()] * 10_000
+    profiles[4] = ClientProfile(speed=0.01, bandwidth_mbps=1.0)  # dropout: drawn (0 here)
+    profiles[8] = ClientProfile(dropout=1.0, lora_rank=2)  # speed and bandwidth: drawn
+    m = model(dropout=0.0, profiles=profiles)
+    drawn = model(dropout=0.0)
 
-    assert m.profile(4) == ClientProfile(0.01, 1.0, 0.0)
-    assert m.profile(8) != m.profile(4)
-    assert 4 in m.plan_round(1, SELECTED, STEPS, MB).stragglers
+    assert m.profile(4) == DeviceProfile(0.01, 1.0, 0.0)
+    assert m.profile(8) == DeviceProfile(
+        drawn.profile(8).speed, drawn.profile(8).bandwidth_mbps, 1.0
+    )
+    assert m.profile(12) == drawn.profile(12)
+    plan = m.plan_round(1, SELECTED, ten_steps, MB)
+    assert 4 in plan.stragglers and 8 in plan.dropped_out
 
 
-@pytest.mark.parametrize(
-    ("content", "message"),
-    [
-        ('{"clients": [1]}', r'expected an object with a "clients" object'),
-        ('{"clients": {"10000": {}}}', r"client '10000' is not an id in 0\.\.9999"),
-        ('{"clients": {"1": {"speed": 1}}}', r"client 1 needs exactly speed, bandwidth_mbps"),
-        (
-            '{"clients": {"1": {"speed": 0, "bandwidth_mbps": 1, "dropout": 0}}}',
-            r"client 1: speed and bandwidth_mbps must be > 0",
-        ),
-        ("{oops", r"profiles\.json:1: not valid JSON"),
-    ],
-)
-def test_bad_profiles_file_names_file_and_client(
-    tmp_path: Path, content: str, message: str
-) -> None:
-    path = tmp_path / "profiles.json"
-    path.write_text(content)
-    with pytest.raises(FedsimInputError, match=message):
-        model(profiles=str(path))
+def test_a_clients_dropout_does_not_depend_on_who_else_was_sampled() -> None:
+    m = model(dropout=0.5, deadline_seconds=None)
+    together = m.plan_round(2, SELECTED, ten_steps, MB)
+    alone = {c: m.plan_round(2, [c], ten_steps, MB).dropped_out == [c] for c in SELECTED}
+    assert {c for c, out in alone.items() if out} == set(together.dropped_out)
+    assert 0 < len(together.dropped_out) < len(SELECTED)
+
+
+def test_over_selection_invites_more_clients_until_enough_report() -> None:
+    m = model(seed=3)
+    extras = over_selection(3, 1, 10_000, SELECTED)
+    plan = m.plan_round(1, SELECTED, ten_steps, MB, extras, min_kept=len(SELECTED))
+
+    assert len(plan.kept) == len(SELECTED)
+    assert plan.over_selected and not set(plan.over_selected) & set(SELECTED)
+    assert set(plan.kept) | set(plan.dropped_out) | set(plan.stragglers) == set(
+        SELECTED + plan.over_selected
+    )
+    again = m.plan_round(1, SELECTED, ten_steps, MB, over_selection(3, 1, 10_000, SELECTED), 50)
+    assert again == plan  # the same seed invites the same extra clients
+    no_extras = m.plan_round(1, SELECTED, ten_steps, MB)
+    assert len(no_extras.kept) < len(SELECTED) and not no_extras.over_selected
+
+
+def test_min_updates_needs_the_system_model(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"server.min_updates: over-selection .* system.enabled"):
+        config_from_dict(tiny_experiment(tmp_path, server={"min_updates": 2}))
 
 
 def test_config_validates_system_section(tmp_path: Path) -> None:
@@ -109,21 +128,27 @@ def test_driver_trains_only_the_clients_that_make_the_deadline(
 ) -> None:
     from fedsim.driver import run_experiment
 
-    profiles = tmp_path / "profiles.json"
-    slow = {"speed": 0.001, "bandwidth_mbps": 100.0, "dropout": 0.0}
-    profiles.write_text(json.dumps({"clients": {"1": slow}}))
+    profile = tmp_path / "profile.yaml"  # every device too slow for the deadline but 4 and 5
+    profile.write_text(
+        "default: {speed: 0.001, dropout: 0}\nclients: {4: {speed: 1}, 5: {speed: 1}}\n"
+    )
     raw = tiny_experiment(
         tmp_path,
         run={"rounds": 1},
-        server={"client_ids": [0, 1, 2]},
-        system={"enabled": True, "deadline_seconds": 60.0, "profiles": str(profiles)},
+        client={"profile": str(profile)},
+        server={"clients_per_round": 2, "min_updates": 2},
+        system={"enabled": True, "deadline_seconds": 60.0},
     )
     result = run_experiment(config_from_dict(raw), log=lambda _: None, show_progress=False)
 
     (record,) = result.metrics
-    assert record["clients"] == [0, 2]
+    assert record["clients"] == [4, 5]  # over-selection kept inviting until both fast ones came
     assert record["simulated_seconds"] == 60.0 and record["seconds"] > 0
     info = json.loads((result.run_dir / "rounds" / "round_0001" / "round.json").read_text())
-    assert info["system"]["stragglers"] == [1] and info["system"]["kept"] == [0, 2]
-    assert info["system"]["client_seconds"]["1"] > 60.0 >= info["system"]["client_seconds"]["0"]
+    system = info["system"]
+    assert system["kept"] == [4, 5] and not system["dropped_out"]
+    invited = set(system["stragglers"]) | {4, 5}
+    assert set(system["over_selected"]) <= invited
+    assert len(invited - set(system["over_selected"])) == 2  # the round's own selection
+    assert all(system["client_seconds"][str(c)] > 60.0 for c in system["stragglers"])
     assert info["simulated_seconds"] == 60.0
