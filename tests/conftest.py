@@ -6,6 +6,27 @@ from pathlib import Path
 import pytest
 
 
+def tiny_lora_llama(vocab_size: int, lora_seed: int):
+    """A one-layer LLaMA (hidden size 16, weights from torch seed 0) with LoRA r=4 on its
+    attention: a real causal LM built in milliseconds, for trainer tests."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fedsim.model import LoraSpec, attach_lora
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
+    return attach_lora(LlamaForCausalLM(config), LoraSpec(r=4, alpha=8, dropout=0.0), lora_seed)
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     """Shared data folder (Dolly and its reference split): `FEDSIM_DATA_DIR`, or ../shared/data

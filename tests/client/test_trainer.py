@@ -14,24 +14,13 @@ from fedsim.client.trainer import (
     collate,
     lr_factor,
 )
-from fedsim.model import LoraSpec, attach_lora, get_adapter, set_adapter
+from fedsim.model import get_adapter, set_adapter
+from tests.conftest import tiny_lora_llama
 
 
 @pytest.fixture(scope="module")
 def model():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=40,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-    )
-    return attach_lora(LlamaForCausalLM(config), LoraSpec(r=4, alpha=8, dropout=0.0), seed=0)
+    return tiny_lora_llama(vocab_size=40, lora_seed=0)
 
 
 def _examples(n: int = 12) -> tuple[list[list[int]], list[list[int]]]:

@@ -3,10 +3,10 @@ term, SCAFFOLD's correction, and rank masks for heterogeneous clients."""
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from fedsim.client.trainer import ClientContext, TorchTrainer, TrainSettings
-from fedsim.model import LoraSpec, adapter_parameters, attach_lora, get_adapter, set_adapter
+from fedsim.model import adapter_parameters, get_adapter, set_adapter
+from tests.conftest import tiny_lora_llama
 
 SETTINGS = TrainSettings(
     local_steps=6, local_epochs=None, batch_size=4, micro_batch_size=2, lr=5e-2, max_grad_norm=None
@@ -15,17 +15,7 @@ SETTINGS = TrainSettings(
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=32,
-    )
-    return attach_lora(LlamaForCausalLM(config), LoraSpec(r=4, alpha=8, dropout=0.0), seed=1)
+    return tiny_lora_llama(vocab_size=64, lora_seed=1)
 
 
 @pytest.fixture(scope="module")
