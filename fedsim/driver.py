@@ -509,7 +509,7 @@ def run_experiment(
             system=_system_model(cfg),
             train_settings=spec.settings,
             shards=shards,
-            shard_refs=spec.shards_ref is not None,
+            shard_refs=cfg.cluster.data_transport == "object_store",
         )
         aggregator, global_ref = ctx.new_aggregator(start_round - 1, prep.resume_from)
         ctx.adapter_bytes = adapter_nbytes(ray.get(global_ref))
