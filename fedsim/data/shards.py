@@ -28,9 +28,10 @@ from fedsim.errors import FedsimInputError
 
 IGNORE_INDEX = -100  # label value the loss skips (PyTorch's CrossEntropyLoss ignore_index)
 INDEX_FILE = "index.json"
-BLOCK_RECORDS = 3000
+BLOCK_RECORDS = 2000
 """Records a block holds on average: big enough that a run has few files and few object-store
-puts, small enough that building one (~0.5 s) hides behind a round's training."""
+puts, small enough that a round whose clients each need a new block tokenises little beyond them
+(~0.3 s a block on one core, hidden behind the previous round's training)."""
 OPEN_BLOCKS = 4
 """Blocks a reader keeps open (least recently used closed first)."""
 

@@ -250,8 +250,9 @@ def test_encode_records_is_tokenize_records_in_flat_int32_arrays(
 
 
 def test_block_size_aims_at_a_few_thousand_records_per_block() -> None:
-    assert choose_block_size([8] * 10_000) == 375  # 3,000 records a block
+    assert choose_block_size([8] * 10_000) == 250  # 2,000 records a block
     assert choose_block_size([8] * 100) == 100  # every client in one block
+    assert choose_block_size([3] * 100, target=30) == 10
     assert choose_block_size([5_000, 7_000]) == 1  # at least one client
     assert choose_block_size([]) == 1
 
