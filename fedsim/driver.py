@@ -629,6 +629,8 @@ class _RoundContext:
             selected = plan.kept
         if self.shards is not None:
             self.shards.ensure(selected)  # built now, unless the previous round prefetched them
+            if self.shard_refs:  # the object store holds the blocks of this round's clients only
+                self.shards.keep_refs(selected)
             if round_idx < cfg.run.rounds:  # selection is seeded: tokenise the next round's now
                 self.shards.prefetch(self.select(round_idx + 1).clients)
         tasks = [

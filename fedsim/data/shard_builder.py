@@ -106,8 +106,8 @@ class ShardBuilder:
 
     def object_ref(self, client_id: int) -> Any:
         """ObjectRef of the bytes of the (built) block holding `client_id`, for the
-        object-store transport: each block is put once; the driver keeps one reference per block
-        and none of the bytes."""
+        object-store transport: a block is put once and its reference kept (a few bytes per
+        block; the bytes themselves live in the object store) until `keep_refs` drops it."""
         import ray
 
         block = self.index.block_of(client_id)
@@ -115,6 +115,15 @@ class ShardBuilder:
         if ref is None:
             ref = self._refs[block] = ray.put(pack_block(self.folder, block))
         return ref
+
+    def keep_refs(self, client_ids: Iterable[int]) -> None:
+        """Drop the references of blocks other than those of `client_ids`, so the object store
+        frees them: the pages a put writes count in the driver's RSS until the object is freed
+        and its memory reused, so holding every block would grow the driver with the data. A
+        dropped block is put again from its file (milliseconds) when a later round needs it."""
+        keep = set(self.blocks_for(client_ids))
+        for block in [b for b in self._refs if b not in keep]:
+            del self._refs[block]
 
     def _submit(self, blocks: list[int]) -> list[Future[None]]:
         futures = []

@@ -162,9 +162,13 @@ def test_object_store_hands_over_each_block_put_once(
     ray_local: Any,
 ) -> None:
     with new_builder(tmp_path, table, clients, tokenizer) as builder:
-        builder.ensure([4, 5])
+        builder.ensure([0, 4, 5])
         ref = builder.object_ref(4)
         assert builder.object_ref(5) == ref  # the same block: one put
+        first = builder.object_ref(0)
+        builder.keep_refs([4])  # a new round needs block 2 only
+        assert builder.object_ref(4) == ref
+        assert builder.object_ref(0) != first  # dropped, then put again
 
     store = ShardStore.from_index((tmp_path / "index.json").read_text(), where=str(tmp_path))
     store.add_block(2, ray_local.get(ref))
