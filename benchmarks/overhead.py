@@ -26,7 +26,14 @@ from safetensors.torch import load_file
 from fedsim.client.trainer import TorchTrainer
 from fedsim.config import clients_per_round, load_config
 from fedsim.data.shards import ShardStore
-from fedsim.driver import materialise, prepare_model, prepare_run, run_experiment, worker_spec
+from fedsim.driver import (
+    build_shards,
+    materialise,
+    prepare_model,
+    prepare_run,
+    run_experiment,
+    worker_spec,
+)
 from fedsim.model import attach_lora, get_adapter, load_base_model, load_tokenizer, set_adapter
 from fedsim.server.aggregation import WeightedDeltaSum
 from fedsim.server.selection import client_seed, select_clients
@@ -39,6 +46,7 @@ def floor_loop(cfg, threads: int) -> dict[str, float]:
     start = time.perf_counter()
     prep = prepare_run(cfg, log=lambda _: None)
     shards = materialise(prep, overwrite=False, log=lambda _: None)
+    build_shards(prep, shards, log=lambda _: None)  # the loop reads any client's block
     spec = worker_spec(cfg, prep.model_path, shards, load_tokenizer(prep.model_path).pad_token_id)
     model = attach_lora(load_base_model(spec.model_path), spec.lora, seed=spec.seed)
     store, trainer, strategy = ShardStore(shards), TorchTrainer(spec.settings), FedAvg()

@@ -5,9 +5,13 @@
 Each size runs `run_experiment` in its own driver process (so peak memory and Ray start fresh):
 the tiny built-in model, an iid split with `--records` records per client (so a sampled client
 holds the same data at every size), the same `--per-round` clients per round and the same local
-work. Printed per size: median round time over rounds 2.. (round 1 warms the workers up), the
-driver's peak RSS (whole process life, including preparing and tokenising the data), its RSS
-growth over the rounds, and the median checkpoint time over the round time. Then the ratios of the
+work. Printed per size: the run's total time; the time from the call to the start of round 1
+(preparing the data, writing the run directory, starting Ray and the workers; shards are
+tokenised later, block by block, as rounds need them); the median round time over rounds 2..
+(round 1 warms the workers up; a round includes waiting for its shard blocks when the previous
+round's background tokenising has not finished them); the driver's peak RSS (whole process life,
+including preparing the data and tokenising the blocks the rounds needed); its RSS growth over
+the rounds; and the median checkpoint time over the round time. Then the ratios of the
 largest size to the smallest. Targets: round time ratio <= 1.05, peak RSS growth < 100 MB,
 checkpoint < 5% of the round. Absolute times are noisy on a loaded machine; note the load.
 """
@@ -66,10 +70,12 @@ def one_size(clients: int, per_round: int, records: int, rounds: int, workers: i
         "cluster": {"num_workers": workers, "cpus_per_worker": 1},
     }
     rss_at_round: list[int] = []
+    round_ends: list[float] = []
 
     def log(message: str) -> None:
         if message.startswith("round "):
             rss_at_round.append(rss_bytes())
+            round_ends.append(time.perf_counter())
 
     start = time.perf_counter()
     result = run_experiment(config_from_dict(raw), log=log, show_progress=False)
@@ -78,6 +84,7 @@ def one_size(clients: int, per_round: int, records: int, rounds: int, workers: i
     return {
         "clients": clients,
         "total_s": time.perf_counter() - start,
+        "start_s": round_ends[0] - start - result.metrics[0]["seconds"],
         "round_s": statistics.median(seconds),
         "checkpoint_share": statistics.median(ckpt),
         "checkpoint_s": statistics.median(m["checkpoint_seconds"] for m in result.metrics),
@@ -114,14 +121,15 @@ def main() -> None:
             sys.exit(f"{n} clients failed:\n{child.stdout[-3000:]}\n{child.stderr[-3000:]}")
         results.append(json.loads(lines[-1].removeprefix("RESULT ")))
     print(
-        f"{'clients':>8} {'round s':>8} {'ckpt s':>7} {'ckpt/round':>10} {'peak RSS MB':>11} "
-        f"{'RSS +rounds MB':>14} {'partition.json KB':>17}"
+        f"{'clients':>8} {'total s':>8} {'start s':>8} {'round s':>8} {'ckpt s':>7} "
+        f"{'ckpt/round':>10} {'peak RSS MB':>11} {'RSS +rounds MB':>14} {'partition.json KB':>17}"
     )
     for r in results:
         print(
-            f"{r['clients']:>8} {r['round_s']:>8.2f} {r['checkpoint_s']:>7.3f} "
-            f"{100 * r['checkpoint_share']:>9.1f}% {r['peak_rss_mb']:>11.0f} "
-            f"{r['rss_growth_over_rounds_mb']:>14.1f} {r['partition_json_kb']:>17.0f}"
+            f"{r['clients']:>8} {r['total_s']:>8.1f} {r['start_s']:>8.1f} {r['round_s']:>8.2f} "
+            f"{r['checkpoint_s']:>7.3f} {100 * r['checkpoint_share']:>9.1f}% "
+            f"{r['peak_rss_mb']:>11.0f} {r['rss_growth_over_rounds_mb']:>14.1f} "
+            f"{r['partition_json_kb']:>17.0f}"
         )
     small, big = results[0], results[-1]
     print(

@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -35,7 +34,8 @@ from fedsim.client.trainer import TrainSettings
 from fedsim.client.worker import ClientOutcome, ClientTask, WorkerSpec, pack_directory
 from fedsim.config import ClusterConfig, ExperimentConfig, clients_per_round
 from fedsim.data.pipeline import PreparedData, prepare_data, write_partition
-from fedsim.data.shards import IGNORE_INDEX, pack_shards, tokenize_records_compact, write_shards
+from fedsim.data.shard_builder import ShardBuilder
+from fedsim.data.shards import INDEX_FILE, ShardIndex, remove_blocks, write_index
 from fedsim.data.synthetic import generic_text
 from fedsim.data.templates import get_template, template_text
 from fedsim.errors import FedsimInputError
@@ -202,12 +202,13 @@ def selection_size(cfg: ExperimentConfig) -> int:
 def _shards_key(cfg: ExperimentConfig, data: PreparedData, model_path: str) -> str:
     d = cfg.data
     return json.dumps(
-        [data.partition_hash(), model_path, d.template, d.cutoff_len, d.train_on_inputs]
+        [data.partition_hash(), model_path, d.template, d.cutoff_len, d.train_on_inputs, "blocks"]
     )
 
 
 def materialise(prep: PreparedRun, overwrite: bool, log: Log = _print) -> Path:
-    """Write config.yaml, partition.json and the tokenised shards (reused when unchanged)."""
+    """Write config.yaml, partition.json and the shard index; the shard blocks are tokenised
+    when rounds need them (`shard_builder`), and kept while the shards key is unchanged."""
     cfg, run_dir, data = prep.cfg, prep.run_dir, prep.data
     if overwrite and run_dir.exists():
         shutil.rmtree(run_dir)
@@ -218,31 +219,46 @@ def materialise(prep: PreparedRun, overwrite: bool, log: Log = _print) -> Path:
     shards_dir = run_dir / "shards"
     key = _shards_key(cfg, data, prep.model_path)
     manifest = shards_dir / "manifest.json"
-    if manifest.exists() and manifest.read_text() == key:
-        return shards_dir
-    start = time.perf_counter()
-    tokenizer = load_tokenizer(prep.model_path)
-    ids, labels = tokenize_records_compact(
-        data.table,
-        tokenizer,
-        get_template(cfg.data.template),
-        cfg.data.cutoff_len,
-        cfg.data.train_on_inputs,
-    )
-    no_answer = sum(1 for lab in labels if not np.any(lab != IGNORE_INDEX))
-    if no_answer:
-        log(
-            f"warning: {no_answer} of {len(labels)} records lose their whole response to "
-            f"data.cutoff_len={cfg.data.cutoff_len}; they add nothing to training"
-        )
+    if manifest.exists() and manifest.read_text() == key and (shards_dir / INDEX_FILE).is_file():
+        return shards_dir  # its block files are still valid: reused, never re-tokenised
+    # Other data or tokenisation: drop the old blocks (and the old one-file layout), then write
+    # the index, known from the partition sizes alone, and the manifest that vouches for blocks.
+    manifest.unlink(missing_ok=True)
     shards_dir.mkdir(exist_ok=True)
-    write_shards(shards_dir, data.clients, ids, labels)
+    remove_blocks(shards_dir)
+    (shards_dir / "train.arrow").unlink(missing_ok=True)
+    index = ShardIndex.from_sizes([len(c) for c in data.clients])
+    write_index(shards_dir, index)
     checkpoint.write_text_atomic(manifest, key)
     log(
-        f"tokenised {data.table.num_rows} records into {shards_dir} "
-        f"({time.perf_counter() - start:.1f} s)"
+        f"shards: {index.num_blocks} blocks of {index.block_size} clients in {shards_dir}, "
+        "tokenised as the rounds need them"
     )
     return shards_dir
+
+
+def shard_builder(prep: PreparedRun, shards_dir: Path, log: Log = _print) -> ShardBuilder:
+    """The builder of `shards_dir`'s blocks (after `materialise`); close it when done."""
+    d = prep.cfg.data
+    return ShardBuilder(
+        shards_dir,
+        prep.data.table,
+        prep.data.clients,
+        load_tokenizer(prep.model_path),
+        get_template(d.template),
+        d.cutoff_len,
+        d.train_on_inputs,
+        log,
+    )
+
+
+def build_shards(
+    prep: PreparedRun, shards_dir: Path, clients: list[int] | None = None, log: Log = _print
+) -> None:
+    """Build the blocks of `clients` (all clients by default) now, for code that reads the
+    shards outside `run_experiment` (benchmarks, worker tests)."""
+    with shard_builder(prep, shards_dir, log) as builder:
+        builder.ensure(range(builder.index.num_clients) if clients is None else clients)
 
 
 # ------------------------------------------------------------------------------------------
@@ -371,16 +387,17 @@ def worker_pool(
     log: Log = _print,
 ) -> Iterator[WorkerPool]:
     """Reserve the pool's resources (`reserve_workers`) and start one ClientWorker per bundle;
-    the shards (and the built-in tiny model) travel through the object store unless
-    `cluster.data_transport` is filesystem. On exit the reservation is removed, which ends the
-    workers and frees their resources on a cluster that outlives the run."""
+    the shard index (and the built-in tiny model) travel through the object store unless
+    `cluster.data_transport` is filesystem (the shard blocks then come with each task). On exit
+    the reservation is removed, which ends the workers and frees their resources on a cluster
+    that outlives the run."""
     group = reserve_workers(cfg.cluster, per_round, log)
     try:
         if cfg.cluster.data_transport == "object_store":
             tiny = cfg.model.name_or_path == "tiny"
             spec = dataclasses.replace(
                 spec,
-                shards_ref=ray.put(pack_shards(Path(spec.shards_dir))),
+                shards_ref=ray.put((Path(spec.shards_dir) / INDEX_FILE).read_text()),
                 model_files_ref=ray.put(pack_directory(spec.model_path)) if tiny else None,
             )
         yield WorkerPool(spec, group.bundle_count, options, cfg.cluster.max_worker_restarts, group)
@@ -497,7 +514,11 @@ def run_experiment(
         "num_gpus": cfg.cluster.gpus_per_worker,
     }
     options.update(forwarded_env())  # failure tests inject faults into the workers
-    with ray_session(cfg.cluster), worker_pool(cfg, spec, per_round, options, log) as pool:
+    with (
+        ray_session(cfg.cluster),
+        worker_pool(cfg, spec, per_round, options, log) as pool,
+        shard_builder(prep, shards_dir, log) as shards,
+    ):
         n_workers = len(pool.actors)
         ctx = _RoundContext(
             cfg=cfg,
@@ -516,6 +537,8 @@ def run_experiment(
             ranks=[p.lora_rank for p in prep.profiles] if prep.profiles else None,
             system=_system_model(cfg, prep.profiles),
             train_settings=spec.settings,
+            shards=shards,
+            shard_refs=cfg.cluster.data_transport == "object_store",
         )
         aggregator, global_ref = ctx.new_aggregator(start_round - 1, prep.resume_from)
         ctx.adapter_bytes = adapter_nbytes(ray.get(global_ref))
@@ -566,6 +589,10 @@ class _RoundContext:
     """Per-client LoRA rank from the profile (None: the global rank)."""
     system: SystemModel | None = None
     train_settings: TrainSettings | None = None
+    shards: ShardBuilder | None = None
+    """Builds the shard blocks a round needs (None: they are all on disk already)."""
+    shard_refs: bool = False
+    """Hand each task its shard block through the object store (cluster.data_transport)."""
 
     def new_aggregator(
         self, last_round: int, state: checkpoint.RoundCheckpoint | None
@@ -589,6 +616,20 @@ class _RoundContext:
             _aggregator_call(aggregator.set_global.remote(global_ref))
         return aggregator, global_ref
 
+    def select(self, round_idx: int) -> Selection:
+        """The clients selected for `round_idx` (a function of the seed and the round)."""
+        cfg = self.cfg
+        if cfg.server.client_ids is not None:  # fixed clients, e.g. a local-only baseline
+            return Selection(sorted(cfg.server.client_ids), "client_ids")
+        return select_round(
+            cfg.server.selection,
+            cfg.run.seed,
+            round_idx,
+            cfg.data.num_clients,
+            selection_size(cfg),
+            self.probabilities,
+        )
+
     def run_round(
         self, round_idx: int, aggregator: Any, global_ref: Any
     ) -> tuple[dict[str, Any], Any, list[dict[str, Any]]]:
@@ -596,17 +637,7 @@ class _RoundContext:
         the new global adapter's reference, and the checkpoints that landed meanwhile."""
         cfg, start = self.cfg, time.perf_counter()
         # --- select ---
-        if cfg.server.client_ids is not None:  # fixed clients, e.g. a local-only baseline
-            selection = Selection(sorted(cfg.server.client_ids), "client_ids")
-        else:
-            selection = select_round(
-                cfg.server.selection,
-                cfg.run.seed,
-                round_idx,
-                cfg.data.num_clients,
-                selection_size(cfg),
-                self.probabilities,
-            )
+        selection = self.select(round_idx)
         selected = selection.clients
         plan = None
         if self.system is not None:  # simulated dropouts and stragglers do not train
@@ -619,8 +650,20 @@ class _RoundContext:
                 cfg.server.min_updates or 0,
             )
             selected = plan.kept
+        if self.shards is not None:
+            self.shards.ensure(selected)  # built now, unless the previous round prefetched them
+            if self.shard_refs:  # the object store holds the blocks of this round's clients only
+                self.shards.keep_refs(selected)
+            if round_idx < cfg.run.rounds:  # selection is seeded: tokenise the next round's now
+                self.shards.prefetch(self.select(round_idx + 1).clients)
         tasks = [
-            ClientTask(round_idx, c, client_seed(cfg.run.seed, round_idx, c)) for c in selected
+            ClientTask(
+                round_idx,
+                c,
+                client_seed(cfg.run.seed, round_idx, c),
+                shard_ref=self.shards.object_ref(c) if self.shards and self.shard_refs else None,
+            )
+            for c in selected
         ]
         _aggregator_call(
             aggregator.begin_round.remote({c: self.sample_counts[c] for c in selected}, round_idx)

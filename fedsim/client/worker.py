@@ -63,7 +63,8 @@ class WorkerSpec:
     """cpu, or cuda for workers given GPUs (Ray sets CUDA_VISIBLE_DEVICES per worker)."""
     quantization: str | None = None
     shards_ref: Any = None
-    """ObjectRef of `pack_shards(shards_dir)`; when set, `shards_dir` is not read."""
+    """ObjectRef of the shard index (`index.json`'s text); when set, `shards_dir` is not read
+    and each task brings its client's block (`ClientTask.shard_ref`)."""
     model_files_ref: Any = None
     """ObjectRef of `pack_directory(model_path)`; when set, `model_path` is not read."""
     compression: CompressionConfig = field(default_factory=CompressionConfig)
@@ -75,6 +76,9 @@ class ClientTask:
     round_idx: int
     client_id: int
     seed: int
+    shard_ref: Any = None
+    """ObjectRef of the bytes of the shard block holding the client (object-store transport);
+    fetched only when the worker does not have that block open already."""
 
 
 @dataclass
@@ -168,6 +172,10 @@ class ClientWorker:
         try:
             raise_injected_fault(task)
             self.trainer.load_adapter(self.model, global_adapter)
+            if task.shard_ref is not None:
+                block = self.store.block_of(task.client_id)
+                if not self.store.has_block(block):
+                    self.store.add_block(block, ray.get(task.shard_ref))
             input_ids, labels = self.store.client_examples(task.client_id).to_lists()
             outcome.num_samples = len(input_ids)
             # a plain context is not passed, so trainers without the `context` parameter still run
@@ -231,8 +239,7 @@ def _load_base(spec: WorkerSpec) -> tuple[torch.nn.Module, tempfile.TemporaryDir
 def _open_shards(spec: WorkerSpec) -> ShardStore:
     if spec.shards_ref is None:
         return ShardStore(Path(spec.shards_dir))
-    index_json, arrow = ray.get(spec.shards_ref)
-    return ShardStore.from_buffer(index_json, arrow, where=f"{spec.shards_dir} (object store)")
+    return ShardStore.from_index(ray.get(spec.shards_ref), where=spec.shards_dir)
 
 
 ClientWorkerActor = ray.remote(ClientWorker)

@@ -1,13 +1,19 @@
-"""Tokenised client shards in one memory-mapped Arrow IPC file.
+"""Tokenised client shards in blocks of Arrow IPC files, built lazily.
 
-The driver tokenises the training records once and writes `train.arrow` (columns `client`,
-`input_ids`, `labels`; rows grouped by client, in client order) plus `index.json` with each
-client's row range. Workers open the file memory-mapped, so a client's examples are read straight
-from the page cache without copies or per-worker parsing, however many clients there are.
+Clients are grouped into fixed blocks of `block_size` consecutive client ids; each block is one
+Arrow IPC file `block_NNNNN.arrow` (columns `client`, `input_ids`, `labels`; rows grouped by
+client, in client order), written under a temporary name and renamed, so a block file that exists
+is complete. `index.json` holds each client's row offsets (known from the partition alone, before
+any tokenising) and the block size; it is written first. The driver tokenises a block only when a
+round needs one of its clients (`fedsim.data.shard_builder`), so no step ever holds every record's
+tokens. Workers open a block on first use, memory-mapped (or from a buffer fetched from Ray's
+object store) and keep a few open, so a client's examples are read without copies.
 """
 
+import itertools
 import json
 import os
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +27,13 @@ from fedsim.data.templates import PromptTemplate
 from fedsim.errors import FedsimInputError
 
 IGNORE_INDEX = -100  # label value the loss skips (PyTorch's CrossEntropyLoss ignore_index)
-TRAIN_FILE = "train.arrow"
 INDEX_FILE = "index.json"
+BLOCK_RECORDS = 2000
+"""Records a block holds on average: big enough that a run has few files and few object-store
+puts, small enough that a round whose clients each need a new block tokenises little beyond them
+(~0.3 s a block on one core, hidden behind the previous round's training)."""
+OPEN_BLOCKS = 4
+"""Blocks a reader keeps open (least recently used closed first)."""
 
 SHARD_SCHEMA = pa.schema(
     [
@@ -31,6 +42,11 @@ SHARD_SCHEMA = pa.schema(
         pa.field("labels", pa.list_(pa.int32()), nullable=False),
     ]
 )
+
+
+def block_file(block: int) -> str:
+    """File name of block `block` in the shard folder."""
+    return f"block_{block:05d}.arrow"
 
 
 def tokenize_records(
@@ -110,27 +126,181 @@ def tokenize_records_compact(
 
 
 @dataclass(frozen=True)
+class EncodedBlock:
+    """One block's examples as flat int32 arrays: example i is `input_ids[offsets[i]:
+    offsets[i+1]]` (and the same slice of `labels`)."""
+
+    offsets: np.ndarray
+    input_ids: np.ndarray
+    labels: np.ndarray
+
+    def no_answer(self) -> int:
+        """Examples whose labels are all IGNORE_INDEX (their response was cut off)."""
+        lengths = np.diff(self.offsets)
+        owner = np.repeat(np.arange(len(lengths)), lengths)
+        kept = np.bincount(owner, weights=self.labels != IGNORE_INDEX, minlength=len(lengths))
+        return int(np.count_nonzero(kept == 0))
+
+
+def encode_records(
+    table: pa.Table,
+    tokenizer: Any,
+    template: PromptTemplate,
+    cutoff_len: int,
+    train_on_inputs: bool,
+    chunk_rows: int = 1024,
+) -> EncodedBlock:
+    """`tokenize_records` of `table` as flat int32 arrays, `chunk_rows` records at a time, so
+    only one chunk's Python lists are alive at once (a Python int costs ~40 bytes a token, an
+    int32 4)."""
+    lengths: list[np.ndarray] = []
+    ids_parts: list[np.ndarray] = []
+    label_parts: list[np.ndarray] = []
+    for start in range(0, table.num_rows, chunk_rows):
+        ids, labs = tokenize_records(
+            table.slice(start, chunk_rows), tokenizer, template, cutoff_len, train_on_inputs
+        )
+        n = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        total = int(n.sum())
+        lengths.append(n)
+        ids_parts.append(np.fromiter(itertools.chain.from_iterable(ids), np.int32, total))
+        label_parts.append(np.fromiter(itertools.chain.from_iterable(labs), np.int32, total))
+    offsets = np.zeros(table.num_rows + 1, dtype=np.int64)
+    if lengths:
+        np.cumsum(np.concatenate(lengths), out=offsets[1:])
+    empty = np.empty(0, dtype=np.int32)
+    return EncodedBlock(
+        offsets,
+        np.concatenate(ids_parts) if ids_parts else empty,
+        np.concatenate(label_parts) if label_parts else empty,
+    )
+
+
+def choose_block_size(sizes: Sequence[int] | np.ndarray, target: int = BLOCK_RECORDS) -> int:
+    """Clients per block so that a block holds ~`target` records on average (at least one
+    client, at most all of them)."""
+    n = len(sizes)
+    if n == 0:
+        return 1
+    mean = float(np.sum(sizes)) / n
+    if mean <= 0:
+        return n
+    return int(min(n, max(1, round(target / mean))))
+
+
+@dataclass(frozen=True)
 class ShardIndex:
-    """Where each client's rows lie in `train.arrow`: rows offsets[c] .. offsets[c+1]-1."""
+    """Where each client's rows lie: rows offsets[c] .. offsets[c+1]-1 counted over all blocks
+    in client order; client c lives in block c // block_size."""
 
     num_clients: int
-    offsets: list[int]
+    offsets: np.ndarray
+    block_size: int
+
+    @classmethod
+    def from_sizes(
+        cls, sizes: Sequence[int] | np.ndarray, block_size: int | None = None
+    ) -> "ShardIndex":
+        """The index of clients holding `sizes` records (block size chosen when not given)."""
+        offsets = np.zeros(len(sizes) + 1, dtype=np.int64)
+        np.cumsum(np.asarray(sizes, dtype=np.int64), out=offsets[1:])
+        return cls(len(sizes), offsets, block_size or choose_block_size(sizes))
+
+    @property
+    def num_blocks(self) -> int:
+        return -(-self.num_clients // self.block_size)
+
+    def block_of(self, client_id: int) -> int:
+        """The block holding `client_id`."""
+        if not 0 <= client_id < self.num_clients:
+            raise IndexError(f"client {client_id} out of range for {self.num_clients} clients")
+        return client_id // self.block_size
+
+    def block_clients(self, block: int) -> range:
+        """The client ids of `block`."""
+        first = block * self.block_size
+        return range(first, min(first + self.block_size, self.num_clients))
+
+    def block_rows(self, block: int) -> tuple[int, int]:
+        """(first row, end row) of `block`, counted over all blocks."""
+        clients = self.block_clients(block)
+        return int(self.offsets[clients.start]), int(self.offsets[clients.stop])
 
     def to_json(self) -> str:
-        return json.dumps({"num_clients": self.num_clients, "offsets": self.offsets})
+        return json.dumps(
+            {
+                "num_clients": self.num_clients,
+                "block_size": self.block_size,
+                "offsets": self.offsets.tolist(),
+            }
+        )
 
     @classmethod
     def from_json(cls, text: str, where: str) -> "ShardIndex":
         try:
             data = json.loads(text)
-            num_clients, offsets = int(data["num_clients"]), [int(o) for o in data["offsets"]]
+            num_clients, block_size = int(data["num_clients"]), int(data["block_size"])
+            offsets = np.asarray([int(o) for o in data["offsets"]], dtype=np.int64)
         except (ValueError, KeyError, TypeError) as e:
             raise FedsimInputError(f"{where}: not a valid shard index ({e})") from None
         if len(offsets) != num_clients + 1 or offsets[0] != 0 or np.any(np.diff(offsets) < 0):
             raise FedsimInputError(
                 f"{where}: offsets must rise from 0, one per client plus the end"
             )
-        return cls(num_clients, offsets)
+        if block_size < 1:
+            raise FedsimInputError(f"{where}: block_size must be >= 1, got {block_size}")
+        return cls(num_clients, offsets, block_size)
+
+
+def write_index(path: Path, index: ShardIndex) -> None:
+    """Write `index.json` into folder `path` atomically."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / (INDEX_FILE + ".tmp")
+    tmp.write_text(index.to_json(), encoding="utf-8")
+    os.replace(tmp, path / INDEX_FILE)
+
+
+def remove_blocks(path: Path) -> None:
+    """Delete every block file (and leftover temporary) in folder `path`."""
+    for f in Path(path).glob("block_*.arrow*"):
+        f.unlink(missing_ok=True)
+
+
+def block_table(index: ShardIndex, block: int, encoded: EncodedBlock) -> pa.Table:
+    """The Arrow table of `block` from its clients' examples, in client order."""
+    start, end = index.block_rows(block)
+    if len(encoded.offsets) - 1 != end - start:
+        raise ValueError(
+            f"block {block}: {len(encoded.offsets) - 1} examples, expected {end - start}"
+        )
+    if encoded.offsets[-1] > np.iinfo(np.int32).max:
+        raise ValueError(f"block {block}: more than 2**31 tokens")
+    clients = index.block_clients(block)
+    owner = np.repeat(
+        np.arange(clients.start, clients.stop, dtype=np.int32),
+        np.diff(index.offsets[clients.start : clients.stop + 1]),
+    )
+    offsets = pa.array(encoded.offsets.astype(np.int32))
+    return pa.table(
+        {
+            "client": pa.array(owner),
+            "input_ids": pa.ListArray.from_arrays(offsets, pa.array(encoded.input_ids)),
+            "labels": pa.ListArray.from_arrays(offsets, pa.array(encoded.labels)),
+        },
+        schema=SHARD_SCHEMA,
+    )
+
+
+def write_block(path: Path, block: int, table: pa.Table) -> Path:
+    """Write `block`'s table into folder `path` under a temporary name, then rename it: a block
+    file that exists is complete."""
+    target = Path(path) / block_file(block)
+    tmp = target.with_name(target.name + ".tmp")
+    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, SHARD_SCHEMA) as writer:
+        writer.write_table(table)
+    os.replace(tmp, target)
+    return target
 
 
 def write_shards(
@@ -138,51 +308,26 @@ def write_shards(
     client_positions: list[np.ndarray],
     input_ids: Sequence[Sequence[int]],
     labels: Sequence[Sequence[int]],
+    block_size: int | None = None,
 ) -> ShardIndex:
-    """Write the clients' examples (positions into `input_ids`/`labels`) under folder `path`.
-
-    `index.json` is removed first and written last (atomically), so a reader never pairs an
-    index with a half-written or stale `train.arrow`.
-    """
+    """Write every block at once from already tokenised records: the clients' examples
+    (positions into `input_ids`/`labels`) under folder `path`. Old blocks are removed first.
+    The driver builds blocks lazily instead (`fedsim.data.shard_builder`)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    (path / INDEX_FILE).unlink(missing_ok=True)
-
-    rows = (
-        np.concatenate(client_positions).astype(np.int64)
-        if client_positions
-        else np.empty(0, dtype=np.int64)
-    )
-    sizes = [len(p) for p in client_positions]
-    clients = np.repeat(np.arange(len(client_positions), dtype=np.int32), sizes)
-    lengths = np.fromiter((len(input_ids[i]) for i in rows), dtype=np.int64, count=len(rows))
-    if any(len(labels[i]) != n for i, n in zip(rows, lengths, strict=True)):
-        raise ValueError("input_ids and labels differ in length for some record")
-    list_offsets = np.zeros(len(rows) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=list_offsets[1:])
-    if list_offsets[-1] > np.iinfo(np.int32).max:
-        raise ValueError("more than 2**31 tokens in one shard file")
-    offsets = pa.array(list_offsets.astype(np.int32))
-
-    def flat(column: Sequence[Sequence[int]]) -> pa.Array:
-        # Rows may be lists or int32 arrays (tokenize_records_compact); both concatenate.
-        pieces = [np.asarray(column[i], dtype=np.int32) for i in rows]
-        values = np.concatenate(pieces) if pieces else np.empty(0, dtype=np.int32)
-        return pa.ListArray.from_arrays(offsets, pa.array(values))
-
-    table = pa.table(
-        {"client": pa.array(clients), "input_ids": flat(input_ids), "labels": flat(labels)},
-        schema=SHARD_SCHEMA,
-    )
-    tmp = path / (TRAIN_FILE + ".tmp")
-    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, SHARD_SCHEMA) as writer:
-        writer.write_table(table)
-    os.replace(tmp, path / TRAIN_FILE)
-
-    index = ShardIndex(len(client_positions), [0, *np.cumsum(sizes).tolist()])
-    tmp = path / (INDEX_FILE + ".tmp")
-    tmp.write_text(index.to_json(), encoding="utf-8")
-    os.replace(tmp, path / INDEX_FILE)
+    remove_blocks(path)
+    index = ShardIndex.from_sizes([len(p) for p in client_positions], block_size)
+    write_index(path, index)
+    for block in range(index.num_blocks):
+        clients = index.block_clients(block)
+        rows = [int(i) for c in clients for i in client_positions[c]]
+        lengths = np.fromiter((len(input_ids[i]) for i in rows), dtype=np.int64, count=len(rows))
+        if any(len(labels[i]) != n for i, n in zip(rows, lengths, strict=True)):
+            raise ValueError("input_ids and labels differ in length for some record")
+        offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        encoded = EncodedBlock(offsets, _flat(input_ids, rows), _flat(labels, rows))
+        write_block(path, block, block_table(index, block, encoded))
     return index
 
 
@@ -218,62 +363,69 @@ class ClientExamples:
         return [ids.tolist() for ids, _ in pairs], [lab.tolist() for _, lab in pairs]
 
 
-def pack_shards(path: Path) -> tuple[str, np.ndarray]:
-    """(`index.json` text, `train.arrow` bytes as uint8) of the shard folder `path`, for
-    `ray.put`: workers on any node open them with `ShardStore.from_buffer`."""
-    path = Path(path)
-    arrow = np.fromfile(path / TRAIN_FILE, dtype=np.uint8)
-    return (path / INDEX_FILE).read_text(encoding="utf-8"), arrow
+def _flat(column: Sequence[Sequence[int]], rows: list[int]) -> np.ndarray:
+    # Rows may be lists or int32 arrays (tokenize_records_compact); both concatenate.
+    pieces = [np.asarray(column[i], dtype=np.int32) for i in rows]
+    return np.concatenate(pieces) if pieces else np.empty(0, dtype=np.int32)
+
+
+def pack_block(path: Path, block: int) -> np.ndarray:
+    """The bytes of `block`'s file in shard folder `path` as uint8, for `ray.put`: workers on any
+    node open it with `ShardStore.add_block`."""
+    file = Path(path) / block_file(block)
+    try:
+        return np.fromfile(file, dtype=np.uint8)
+    except OSError as e:
+        raise FedsimInputError(f"{file}: cannot read shard file ({e})") from None
 
 
 class ShardStore:
-    """Read side of the shard store, opened by each worker on the folder `write_shards` wrote."""
+    """Read side of the shard store, opened by each worker on the folder the driver writes.
 
-    def __init__(self, path: Path) -> None:
+    Blocks are opened on first use and the `open_blocks` most recently used kept open. Opened
+    on a folder, a block is memory-mapped from its file; opened with `from_index`, blocks are
+    handed in as buffers with `add_block` (the object-store transport).
+    """
+
+    def __init__(self, path: Path, open_blocks: int = OPEN_BLOCKS) -> None:
         path = Path(path)
         index_path = path / INDEX_FILE
         if not index_path.is_file():
             raise FedsimInputError(f"{index_path}: shard index missing (shards not written yet?)")
-        index_text = index_path.read_text(encoding="utf-8")
-        try:
-            source = pa.memory_map(str(path / TRAIN_FILE))
-        except (pa.ArrowException, OSError) as e:
-            raise FedsimInputError(f"{path / TRAIN_FILE}: cannot read shard file ({e})") from None
-        self._open(index_text, source, path)
+        self._init(index_path.read_text(encoding="utf-8"), path, path, open_blocks)
 
     @classmethod
-    def from_buffer(cls, index_json: str, train_arrow: Any, where: str) -> "ShardStore":
-        """The store from the contents of `index.json` and `train.arrow` held in memory (any
-        object with the buffer protocol, e.g. a numpy array fetched from Ray's object store,
-        read without a copy); `where` names their origin in error messages."""
+    def from_index(
+        cls, index_json: str, where: str, open_blocks: int = OPEN_BLOCKS
+    ) -> "ShardStore":
+        """A store from the content of `index.json` whose blocks come as buffers (`add_block`);
+        `where` names their origin in error messages."""
         store = cls.__new__(cls)
-        store._open(index_json, pa.BufferReader(pa.py_buffer(train_arrow)), Path(where))
+        store._init(index_json, Path(where), None, open_blocks)
         return store
 
-    def _open(self, index_text: str, source: Any, path: Path) -> None:
-        self.index = ShardIndex.from_json(index_text, str(path / INDEX_FILE))
-        try:
-            self._source = source
-            self._table = pa.ipc.open_file(self._source).read_all()
-        except (pa.ArrowException, OSError) as e:
-            raise FedsimInputError(f"{path / TRAIN_FILE}: cannot read shard file ({e})") from None
-        if self._table.schema != SHARD_SCHEMA or self._table.num_rows != self.index.offsets[-1]:
-            raise FedsimInputError(
-                f"{path}: {TRAIN_FILE} does not match {INDEX_FILE} "
-                f"({self._table.num_rows} rows, index says {self.index.offsets[-1]})"
-            )
-        # client_examples slices both columns with the input_ids offsets: they must agree.
-        for ids, labels in zip(
-            self._table.column("input_ids").chunks,
-            self._table.column("labels").chunks,
-            strict=True,
-        ):
-            if not ids.offsets.equals(labels.offsets):
-                raise FedsimInputError(f"{path / TRAIN_FILE}: input_ids and labels differ in shape")
+    def _init(self, index_text: str, where: Path, folder: Path | None, open_blocks: int) -> None:
+        self.index = ShardIndex.from_json(index_text, str(where / INDEX_FILE))
+        self._where, self._folder = where, folder
+        self._open_blocks = max(1, open_blocks)
+        self._blocks: OrderedDict[int, pa.Table] = OrderedDict()
 
     @property
     def num_clients(self) -> int:
         return self.index.num_clients
+
+    def block_of(self, client_id: int) -> int:
+        """The block holding `client_id`."""
+        return self.index.block_of(client_id)
+
+    def has_block(self, block: int) -> bool:
+        """Whether `block` is open now."""
+        return block in self._blocks
+
+    def add_block(self, block: int, data: Any) -> None:
+        """Open `block` from its file's bytes held in memory (any object with the buffer
+        protocol, e.g. a numpy array fetched from Ray's object store, read without a copy)."""
+        self._cache(block, pa.BufferReader(pa.py_buffer(data)))
 
     def num_records(self, client_id: int) -> int:
         """Number of examples held by `client_id`."""
@@ -283,7 +435,9 @@ class ShardStore:
     def client_examples(self, client_id: int) -> ClientExamples:
         """The examples of `client_id`, in the order they were written."""
         start, end = self._range(client_id)
-        rows = self._table.slice(start, end - start)
+        block = self.index.block_of(client_id)
+        first, _ = self.index.block_rows(block)
+        rows = self._block(block).slice(start - first, end - start)
         ids = _one_chunk(rows.column("input_ids"))
         labels = _one_chunk(rows.column("labels"))
         # Written with shared offsets; sliced offsets are absolute into the unsliced values.
@@ -294,10 +448,48 @@ class ShardStore:
             labels=labels.values.to_numpy(zero_copy_only=True),
         )
 
+    def _block(self, block: int) -> pa.Table:
+        table = self._blocks.get(block)
+        if table is not None:
+            self._blocks.move_to_end(block)
+            return table
+        file = self._where / block_file(block)
+        if self._folder is None:
+            raise FedsimInputError(f"{file}: block not handed to this worker")
+        try:
+            source = pa.memory_map(str(file))
+        except (pa.ArrowException, OSError) as e:
+            raise FedsimInputError(f"{file}: cannot read shard file ({e})") from None
+        return self._cache(block, source)
+
+    def _cache(self, block: int, source: Any) -> pa.Table:
+        file = self._where / block_file(block)
+        try:
+            table = pa.ipc.open_file(source).read_all()
+        except (pa.ArrowException, OSError) as e:
+            raise FedsimInputError(f"{file}: cannot read shard file ({e})") from None
+        start, end = self.index.block_rows(block)
+        if table.schema != SHARD_SCHEMA or table.num_rows != end - start:
+            raise FedsimInputError(
+                f"{file}: does not match {INDEX_FILE} "
+                f"({table.num_rows} rows, index says {end - start})"
+            )
+        # client_examples slices both columns with the input_ids offsets: they must agree.
+        for ids, labels in zip(
+            table.column("input_ids").chunks, table.column("labels").chunks, strict=True
+        ):
+            if not ids.offsets.equals(labels.offsets):
+                raise FedsimInputError(f"{file}: input_ids and labels differ in shape")
+        self._blocks[block] = table
+        self._blocks.move_to_end(block)
+        while len(self._blocks) > self._open_blocks:
+            self._blocks.popitem(last=False)
+        return table
+
     def _range(self, client_id: int) -> tuple[int, int]:
         if not 0 <= client_id < self.num_clients:
             raise IndexError(f"client {client_id} out of range for {self.num_clients} clients")
-        return self.index.offsets[client_id], self.index.offsets[client_id + 1]
+        return int(self.index.offsets[client_id]), int(self.index.offsets[client_id + 1])
 
 
 def _one_chunk(column: pa.ChunkedArray) -> pa.ListArray:

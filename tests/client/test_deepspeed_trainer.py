@@ -18,7 +18,7 @@ from fedsim.client.deepspeed_trainer import DeepSpeedTrainer
 from fedsim.client.trainer import ClientContext
 from fedsim.client.worker import ClientTask, ClientWorker
 from fedsim.config import config_from_dict
-from fedsim.driver import materialise, prepare_run, worker_spec
+from fedsim.driver import build_shards, materialise, prepare_run, worker_spec
 from fedsim.model import load_tokenizer
 from tests.conftest import tiny_experiment
 
@@ -36,6 +36,7 @@ def spec(tmp_path_factory):
     cfg = config_from_dict(tiny_experiment(tmp, client=client))
     prep = prepare_run(cfg, log=lambda _: None)
     shards = materialise(prep, overwrite=False, log=lambda _: None)
+    build_shards(prep, shards, log=lambda _: None)
     return worker_spec(cfg, prep.model_path, shards, load_tokenizer(prep.model_path).pad_token_id)
 
 

@@ -9,7 +9,7 @@ import torch
 
 from fedsim.client.worker import ClientTask, ClientWorker
 from fedsim.config import config_from_dict
-from fedsim.driver import materialise, prepare_run, worker_spec
+from fedsim.driver import build_shards, materialise, prepare_run, worker_spec
 from fedsim.model import load_tokenizer
 from tests.conftest import tiny_experiment
 
@@ -25,6 +25,7 @@ def gpu_spec(tmp_path_factory):
     cfg = config_from_dict(tiny_experiment(tmp, cluster={"gpus_per_worker": 1}))
     prep = prepare_run(cfg, log=lambda _: None)
     shards = materialise(prep, overwrite=False, log=lambda _: None)
+    build_shards(prep, shards, log=lambda _: None)
     spec = worker_spec(cfg, prep.model_path, shards, load_tokenizer(prep.model_path).pad_token_id)
     assert spec.device == "cuda"
     return spec

@@ -1,5 +1,6 @@
 """Tokenisation with prompt masking, and the memory-mapped client shard store."""
 
+import itertools
 import json
 from pathlib import Path
 
@@ -14,6 +15,10 @@ from fedsim.data.shards import (
     IGNORE_INDEX,
     SHARD_SCHEMA,
     ShardStore,
+    block_file,
+    choose_block_size,
+    encode_records,
+    pack_block,
     tokenize_records,
     tokenize_records_compact,
     write_shards,
@@ -126,7 +131,7 @@ def written(
     categories = table.column("category").to_numpy(zero_copy_only=False)
     clients = IID().split(categories, 5, np.random.default_rng(0))
     path = tmp_path_factory.mktemp("shards")
-    write_shards(path, clients, input_ids, labels)
+    write_shards(path, clients, input_ids, labels, block_size=2)  # blocks {0,1} {2,3} {4}
     return path, clients, input_ids, labels
 
 
@@ -154,18 +159,28 @@ def test_store_examples_are_views_of_the_mapped_file(written: tuple) -> None:
     assert not ids.flags.writeable and not labs.flags.writeable  # read-only: mapped, not copied
 
 
-def test_file_layout_is_one_arrow_file_grouped_by_client(written: tuple) -> None:
+def test_file_layout_is_one_arrow_file_per_block_grouped_by_client(written: tuple) -> None:
     path, clients, _, _ = written
 
     index = json.loads((path / "index.json").read_text())
-    with pa.memory_map(str(path / "train.arrow")) as source:
-        shard_table = pa.ipc.open_file(source).read_all()
+    tables = []
+    for block in range(3):
+        with pa.memory_map(str(path / block_file(block))) as source:
+            tables.append(pa.ipc.open_file(source).read_all())
 
-    assert sorted(p.name for p in path.iterdir()) == ["index.json", "train.arrow"]
-    assert shard_table.schema == SHARD_SCHEMA
-    assert index == {"num_clients": 5, "offsets": [0, *np.cumsum([len(c) for c in clients])]}
-    expected = np.repeat(np.arange(5), [len(c) for c in clients])
-    assert shard_table.column("client").to_pylist() == expected.tolist()
+    assert sorted(p.name for p in path.iterdir()) == [
+        "block_00000.arrow",
+        "block_00001.arrow",
+        "block_00002.arrow",
+        "index.json",
+    ]
+    assert all(t.schema == SHARD_SCHEMA for t in tables)
+    sizes = [len(c) for c in clients]
+    assert index == {"num_clients": 5, "block_size": 2, "offsets": [0, *np.cumsum(sizes)]}
+    assert [t.column("client").to_pylist() for t in tables] == [
+        np.repeat(clients_ids, [sizes[c] for c in clients_ids]).tolist()
+        for clients_ids in ([0, 1], [2, 3], [4])
+    ]
 
 
 def test_rewriting_replaces_the_shards(written: tuple, tmp_path: Path) -> None:
@@ -187,10 +202,14 @@ def test_store_without_index_is_an_input_error(tmp_path: Path) -> None:
 def test_store_with_mismatched_index_is_an_input_error(written: tuple, tmp_path: Path) -> None:
     _, clients, input_ids, labels = written
     write_shards(tmp_path, clients, input_ids, labels)
-    (tmp_path / "index.json").write_text(json.dumps({"num_clients": 1, "offsets": [0, 3]}))
+    index = {"num_clients": 1, "block_size": 1, "offsets": [0, 3]}
+    (tmp_path / "index.json").write_text(json.dumps(index))
 
-    with pytest.raises(FedsimInputError, match=r"train\.arrow does not match index\.json"):
-        ShardStore(tmp_path)
+    with pytest.raises(
+        FedsimInputError,
+        match=r"block_00000\.arrow: does not match index\.json \(\d+ rows, index says 3\)",
+    ):
+        ShardStore(tmp_path).client_examples(0)
 
 
 def test_unknown_client_id_is_an_index_error(written: tuple) -> None:
@@ -208,5 +227,81 @@ def test_compact_tokenisation_is_the_same_in_int32_arrays_and_writes_the_same_fi
     assert all(a.dtype == np.int32 for a in ids + labs)
     assert [a.tolist() for a in ids] == input_ids
     assert [a.tolist() for a in labs] == labels
-    write_shards(tmp_path, clients, ids, labs)
-    assert (tmp_path / "train.arrow").read_bytes() == (path / "train.arrow").read_bytes()
+    write_shards(tmp_path, clients, ids, labs, block_size=2)
+    for block in range(3):
+        assert (tmp_path / block_file(block)).read_bytes() == (
+            path / block_file(block)
+        ).read_bytes()
+
+
+def test_encode_records_is_tokenize_records_in_flat_int32_arrays(
+    table: pa.Table, tokenizer: PreTrainedTokenizerFast
+) -> None:
+    input_ids, labels = tokenize_records(table, tokenizer, ALPACA, 40, False)
+
+    # chunk_rows=7: several chunks, the last one partial
+    encoded = encode_records(table, tokenizer, ALPACA, 40, False, chunk_rows=7)
+
+    assert encoded.input_ids.dtype == encoded.labels.dtype == np.int32
+    cuts = encoded.offsets
+    assert [encoded.input_ids[a:b].tolist() for a, b in itertools.pairwise(cuts)] == input_ids
+    assert [encoded.labels[a:b].tolist() for a, b in itertools.pairwise(cuts)] == labels
+    assert encoded.no_answer() == sum(all(x == IGNORE_INDEX for x in lab) for lab in labels) > 0
+
+
+def test_block_size_aims_at_a_few_thousand_records_per_block() -> None:
+    assert choose_block_size([8] * 10_000) == 250  # 2,000 records a block
+    assert choose_block_size([8] * 100) == 100  # every client in one block
+    assert choose_block_size([3] * 100, target=30) == 10
+    assert choose_block_size([5_000, 7_000]) == 1  # at least one client
+    assert choose_block_size([]) == 1
+
+
+def test_blocks_open_lazily_and_only_a_few_stay_open(written: tuple) -> None:
+    path, clients, input_ids, _ = written
+    store = ShardStore(path, open_blocks=2)
+
+    for client in (0, 2, 4):
+        assert store.client_examples(client).to_lists()[0] == [
+            input_ids[i] for i in clients[client]
+        ]
+
+    assert [store.has_block(b) for b in range(3)] == [False, True, True]
+    assert store.client_examples(1).to_lists()[0] == [input_ids[i] for i in clients[1]]
+    assert [store.has_block(b) for b in range(3)] == [True, False, True]
+
+
+def test_missing_block_file_is_an_input_error_naming_it(written: tuple, tmp_path: Path) -> None:
+    _, clients, input_ids, labels = written
+    write_shards(tmp_path, clients, input_ids, labels, block_size=2)
+    (tmp_path / block_file(1)).unlink()
+    store = ShardStore(tmp_path)
+
+    assert store.num_records(3) == len(clients[3])  # the index alone answers this
+    with pytest.raises(FedsimInputError, match=r"block_00001\.arrow: cannot read shard file"):
+        store.client_examples(3)
+
+
+def test_corrupt_block_file_is_an_input_error_naming_it(written: tuple, tmp_path: Path) -> None:
+    _, clients, input_ids, labels = written
+    write_shards(tmp_path, clients, input_ids, labels, block_size=2)
+    data = (tmp_path / block_file(2)).read_bytes()
+    (tmp_path / block_file(2)).write_bytes(data[: len(data) // 2])
+
+    with pytest.raises(FedsimInputError, match=r"block_00002\.arrow: cannot read shard file"):
+        ShardStore(tmp_path).client_examples(4)
+
+
+def test_store_from_index_reads_blocks_handed_in_as_buffers(written: tuple) -> None:
+    path, clients, input_ids, labels = written
+    store = ShardStore.from_index((path / "index.json").read_text(), where="remote/shards")
+
+    with pytest.raises(
+        FedsimInputError, match=r"remote/shards/block_00001\.arrow: block not handed"
+    ):
+        store.client_examples(2)
+    store.add_block(1, pack_block(path, 1))
+
+    got_ids, got_labels = store.client_examples(2).to_lists()
+    assert got_ids == [input_ids[i] for i in clients[2]]
+    assert got_labels == [labels[i] for i in clients[2]]
