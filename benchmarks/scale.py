@@ -11,7 +11,9 @@ tokenised later, block by block, as rounds need them); the median round time ove
 (round 1 warms the workers up; a round includes waiting for its shard blocks when the previous
 round's background tokenising has not finished them); the driver's peak RSS (whole process life,
 including preparing the data and tokenising the blocks the rounds needed); its RSS growth over
-the rounds; and the median checkpoint time over the round time. Then the ratios of the
+the rounds; the median checkpoint write time over the round time, and the median time a round
+waited for the previous round's checkpoint (written in the background while it trained: the part
+of the checkpoint on the critical path) over the round time. Then the ratios of the
 largest size to the smallest. Targets: round time ratio <= 1.05, peak RSS growth < 100 MB,
 checkpoint < 5% of the round. Absolute times are noisy on a loaded machine; note the load.
 """
@@ -81,12 +83,14 @@ def one_size(clients: int, per_round: int, records: int, rounds: int, workers: i
     result = run_experiment(config_from_dict(raw), log=log, show_progress=False)
     seconds = [m["seconds"] for m in result.metrics][1:]
     ckpt = [m["checkpoint_seconds"] / m["seconds"] for m in result.metrics][1:]
+    wait = [m["checkpoint_wait_seconds"] / m["seconds"] for m in result.metrics][1:]
     return {
         "clients": clients,
         "total_s": time.perf_counter() - start,
         "start_s": round_ends[0] - start - result.metrics[0]["seconds"],
         "round_s": statistics.median(seconds),
         "checkpoint_share": statistics.median(ckpt),
+        "checkpoint_wait_share": statistics.median(wait),
         "checkpoint_s": statistics.median(m["checkpoint_seconds"] for m in result.metrics),
         "peak_rss_mb": peak_rss_bytes() / MB,
         "rss_growth_over_rounds_mb": (rss_at_round[-1] - rss_at_round[0]) / MB,
@@ -122,12 +126,14 @@ def main() -> None:
         results.append(json.loads(lines[-1].removeprefix("RESULT ")))
     print(
         f"{'clients':>8} {'total s':>8} {'start s':>8} {'round s':>8} {'ckpt s':>7} "
-        f"{'ckpt/round':>10} {'peak RSS MB':>11} {'RSS +rounds MB':>14} {'partition.json KB':>17}"
+        f"{'ckpt/round':>10} {'wait/round':>10} {'peak RSS MB':>11} {'RSS +rounds MB':>14} "
+        f"{'partition.json KB':>17}"
     )
     for r in results:
         print(
             f"{r['clients']:>8} {r['total_s']:>8.1f} {r['start_s']:>8.1f} {r['round_s']:>8.2f} "
             f"{r['checkpoint_s']:>7.3f} {100 * r['checkpoint_share']:>9.1f}% "
+            f"{100 * r['checkpoint_wait_share']:>9.2f}% "
             f"{r['peak_rss_mb']:>11.0f} {r['rss_growth_over_rounds_mb']:>14.1f} "
             f"{r['partition_json_kb']:>17.0f}"
         )
