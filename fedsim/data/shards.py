@@ -34,6 +34,8 @@ about this many records per client beyond their own, so blocks are kept small; a
 still cheap (an Arrow IPC file with its schema, ~1,250 files at 80,000 records). Measured with
 benchmarks/scale.py at 10,000 clients x 8 records, 4 clients a round, round time over the
 100-client run: x2.20 at 2,000 records a block, x1.25 at 256, x1.17 at 64."""
+OPEN_BLOCKS = 4
+"""Blocks a reader keeps open (least recently used closed first)."""
 
 SHARD_SCHEMA = pa.schema(
     [

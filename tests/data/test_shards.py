@@ -249,9 +249,9 @@ def test_encode_records_is_tokenize_records_in_flat_int32_arrays(
     assert encoded.no_answer() == sum(all(x == IGNORE_INDEX for x in lab) for lab in labels) > 0
 
 
-def test_block_size_aims_at_a_few_thousand_records_per_block() -> None:
-    assert choose_block_size([8] * 10_000) == 250  # 2,000 records a block
-    assert choose_block_size([8] * 100) == 100  # every client in one block
+def test_block_size_aims_at_a_few_dozen_records_per_block() -> None:
+    assert choose_block_size([8] * 10_000) == 8  # 64 records a block
+    assert choose_block_size([8] * 5) == 5  # every client in one block
     assert choose_block_size([3] * 100, target=30) == 10
     assert choose_block_size([5_000, 7_000]) == 1  # at least one client
     assert choose_block_size([]) == 1
