@@ -64,9 +64,9 @@ from fedsim.tb import train_log
 Log = Callable[[str], None]
 TINY_CORPUS_LINES = 4000
 MAX_ROUND_ATTEMPTS = 3
+"""How often a round is redone after its aggregator died before the run gives up."""
 INTERRUPT_FLUSH_S = 5.0
 """On Ctrl-C, how long to wait for the checkpoint being written in the background."""
-"""How often a round is redone after its aggregator died before the run gives up."""
 WORKER_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     "TRANSFORMERS_VERBOSITY": "error",
