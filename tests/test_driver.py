@@ -2,11 +2,6 @@
 
 import itertools
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -211,30 +206,3 @@ def test_resume_refuses_a_changed_config(reference_run, tmp_path):
         show_progress=False,
     )
     assert result.last_round == 2
-
-
-def test_ctrl_c_then_resume_from_the_command_line(reference_run, experiment_file, tmp_path):
-    """Interrupt `fedsim run` with SIGINT after its first round; `--resume` finishes the run with
-    the same final adapter as the uninterrupted one."""
-    _, reference = reference_run
-    config = experiment_file(run={"rounds": 3})
-    run_dir = tmp_path / "runs" / "t"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "fedsim.cli", "run", str(config)]
-    proc = subprocess.Popen(
-        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    deadline = time.monotonic() + 180
-    while not (run_dir / "latest").exists():
-        assert proc.poll() is None and time.monotonic() < deadline, "no round was completed"
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
-    output, _ = proc.communicate(timeout=60)
-    if proc.returncode == 0:
-        pytest.skip("the run finished before the interrupt arrived")
-    assert proc.returncode == 130, output
-    assert "--resume" in output
-    done = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert "resuming" in done.stdout
-    _assert_same_adapter(_adapter(reference.run_dir, 3), _adapter(run_dir, 3))
