@@ -58,7 +58,7 @@ from fedsim.server.selection import (
     over_selection,
     select_round,
 )
-from fedsim.server.system_model import SystemModel, SystemSettings
+from fedsim.server.system_model import SystemModel
 from fedsim.tb import train_log
 
 Log = Callable[[str], None]
@@ -800,12 +800,9 @@ def _system_model(
     cfg: ExperimentConfig, profiles: list[ClientProfile] | None
 ) -> SystemModel | None:
     """The simulated system of `cfg.system`, or None when it is off."""
-    y = cfg.system
-    if not y.enabled:
+    if not cfg.system.enabled:
         return None
-    fields = {k: v for k, v in dataclasses.asdict(y).items() if k != "enabled"}
-    settings = SystemSettings(**fields)
-    return SystemModel(settings, cfg.run.seed, profiles)
+    return SystemModel(cfg.system, cfg.run.seed, profiles)
 
 
 def _scalars(record: dict[str, Any]) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from fedsim.client.profile import ClientProfile
+from fedsim.config import SystemConfig
 
 PROFILE_STREAM = 7
 """Random stream of the per-client profiles (distinct from selection and partition streams)."""
@@ -40,18 +41,6 @@ class DeviceProfile:
     speed: float
     bandwidth_mbps: float
     dropout: float
-
-
-@dataclass(frozen=True)
-class SystemSettings:
-    """The `system` config section, as the model needs it (see fedsim.config.SystemConfig)."""
-
-    step_seconds: float = 1.0
-    speed_sigma: float = 0.0
-    bandwidth_mbps: float = 100.0
-    bandwidth_sigma: float = 0.0
-    dropout: float = 0.0
-    deadline_seconds: float | None = None
 
 
 @dataclass
@@ -83,7 +72,7 @@ class SystemModel:
 
     def __init__(
         self,
-        settings: SystemSettings,
+        settings: SystemConfig,
         seed: int,
         profiles: Sequence[ClientProfile] | None = None,
     ) -> None:

@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 
 from fedsim.client.profile import ClientProfile
-from fedsim.config import config_from_dict
+from fedsim.config import SystemConfig, config_from_dict
 from fedsim.errors import ConfigError
 from fedsim.server.selection import over_selection
-from fedsim.server.system_model import DeviceProfile, SystemModel, SystemSettings
+from fedsim.server.system_model import DeviceProfile, SystemModel
 from tests.conftest import tiny_experiment
 
 SELECTED = list(range(0, 200, 4))
@@ -24,7 +24,7 @@ MB = 1_000_000
 
 def model(seed: int = 0, profiles: list[ClientProfile] | None = None, **settings: object):
     defaults = {"speed_sigma": 0.8, "dropout": 0.1, "deadline_seconds": 12.0}
-    return SystemModel(SystemSettings(**(defaults | settings)), seed, profiles)
+    return SystemModel(SystemConfig(enabled=True, **(defaults | settings)), seed, profiles)
 
 
 def test_same_seed_drops_the_same_clients() -> None:
