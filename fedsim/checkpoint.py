@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from fedsim import rundir
 
 TensorDict = dict[str, torch.Tensor]
 
@@ -48,22 +49,12 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def config_name(round_idx: int) -> str:
+    """File name, in the run's `configs/` folder, of the config that took effect at a round."""
+    return f"{round_name(round_idx)}.yaml"
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Replace `path` with `text` so that readers see the old or the new content, never a mix."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+write_text_atomic = rundir.write_text_atomic  # kept for callers outside the run loop
 
 
 @dataclass(frozen=True)
@@ -110,40 +101,29 @@ def _write_round(
     server_state: TensorDict,
     info: dict[str, Any],
 ) -> Path:
-    rounds = run_dir / ROUNDS_DIR
-    rounds.mkdir(parents=True, exist_ok=True)
+    rounds = rundir.make_dir(run_dir / ROUNDS_DIR)
     final = rounds / round_name(round_idx)
     tmp = rounds / f".{round_name(round_idx)}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
 
-    save_file(adapter, str(tmp / ADAPTER_FILE), metadata={"format": "pt"})
-    (tmp / ADAPTER_CONFIG_FILE).write_text(json.dumps(adapter_config, indent=2, sort_keys=True))
+    rundir.save_tensors(tmp / ADAPTER_FILE, adapter)
+    rundir.write_json_atomic(tmp / ADAPTER_CONFIG_FILE, adapter_config)
     if server_state:
-        save_file(server_state, str(tmp / SERVER_STATE_FILE), metadata={"format": "pt"})
+        rundir.save_tensors(tmp / SERVER_STATE_FILE, server_state)
     files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
-    info = {**info, "round": round_idx, "files": files}
-    (tmp / ROUND_INFO_FILE).write_text(json.dumps(info, indent=2))
-    for p in tmp.iterdir():
-        with open(p, "rb") as f:
-            os.fsync(f.fileno())
-    _fsync_dir(tmp)
-
-    if final.exists():  # a redone round (resume fell back past it): the new one wins
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    _fsync_dir(rounds)
-    write_text_atomic(run_dir / LATEST_FILE, round_name(round_idx) + "\n")
+    rundir.write_json_atomic(tmp / ROUND_INFO_FILE, {**info, "round": round_idx, "files": files})
+    # A redone round (resume fell back past it) replaces the old one without a moment in which
+    # neither is complete on disk.
+    rundir.replace_dir(tmp, final)
+    rundir.write_text_atomic(run_dir / LATEST_FILE, round_name(round_idx) + "\n")
     return final
 
 
 def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
-    """Append one JSON line to metrics.jsonl."""
-    with open(run_dir / METRICS_FILE, "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    """Append one JSON line to metrics.jsonl (one O_APPEND write, fsynced)."""
+    rundir.append_jsonl(run_dir / METRICS_FILE, record)
 
 
 def truncate_metrics(run_dir: Path, last_round: int) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,13 +31,20 @@ def cmd_run(args: argparse.Namespace) -> int:
             show_progress=sys.stderr.isatty(),  # a bar in a terminal, not in CI logs
         )
     except KeyboardInterrupt:
-        print(
-            f"\ninterrupted; continue with: fedsim run {args.config} --resume",
-            file=sys.stderr,
-        )
+        print(f"\ninterrupted; continue with: {resume_command(args)}", file=sys.stderr)
         return 130
     print(f"done: {result.run_dir} (latest round {result.last_round})")
     return 0
+
+
+def resume_command(args: argparse.Namespace) -> str:
+    """The command line that continues this run: the same config and overrides, `--resume`."""
+    words = ["fedsim", "run", args.config]
+    for assignment in args.set:
+        words += ["--set", assignment]
+    if args.allow_config_change:
+        words.append("--allow-config-change")
+    return shlex.join([*words, "--resume"])
 
 
 def cmd_partition(args: argparse.Namespace) -> int:

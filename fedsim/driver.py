@@ -28,7 +28,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from fedsim import checkpoint
+from fedsim import checkpoint, rundir
 from fedsim.client.profile import ClientProfile, load_profiles
 from fedsim.client.trainer import TrainSettings
 from fedsim.client.worker import ClientOutcome, ClientTask, WorkerSpec, pack_directory
@@ -65,6 +65,8 @@ Log = Callable[[str], None]
 TINY_CORPUS_LINES = 4000
 MAX_ROUND_ATTEMPTS = 3
 """How often a round is redone after its aggregator died before the run gives up."""
+CONFIGS_DIR = "configs"
+"""Every config a run has used, as `round_NNNN.yaml` (the first round it applied to)."""
 INTERRUPT_FLUSH_S = 5.0
 """On Ctrl-C, how long to wait for the checkpoint being written in the background."""
 WORKER_ENV = {
@@ -125,17 +127,16 @@ def prepare_run(
     run_dir = cfg.run_dir
     if resume and overwrite:
         raise FedsimInputError("--resume and --overwrite: choose one")
+    problem = rundir.location_problem(cfg.run.output_dir, cfg.run.name)
+    if problem:
+        raise FedsimInputError(problem)
     if run_dir.exists() and not (resume or overwrite):
         raise FedsimInputError(
             f"run directory {run_dir} already exists; pass --resume to continue it "
             "or --overwrite to replace it"
         )
-    looks_like_a_run = (run_dir / "config.yaml").is_file()
-    if overwrite and run_dir.exists() and any(run_dir.iterdir()) and not looks_like_a_run:
-        raise FedsimInputError(
-            f"--overwrite: {run_dir} is not a fedsim run directory (no config.yaml); "
-            "refusing to delete it"
-        )
+    if overwrite and run_dir.exists():
+        _check_overwritable(run_dir)
     resume_from = None
     if resume:
         if not run_dir.is_dir():
@@ -168,6 +169,17 @@ def prepare_run(
             )
     model_path = prepare_model(cfg, log)
     return PreparedRun(cfg, run_dir, data, model_path, resume_from, profiles)
+
+
+def _check_overwritable(run_dir: Path) -> None:
+    """--overwrite deletes only an empty folder or one that fedsim made (its marker file)."""
+    if not run_dir.is_dir() or run_dir.is_symlink():
+        raise FedsimInputError(f"--overwrite: {run_dir} is not a directory; refusing to replace it")
+    if any(run_dir.iterdir()) and not rundir.is_fedsim_dir(run_dir):
+        raise FedsimInputError(
+            f"--overwrite: {run_dir} was not created by fedsim (it has no {rundir.RUN_MARKER} "
+            "marker); refusing to delete it: remove it yourself or choose another run.name"
+        )
 
 
 def availability_probabilities(
@@ -210,11 +222,15 @@ def materialise(prep: PreparedRun, overwrite: bool, log: Log = _print) -> Path:
     """Write config.yaml, partition.json and the shard index; the shard blocks are tokenised
     when rounds need them (`shard_builder`), and kept while the shards key is unchanged."""
     cfg, run_dir, data = prep.cfg, prep.run_dir, prep.data
-    if overwrite and run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint.write_text_atomic(run_dir / "config.yaml", cfg.to_yaml())
+    replaced = _move_aside(run_dir) if overwrite and run_dir.exists() else None
+    rundir.make_dir(run_dir)
+    if not rundir.is_fedsim_dir(run_dir):  # new, or written before fedsim marked its folders
+        rundir.mark_run_dir(run_dir)
+    first_round = prep.resume_from.round_idx + 1 if prep.resume_from else 1
+    record_config(run_dir, cfg.to_yaml(), first_round)
     write_partition(run_dir / "partition.json", data.summary())
+    if replaced is not None:  # the new run directory exists: only now is the old one deleted
+        shutil.rmtree(replaced)
 
     shards_dir = run_dir / "shards"
     key = _shards_key(cfg, data, prep.model_path)
@@ -229,12 +245,39 @@ def materialise(prep: PreparedRun, overwrite: bool, log: Log = _print) -> Path:
     (shards_dir / "train.arrow").unlink(missing_ok=True)
     index = ShardIndex.from_sizes([len(c) for c in data.clients])
     write_index(shards_dir, index)
-    checkpoint.write_text_atomic(manifest, key)
+    rundir.write_text_atomic(manifest, key)
     log(
         f"shards: {index.num_blocks} blocks of {index.block_size} clients in {shards_dir}, "
         "tokenised as the rounds need them"
     )
     return shards_dir
+
+
+def _move_aside(run_dir: Path) -> Path:
+    """Rename the run directory that --overwrite replaces to a hidden sibling (deleted once the
+    new one exists), so that a crash in between leaves it whole rather than half deleted."""
+    aside = run_dir.with_name(f".{run_dir.name}.replaced-{os.getpid()}")
+    os.rename(run_dir, aside)
+    rundir.fsync_dir(run_dir.parent)
+    return aside
+
+
+def record_config(run_dir: Path, text: str, first_round: int) -> None:
+    """Write config.yaml, keeping every config the run has used in `configs/round_NNNN.yaml`,
+    named by the first round it applied to. Configs of rounds about to be redone are dropped."""
+    history = rundir.make_dir(run_dir / CONFIGS_DIR)
+    current = run_dir / "config.yaml"
+    if current.is_file() and not any(history.iterdir()):  # a run from before the history
+        rundir.write_bytes_atomic(history / checkpoint.config_name(1), current.read_bytes())
+    kept = []
+    for path in sorted(history.glob("round_*.yaml")):
+        if int(path.stem[6:]) >= first_round:
+            path.unlink()
+        else:
+            kept.append(path)
+    if not kept or kept[-1].read_text() != text:
+        rundir.write_text_atomic(history / checkpoint.config_name(first_round), text)
+    rundir.write_text_atomic(current, text)
 
 
 def shard_builder(prep: PreparedRun, shards_dir: Path, log: Log = _print) -> ShardBuilder:

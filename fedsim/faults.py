@@ -3,6 +3,10 @@
 `FEDSIM_FAULTS` holds a JSON list of faults, each naming a round and where it strikes:
 
     {"round": 2, "client": 3}                              client 3 raises inside its turn
+    {"round": 2, "hold": PATH}                             every client of round 2 creates PATH
+                                                           and then waits until it is killed, so
+                                                           a test can act mid-round on an event
+                                                           (PATH exists), not after a sleep
     {"round": 2, "aggregator": "exit_before_checkpoint"}   the aggregator process exits 0.5 s
                                                            into writing round 2's checkpoint
                                                            (in the background, as round 3 starts)
@@ -17,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 FAULTS_ENV = "FEDSIM_FAULTS"
@@ -46,8 +51,12 @@ def forwarded_env() -> dict[str, Any]:
 
 
 def raise_client_fault(round_idx: int, client_id: int) -> None:
-    """Raise if a fault is injected for this client in this round."""
+    """Raise if a fault is injected for this client in this round (or hold, see the module)."""
     for fault in injected_faults():
+        if fault.get("round") == round_idx and "hold" in fault:
+            Path(fault["hold"]).touch()
+            while True:  # the round never completes: the test kills the run meanwhile
+                time.sleep(1)
         if (fault.get("round"), fault.get("client")) == (round_idx, client_id) and _strikes(fault):
             raise RuntimeError(f"injected fault ({FAULTS_ENV}) for client {client_id}")
 

@@ -182,3 +182,50 @@ def is_fedsim_dir(run_dir: Path) -> bool:
         return marker.is_file() and not marker.is_symlink() and marker.read_text() == MARKER_TEXT
     except (OSError, UnicodeDecodeError):
         return False
+
+
+# ------------------------------------------------------------------------------------------
+# Where a run directory may be
+# ------------------------------------------------------------------------------------------
+
+
+def run_name_problem(name: str) -> str | None:
+    """Why `name` cannot be a run directory's name, or None: it must be one plain path
+    component, so that `<output_dir>/<name>` can never point above or beside the output dir."""
+    if not name:
+        return "expected a non-empty name"
+    if name.startswith("."):
+        return f"expected a plain folder name, got {name!r} (no leading dot, '.' or '..')"
+    if any(sep in name for sep in ("/", "\\")) or os.sep in name:
+        return f"expected a single folder name, got {name!r} (no path separators)"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return f"expected a plain folder name, got {name!r} (no control characters)"
+    if len(name.encode("utf-8")) > 255:
+        return "expected a folder name of at most 255 bytes"
+    return None
+
+
+def location_problem(output_dir: str | Path, name: str) -> str | None:
+    """Why `<output_dir>/<name>` may not be used as a run directory, or None.
+
+    Besides the name itself: the run directory must resolve (symbolic links followed) to a direct
+    child of the resolved output directory, and must not contain the current directory, since
+    `--overwrite` may delete it.
+    """
+    problem = run_name_problem(name)
+    if problem:
+        return f"run.name: {problem}"
+    out = Path(output_dir).expanduser().resolve()
+    run = (out / name).resolve()
+    if run.parent != out:
+        return (
+            f"run.name: {Path(output_dir) / name} resolves to {run}, outside run.output_dir "
+            f"({out}); a run directory must be a folder directly inside it, not a link elsewhere"
+        )
+    cwd = Path.cwd().resolve()
+    if run == cwd or run in cwd.parents:
+        return (
+            f"run.name: the run directory {run} contains the current directory; choose "
+            "run.output_dir and run.name so that the run lives below where you work"
+        )
+    return None

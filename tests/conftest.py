@@ -1,6 +1,7 @@
 """Fixtures shared by every test package."""
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,30 @@ def tiny_lora_llama(vocab_size: int, lora_seed: int):
         max_position_embeddings=32,
     )
     return attach_lora(LlamaForCausalLM(config), LoraSpec(r=4, alpha=8, dropout=0.0), lora_seed)
+
+
+def assert_same_run_files(a: Path, b: Path, rounds: Iterable[int]) -> None:
+    """Run directories `a` and `b` hold byte-identical checkpoints for `rounds` and identical
+    client-state files. Bytes, not tensor equality: -0.0 and +0.0 differ, and so would a header
+    written in another order. Every file must exist on both sides (round.json's `files` lists what
+    a round wrote); round.json itself differs only in timings, so its `files` and `clients`
+    entries are compared instead."""
+    import json
+
+    for r in rounds:
+        ra, rb = a / "rounds" / f"round_{r:04d}", b / "rounds" / f"round_{r:04d}"
+        info_a, info_b = (json.loads((d / "round.json").read_text()) for d in (ra, rb))
+        assert info_a["files"] == info_b["files"], f"round {r}: {info_a['files']}"
+        assert "adapter_model.safetensors" in info_a["files"]
+        assert info_a.get("clients") == info_b.get("clients"), f"round {r}"
+        assert sorted(p.name for p in ra.iterdir()) == sorted(p.name for p in rb.iterdir())
+        for name in info_a["files"]:
+            assert (ra / name).read_bytes() == (rb / name).read_bytes(), f"round {r}: {name}"
+    clients_a = sorted(p.name for p in (a / "clients").glob("*"))  # glob of a missing dir: []
+    clients_b = sorted(p.name for p in (b / "clients").glob("*"))
+    assert clients_a == clients_b
+    for name in clients_a:
+        assert (a / "clients" / name).read_bytes() == (b / "clients" / name).read_bytes(), name
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from fedsim import rundir
 from fedsim.checkpoint import sha256_file
 from fedsim.config import DataConfig
 from fedsim.data.partitioners import (
@@ -158,4 +159,4 @@ def format_partition_table(summary: dict[str, Any]) -> str:
 
 
 def write_partition(path: Path, summary: dict[str, Any]) -> None:
-    path.write_text(json.dumps(summary, indent=1))
+    rundir.write_text_atomic(path, json.dumps(summary, indent=1))

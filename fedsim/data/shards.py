@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from fedsim import rundir
 from fedsim.data import records
 from fedsim.data.templates import PromptTemplate
 from fedsim.errors import FedsimInputError
@@ -258,9 +259,7 @@ def write_index(path: Path, index: ShardIndex) -> None:
     """Write `index.json` into folder `path` atomically."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tmp = path / (INDEX_FILE + ".tmp")
-    tmp.write_text(index.to_json(), encoding="utf-8")
-    os.replace(tmp, path / INDEX_FILE)
+    rundir.write_text_atomic(path / INDEX_FILE, index.to_json())
 
 
 def remove_blocks(path: Path) -> None:
@@ -301,7 +300,10 @@ def write_block(path: Path, block: int, table: pa.Table) -> Path:
     tmp = target.with_name(target.name + ".tmp")
     with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, SHARD_SCHEMA) as writer:
         writer.write_table(table)
+    with open(tmp, "rb") as f:  # durable before it is visible under its final name
+        os.fsync(f.fileno())
     os.replace(tmp, target)
+    rundir.fsync_dir(target.parent)
     return target
 
 

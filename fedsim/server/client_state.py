@@ -20,21 +20,14 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from fedsim import rundir
 from fedsim.errors import FedsimInputError
 
 TensorDict = dict[str, torch.Tensor]
 CLIENTS_DIR = "clients"
 _STAGED = re.compile(r"^\.(\d+)\.round_(\d+)\.safetensors$")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class ClientStateStore:
@@ -53,13 +46,9 @@ class ClientStateStore:
 
     def stage(self, client_id: int, round_idx: int, state: TensorDict) -> None:
         """Write the client's new state for `round_idx`, not yet visible to `load`."""
-        self.dir.mkdir(exist_ok=True)
+        rundir.make_dir(self.dir)
         final = self.dir / f".{client_id}.round_{round_idx:04d}.safetensors"
-        tmp = final.with_name(final.name + ".tmp")
-        save_file(state, str(tmp), metadata={"format": "pt", "round": str(round_idx)})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
+        rundir.save_tensors(final, state, {"round": str(round_idx)})
 
     def _staged(self) -> list[tuple[Path, int, int]]:
         if not self.dir.is_dir():
@@ -79,7 +68,7 @@ class ClientStateStore:
                 os.replace(path, self.path(client_id))
                 count += 1
         if count:
-            _fsync_dir(self.dir)
+            rundir.fsync_dir(self.dir)
         return count
 
     def check_resumable(self, resume_round: int) -> None:

@@ -1,6 +1,8 @@
 """The driver process killed (SIGKILL) or interrupted (Ctrl-C) while it runs."""
 
+import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -11,21 +13,36 @@ from pathlib import Path
 import pytest
 import yaml
 
+from fedsim.cli import main
 from fedsim.config import config_from_dict
-from fedsim.driver import run_experiment
-from tests.faults.conftest import SLOW_CLIENTS, adapter, assert_same_adapter, wait_for_round
+from fedsim.driver import RunResult, run_experiment
+from fedsim.faults import FAULTS_ENV
+from tests.conftest import assert_same_run_files, tiny_experiment
 
 pytestmark = pytest.mark.ray
 
 
-def _start_cli(config: Path, ray_tmp: str) -> subprocess.Popen:
-    # RAY_TMPDIR gives this run's Ray processes a folder of their own, so the test can tell
-    # whether any of them outlived the driver.
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_TMPDIR": ray_tmp}
-    cmd = [sys.executable, "-m", "fedsim.cli", "run", str(config)]
+def _start_cli(config: Path, ray_tmp: str, hold: Path, *extra: str) -> subprocess.Popen:
+    """`fedsim run CONFIG` in a child process whose round-2 clients create `hold` and wait there,
+    so round 2 can never complete and the test acts on that event, not after a sleep. RAY_TMPDIR
+    gives this run's Ray processes a folder of their own, so the test can tell whether any of them
+    outlived the driver."""
+    faults = json.dumps([{"round": 2, "hold": str(hold)}])
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_TMPDIR": ray_tmp, FAULTS_ENV: faults}
+    cmd = [sys.executable, "-m", "fedsim.cli", "run", str(config), *extra]
     return subprocess.Popen(
         cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
+
+
+def _wait_mid_round_two(run_dir: Path, hold: Path, proc: subprocess.Popen) -> None:
+    """Until round 1 is durable (`latest`) and a round-2 client is holding."""
+    deadline = time.monotonic() + 180
+    while not (hold.exists() and (run_dir / "latest").exists()):
+        assert proc.poll() is None, proc.communicate()[0]
+        assert time.monotonic() < deadline, "round 2 never started"
+        time.sleep(0.05)
+    assert (run_dir / "latest").read_text() == "round_0001\n"
 
 
 def _ray_processes(ray_tmp: str) -> list[int]:
@@ -47,49 +64,66 @@ def _wait_until_gone(ray_tmp: str, seconds: float) -> list[int]:
     return left
 
 
-def test_driver_killed_mid_round_then_resumed(reference, experiment_file, tmp_path):
-    config = experiment_file(run={"rounds": 3}, client=SLOW_CLIENTS)
-    run_dir = tmp_path / "runs" / "t"
+def _uninterrupted(tmp: Path, **sections: dict) -> RunResult:
+    cfg = config_from_dict(tiny_experiment(tmp, **sections))
+    return run_experiment(cfg, log=lambda _: None, show_progress=False)
+
+
+STATEFUL = {
+    "fedadam": {"server": {"strategy": "fedadam", "lr": 0.01}},
+    "scaffold": {"server": {"strategy": "scaffold"}},
+}
+
+
+@pytest.mark.parametrize("strategy", sorted(STATEFUL))
+def test_driver_killed_mid_round_then_resumed_byte_identical(
+    ray_local, experiment_file, tmp_path, strategy
+):
+    """A strategy with server state (fedadam's moments) or client state (SCAFFOLD's variates):
+    SIGKILL of the driver mid-round 2, then --resume: every file of every round, and every
+    client-state file, is byte-identical to an uninterrupted run's."""
+    sections = {"run": {"rounds": 3}, **STATEFUL[strategy]}
+    reference = _uninterrupted(tmp_path / "reference", **sections)
+    config = experiment_file(**sections)
+    run_dir, hold = tmp_path / "runs" / "t", tmp_path / "round2-reached"
     ray_tmp = tempfile.mkdtemp(prefix="fsk", dir="/tmp")
-    proc = _start_cli(config, ray_tmp)
-    wait_for_round(run_dir, 1, timeout=180)
-    time.sleep(0.5)  # round 2 is training
+    proc = _start_cli(config, ray_tmp, hold)
+    _wait_mid_round_two(run_dir, hold, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     for pid in _wait_until_gone(ray_tmp, 10):  # SIGKILL leaves Ray no chance to clean up
         os.kill(pid, signal.SIGKILL)
 
-    raw = yaml.safe_load(config.read_text())
-    messages: list[str] = []
-    result = run_experiment(
-        config_from_dict(raw), resume=True, log=messages.append, show_progress=False
-    )
-    assert result.first_round in (2, 3) and result.last_round == 3
-    assert_same_adapter(adapter(reference(3).run_dir, 3), adapter(run_dir, 3))
+    cfg = config_from_dict(yaml.safe_load(config.read_text()))
+    result = run_experiment(cfg, resume=True, log=lambda _: None, show_progress=False)
+    assert (result.first_round, result.last_round) == (2, 3)
+    assert_same_run_files(reference.run_dir, run_dir, [1, 2, 3])
+    assert (run_dir / "rounds/round_0003/server_state.safetensors").is_file()
+    assert any((run_dir / "clients").glob("*.safetensors")) == (strategy == "scaffold")
 
 
-def test_ctrl_c_stops_within_seconds_leaves_no_ray_process_and_resumes(
-    reference, experiment_file, tmp_path
+def test_ctrl_c_stops_within_seconds_leaves_no_ray_process_and_prints_the_resume_command(
+    ray_local, experiment_file, tmp_path
 ):
-    config = experiment_file(run={"rounds": 3}, client=SLOW_CLIENTS)
-    run_dir = tmp_path / "runs" / "t"
+    reference = _uninterrupted(tmp_path / "reference", run={"rounds": 3})
+    config = experiment_file(run={"rounds": 2})
+    run_dir, hold = tmp_path / "runs" / "t", tmp_path / "round2-reached"
     ray_tmp = tempfile.mkdtemp(prefix="fsc", dir="/tmp")
-    proc = _start_cli(config, ray_tmp)
-    wait_for_round(run_dir, 1, timeout=180)
+    # an override the resume command must repeat, or it would resume another experiment
+    proc = _start_cli(config, ray_tmp, hold, "--set", "run.rounds=3")
+    _wait_mid_round_two(run_dir, hold, proc)
     assert _ray_processes(ray_tmp), "the run's Ray processes were not found"
     start = time.monotonic()
     proc.send_signal(signal.SIGINT)
     output, _ = proc.communicate(timeout=60)
     stopped_after = time.monotonic() - start
-    if proc.returncode == 0:
-        pytest.skip("the run finished before the interrupt arrived")
 
     assert proc.returncode == 130, output
-    assert f"fedsim run {config} --resume" in output
     assert stopped_after < 15, f"took {stopped_after:.1f} s to stop"
     assert _wait_until_gone(ray_tmp, 10) == []
-    # what the printed command does, on this session's Ray (the CLI adds only argument parsing)
-    raw = yaml.safe_load(config.read_text())
-    result = run_experiment(config_from_dict(raw), resume=True, log=lambda _: None)
-    assert result.last_round == 3 and result.first_round in (2, 3)
-    assert_same_adapter(adapter(reference(3).run_dir, 3), adapter(run_dir, 3))
+    printed = output.rsplit("interrupted; continue with: ", 1)[1].splitlines()[0]
+    words = shlex.split(printed)
+    assert words == ["fedsim", "run", str(config), "--set", "run.rounds=3", "--resume"]
+    # run what was printed (in this process, on this session's Ray; the CLI adds only parsing)
+    assert main(words[1:]) == 0
+    assert_same_run_files(reference.run_dir, run_dir, [1, 2, 3])
