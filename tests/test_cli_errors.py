@@ -346,5 +346,50 @@ def test_overwrite_refuses_a_directory_that_is_not_a_run(capsys, tmp_path, exper
 
     message = run_fails(capsys, tmp_path, cfg, "--overwrite")
 
-    assert "not a fedsim run directory" in message
+    assert message.startswith(f"--overwrite: {precious.parent} was not created by fedsim")
     assert precious.read_text() == "years of work"
+
+
+@pytest.mark.parametrize("marker", [None, "a file a user happened to name so\n"])
+def test_overwrite_refuses_a_folder_that_only_looks_like_a_run(
+    capsys, tmp_path, experiment_file, marker
+):
+    cfg = experiment_file()
+    run_dir = tmp_path / "runs" / "t"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("a user's own config\n")  # the old, fooled guard
+    if marker is not None:
+        (run_dir / ".fedsim-run").write_text(marker)
+
+    message = run_fails(capsys, tmp_path, cfg, "--overwrite")
+
+    assert message.startswith(f"--overwrite: {run_dir} was not created by fedsim")
+
+
+@pytest.mark.parametrize("name", ["..", ".", ".hidden", "a/b", "../t", "/etc"])
+def test_run_name_must_be_a_plain_folder_name(capsys, tmp_path, experiment_file, name):
+    """The reported accident: in a project folder, run.name=.. with --overwrite deleted it."""
+    project = tmp_path / "project"
+    (project / "runs").mkdir(parents=True)
+    (project / "config.yaml").write_text("run: {}\n")
+    (project / "notes.md").write_text("keep me\n")
+    cfg = experiment_file()
+
+    message = run_fails(capsys, tmp_path, cfg, *sets(f"run.output_dir={project / 'runs'}"),
+                        *sets(f"run.name={name}"), "--overwrite")  # fmt: skip
+
+    assert "run.name: expected a" in message
+
+
+def test_run_directory_may_not_contain_the_working_directory(
+    capsys, tmp_path, experiment_file, monkeypatch
+):
+    work = tmp_path / "t"
+    work.mkdir()
+    (work / "notes.md").write_text("keep me\n")
+    monkeypatch.chdir(work)
+    cfg = experiment_file()
+
+    message = run_fails(capsys, tmp_path, cfg, *sets(f"run.output_dir={tmp_path}"), "--overwrite")
+
+    assert "contains the current directory" in message
