@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 import types
@@ -424,6 +425,18 @@ class ExperimentConfig:
 # --------------------------------------------------------------------------------------------
 
 
+INT64_MAX = 2**63 - 1
+"""Largest integer any field takes: seeds, counts and sizes end up in numpy and torch int64s."""
+FREE_FORM_DEPTH = 64
+"""Deepest nesting accepted in a free-form value (a DeepSpeed mapping is a few levels deep)."""
+SHOWN_CHARS = 60
+"""Longest echo of a wrong value in an error line; the rest is elided."""
+
+# Fields whose value may be a credential pasted by mistake: errors name their type, never the
+# value, so that it does not end up in a terminal, a CI log or a bug report.
+_SECRET_NAME = re.compile(r"key|token|secret|passw|credential", re.IGNORECASE)
+
+
 def _type_name(tp: Any) -> str:
     names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
     if tp in names:
@@ -431,6 +444,41 @@ def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) is list:
         return "a list"
     return "a mapping"
+
+
+def _kind_of(value: Any) -> str:
+    """The type of a YAML value in words (`a list`), for errors that must not show the value."""
+    kinds = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    kinds |= {list: "a list", dict: "a mapping", type(None): "null"}
+    return kinds.get(type(value), f"a {type(value).__name__}")
+
+
+def _show(value: Any, dotted: str) -> str:
+    """`value` as an error line shows it: its repr, shortened, or only its type for a field
+    whose name says it may hold a secret."""
+    if _SECRET_NAME.search(dotted.rsplit(".", 1)[-1]):
+        return _kind_of(value)
+    text = repr(value)
+    return text if len(text) <= SHOWN_CHARS else text[: SHOWN_CHARS - 3] + "..."
+
+
+def _key_text(key: Any) -> str:
+    """A mapping key as it appears in a dotted name; quoted when it is not plain printable text
+    (a line break in a key would otherwise split one error into two lines)."""
+    if isinstance(key, str) and key.isprintable() and key:
+        return key
+    return _show(key, "")
+
+
+def _text_problem(text: str) -> str | None:
+    """Why a string cannot be used as text (paths, names, YAML written back), or None."""
+    if "\0" in text:
+        return "contains a NUL character"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate, e.g. from an argument that was not UTF-8
+        return "is not valid Unicode text"
+    return None
 
 
 def _convert(value: Any, tp: Any, dotted: str, problems: list[str]) -> Any:
@@ -443,61 +491,151 @@ def _convert(value: Any, tp: Any, dotted: str, problems: list[str]) -> Any:
         return _convert(value, args[0], dotted, problems)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            problems.append(f"{dotted}: expected a mapping, got {value!r}")
+            problems.append(f"{dotted}: expected a mapping, got {_show(value, dotted)}")
             return None
         return _build(tp, value, dotted, problems)
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):
-            problems.append(f"{dotted}: expected a list, got {value!r}")
+            problems.append(f"{dotted}: expected a list, got {_show(value, dotted)}")
             return None
         return [_convert(v, item_tp, f"{dotted}[{i}]", problems) for i, v in enumerate(value)]
-    if tp is Any:  # free-form (e.g. a DeepSpeed config); checked in validate()
-        return value
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):
-        try:  # YAML 1.1 reads "3e-4" as a string
-            return float(value)
-        except ValueError:
-            pass
+    if tp is Any:  # free-form (e.g. a DeepSpeed config); its content is checked in validate()
+        before = len(problems)
+        _check_free_form(value, dotted, problems, set(), 0)
+        return value if len(problems) == before else None
+    if tp is float:
+        return _to_float(value, dotted, problems)
     if (isinstance(value, bool) and tp is not bool) or not isinstance(value, tp):
-        problems.append(f"{dotted}: expected {_type_name(tp)}, got {value!r}")
+        problems.append(f"{dotted}: expected {_type_name(tp)}, got {_show(value, dotted)}")
+        return None
+    problem = _scalar_problem(value)
+    if problem:
+        problems.append(f"{dotted}: {problem}")
         return None
     return value
 
 
+def _scalar_problem(value: Any) -> str | None:
+    """Why an int or str of the right type is still unusable, or None."""
+    if isinstance(value, str):
+        return _text_problem(value)
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > INT64_MAX:
+        return f"expected an integer of at most {INT64_MAX} in magnitude, got {_show(value, '')}"
+    return None
+
+
+def _to_float(value: Any, dotted: str, problems: list[str]) -> float | None:
+    """A float field's value: a finite number (ints and numeric strings are converted)."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        problems.append(f"{dotted}: expected a number, got {_show(value, dotted)}")
+        return None
+    try:  # YAML 1.1 reads "3e-4" as a string; float() also turns "nan", "inf", "1e999" into ones
+        number = float(value)
+    except ValueError:
+        problems.append(f"{dotted}: expected a number, got {_show(value, dotted)}")
+        return None
+    except OverflowError:
+        problems.append(f"{dotted}: expected a finite number, got an integer too large for a float")
+        return None
+    if not math.isfinite(number):
+        # NaN passes every range check in validate() (all its comparisons are false) and trains
+        # to the end on NaN losses; infinity overflows sleeps and schedules.
+        problems.append(f"{dotted}: expected a finite number, got {number}")
+        return None
+    return number
+
+
+def _check_free_form(
+    value: Any, dotted: str, problems: list[str], open_ids: set[int], depth: int
+) -> None:
+    """Problems anywhere inside a free-form value: non-finite numbers, unusable strings, a
+    mapping that contains itself (a YAML alias inside its own anchor), absurd nesting."""
+    if isinstance(value, float) and not math.isfinite(value):
+        problems.append(f"{dotted}: expected a finite number, got {value}")
+    elif isinstance(value, str) and (problem := _text_problem(value)):
+        problems.append(f"{dotted}: {problem}")
+    elif isinstance(value, dict | list):
+        if id(value) in open_ids:
+            problems.append(f"{dotted}: refers to itself (a YAML alias inside its own anchor)")
+            return
+        if depth >= FREE_FORM_DEPTH:
+            problems.append(f"{dotted}: nested more than {FREE_FORM_DEPTH} levels deep")
+            return
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        open_ids.add(id(value))
+        for key, item in items:
+            where = f"{dotted}.{_key_text(key)}" if isinstance(value, dict) else f"{dotted}[{key}]"
+            _check_free_form(item, where, problems, open_ids, depth + 1)
+        open_ids.discard(id(value))
+
+
 def _build(cls: type, raw: dict[str, Any], prefix: str, problems: list[str]) -> Any:
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
+    names = [f.name for f in dataclasses.fields(cls)]
     for key in raw:
-        if key not in known:
-            where = f"{prefix}.{key}" if prefix else str(key)
-            problems.append(f"{where}: unknown key; expected one of {', '.join(sorted(known))}")
+        if key not in names:
+            where = f"{prefix}.{_key_text(key)}" if prefix else _key_text(key)
+            problems.append(f"{where}: unknown key; expected one of {', '.join(sorted(names))}")
     kwargs = {}
-    for name in known & raw.keys():
-        dotted = f"{prefix}.{name}" if prefix else name
-        kwargs[name] = _convert(raw[name], hints[name], dotted, problems)
+    for name in names:  # in declaration order, so that problems come in a stable order
+        if name in raw:
+            dotted = f"{prefix}.{name}" if prefix else name
+            kwargs[name] = _convert(raw[name], hints[name], dotted, problems)
     return cls(**kwargs)
+
+
+class _BadYaml(Exception):
+    """YAML text that PyYAML cannot turn into values: the reason, and the 1-based line if known."""
+
+    def __init__(self, reason: str, line: int | None) -> None:
+        super().__init__(reason)
+        self.reason, self.line = reason, line
+
+
+def _safe_load(text: str) -> Any:
+    """`yaml.safe_load`, raising `_BadYaml` with a one-line reason for anything it rejects."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        reason = getattr(err, "problem", None) or str(err)
+        raise _BadYaml(reason.splitlines()[0], mark.line + 1 if mark else None) from None
+    except RecursionError:
+        raise _BadYaml("nested too deeply", None) from None
+    except (ValueError, OverflowError) as err:
+        # PyYAML's constructors call int(), float() and datetime() unguarded: `2020-13-45` looks
+        # like a date and is not one, `!!int abc` is no integer, and int() refuses 5000 digits.
+        raise _BadYaml(str(err).splitlines()[0] if str(err) else type(err).__name__, None) from None
 
 
 def apply_override(tree: dict[str, Any], assignment: str) -> None:
     """Apply one `a.b.c=value` override to a raw config mapping; the value is parsed as YAML."""
     key, sep, text = assignment.partition("=")
+    key = key.strip()
     if not sep or not key:
-        raise FedsimInputError(f"--set {assignment!r}: expected KEY=VALUE, e.g. client.lr=1e-4")
-    *parents, leaf = key.strip().split(".")
+        raise FedsimInputError(
+            f"--set {_show(assignment, '')}: expected KEY=VALUE, e.g. client.lr=1e-4"
+        )
+    shown = _key_text(key)
+    *parents, leaf = key.split(".")
+    if not all(part.strip() for part in [*parents, leaf]):
+        raise FedsimInputError(f"--set {shown}: empty name between dots, e.g. client.lr=1e-4")
+    try:
+        value = _safe_load(text)
+    except _BadYaml as err:
+        # The reason may quote the text, so a field that may hold a secret shows neither.
+        if _SECRET_NAME.search(leaf):
+            raise FedsimInputError(f"--set {shown}: value is not valid YAML") from None
+        raise FedsimInputError(
+            f"--set {shown}: value {_show(text, '')} is not valid YAML ({err.reason})"
+        ) from None
     node = tree
     for part in parents:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise FedsimInputError(f"--set {key}: {part} is not a section")
-    try:
-        node[leaf] = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise FedsimInputError(
-            f"--set {key}: value {text!r} is not valid YAML ({getattr(err, 'problem', err)})"
-        ) from None
+            raise FedsimInputError(f"--set {shown}: {_key_text(part)} is not a section")
+    node[leaf] = value
 
 
 _VAR = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
@@ -558,23 +696,33 @@ def _read_deepspeed_file(text: str, problems: list[str]) -> Any:
     except FileNotFoundError:
         problems.append(f"client.deepspeed: DeepSpeed config file not found: {path}")
         return None
-    except (OSError, UnicodeDecodeError) as err:
-        problems.append(f"client.deepspeed: cannot read {path} ({err})")
+    except OSError as err:
+        problems.append(f"client.deepspeed: cannot read {path} ({err.strerror})")
+        return None
+    except UnicodeDecodeError as err:
+        problems.append(f"client.deepspeed: {path}: not UTF-8 text ({err.reason})")
         return None
     except json.JSONDecodeError as err:
         problems.append(f"client.deepspeed: {path}:{err.lineno}: not valid JSON ({err.msg})")
         return None
+    except (ValueError, RecursionError) as err:  # 5000-digit integers; nesting past the stack
+        reason = "nested too deeply" if isinstance(err, RecursionError) else str(err)
+        problems.append(f"client.deepspeed: {path}: not valid JSON ({reason})")
+        return None
     if not isinstance(content, dict):
         problems.append(f"client.deepspeed: {path}: expected a JSON object")
         return None
-    return content
+    before = len(problems)
+    # JSON has no NaN, but Python's reader takes NaN and Infinity: the same rule as inline.
+    _check_free_form(content, "client.deepspeed", problems, set(), 0)
+    return content if len(problems) == before else None
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
     """Read a YAML experiment, apply `--set` overrides, and validate it."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = _safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise FedsimInputError(f"{path}: config file not found") from None
     except UnicodeDecodeError as err:
@@ -583,12 +731,11 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         ) from None
     except OSError as err:
         raise FedsimInputError(f"{path}: cannot read config file ({err.strerror})") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise FedsimInputError(
-            f"{where}: not valid YAML ({getattr(err, 'problem', err)})"
-        ) from None
+    except _BadYaml as err:
+        where = f"{path}:{err.line}" if err.line else str(path)
+        raise FedsimInputError(f"{where}: not valid YAML ({err.reason})") from None
+    if raw is None:  # an empty file: every default
+        raw = {}
     if not isinstance(raw, dict):
         raise FedsimInputError(f"{path}: expected a mapping of sections (run, data, model, ...)")
     for assignment in overrides:
@@ -617,11 +764,71 @@ def _positive(problems: list[str], dotted: str, value: float | None, zero_ok: bo
         problems.append(f"{dotted}: expected a value {bound}, got {value}")
 
 
+# Upper bounds far beyond any real use, so that a typo of a few extra digits is an error line here
+# and not a hang (generating 10**12 records), an out-of-memory kill (a 2**40 batch) or an
+# overflow deep inside torch hours into a run. Seconds stop at about 30 years: time.sleep()
+# overflows on larger ones.
+UPPER_LIMITS: dict[str, float] = {
+    "run.rounds": 1_000_000,
+    "data.builtin_records": 10_000_000,
+    "data.max_records": 10**12,
+    "data.cutoff_len": 1_048_576,
+    "data.num_clients": 1_000_000,
+    "data.test_per_category": 10_000_000,
+    "data.partition.min_size": 10_000_000,
+    "data.partition.shards_per_client": 1_000_000,
+    "model.lora.r": 65_536,
+    "model.lora.alpha": 1_048_576,
+    "model.tiny.vocab_size": 1_048_576,
+    "model.tiny.hidden_size": 65_536,
+    "model.tiny.num_layers": 1024,
+    "model.tiny.num_heads": 1024,
+    "model.tiny.intermediate_size": 262_144,
+    "model.tiny.pretrain_steps": 10_000_000,
+    "client.local_steps": 10_000_000,
+    "client.local_epochs": 1_000_000,
+    "client.batch_size": 1_048_576,
+    "client.micro_batch_size": 1_048_576,
+    "client.warmup_steps": 10_000_000,
+    "client.compression.block_size": 2**31,
+    "server.robust.num_byzantine": 1_000_000,
+    "server.robust.multi_krum_m": 1_000_000,
+    "server.min_updates": 1_000_000,
+    "cluster.num_workers": 100_000,
+    "cluster.gpus_per_worker": 1024,
+    "cluster.cpus_per_worker": 100_000,
+    "cluster.wait_for_nodes_s": 1e9,
+    "cluster.max_client_retries": 1000,
+    "cluster.max_worker_restarts": 1000,
+    "eval.max_questions": 10**9,
+    "eval.num_threads": 4096,
+    "eval.poll_seconds": 1e9,
+    "eval.generation.max_new_tokens": 1_048_576,
+    "eval.generation.batch_size": 1_048_576,
+    "eval.judge.max_tokens": 1_048_576,
+    "eval.judge.concurrency": 4096,
+    "eval.judge.timeout_seconds": 1e9,
+    "eval.judge.max_retries": 1000,
+    "eval.judge.backoff_seconds": 1e9,
+    "system.step_seconds": 1e9,
+    "system.deadline_seconds": 1e9,
+}
+
+
+def _upper_limits(p: list[str], cfg: ExperimentConfig) -> None:
+    for dotted, limit in UPPER_LIMITS.items():
+        value: Any = cfg
+        for name in dotted.split("."):
+            value = getattr(value, name)
+        if value is not None and value > limit:
+            shown = int(limit) if float(limit).is_integer() else limit
+            p.append(f"{dotted}: expected a value <= {shown}, got {value}")
+
+
 def validate(cfg: ExperimentConfig) -> list[str]:
     """Range and consistency checks; returns the list of problems (empty when valid)."""
     p: list[str] = []
-    if not cfg.run.name or "/" in cfg.run.name:
-        p.append(f"run.name: expected a non-empty name without '/', got {cfg.run.name!r}")
+    _validate_run_name(p, cfg.run.name)
     _positive(p, "run.rounds", cfg.run.rounds)
     _positive(p, "run.seed", cfg.run.seed, zero_ok=True)
 
@@ -730,7 +937,19 @@ def validate(cfg: ExperimentConfig) -> list[str]:
     if not 0 <= y.dropout <= 1:
         p.append(f"system.dropout: must be in [0, 1], got {y.dropout}")
     _validate_min_updates(p, cfg)
+    _upper_limits(p, cfg)
     return p
+
+
+def _validate_run_name(p: list[str], name: str) -> None:
+    # The run directory is output_dir/name: "." or ".." would make it output_dir or its parent,
+    # which --overwrite replaces; over 255 bytes no filesystem can create it.
+    if not name or "/" in name or name in (".", ".."):
+        p.append(
+            f"run.name: expected a folder name (not '.' or '..', no '/'), got {_show(name, '')}"
+        )
+    elif len(name.encode("utf-8")) > 255:
+        p.append("run.name: expected a folder name of at most 255 bytes (UTF-8)")
 
 
 def _validate_min_updates(p: list[str], cfg: ExperimentConfig) -> None:

@@ -157,3 +157,165 @@ def test_eval_paths_stay_unexpanded_until_used(monkeypatch):
     assert cfg.eval.questions_dir == "${FEDSIM_DATA_DIR:-../shared/data}/eval"
     monkeypatch.setenv("FEDSIM_DATA_DIR", "/data")
     assert resolve_path(cfg.eval.questions_dir, "eval.questions_dir") == "/data/eval"
+
+
+# --- non-finite numbers, huge integers, secrets, and YAML that PyYAML cannot build -------------
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        (float("nan"), "nan"),
+        (float("inf"), "inf"),
+        (float("-inf"), "-inf"),
+        ("nan", "nan"),  # strings the loader converts with float() (YAML 1.1 reads 3e-4 as one)
+        ("inf", "inf"),
+        ("1e999", "inf"),
+        (10**400, "an integer too large for a float"),
+    ],
+    ids=["nan", "inf", "-inf", "str-nan", "str-inf", "str-1e999", "int-10**400"],
+)
+def test_float_fields_refuse_nan_and_infinity(value, shown):
+    (problem,) = _problems({"client": {"lr": value}})
+    assert problem == f"client.lr: expected a finite number, got {shown}"
+
+
+def test_nan_from_the_command_line_is_refused(tmp_path, capsys):
+    from fedsim.cli import main
+
+    path = tmp_path / "exp.yaml"
+    path.write_text("run:\n  name: x\n")
+    for text, shown in ((".nan", "nan"), ("nan", "nan"), ("-.inf", "-inf"), ("1e999", "inf")):
+        assert main(["validate", str(path), "--set", f"client.lr={text}"]) == 2
+        err = capsys.readouterr().err
+        assert err == f"fedsim: error: {path}: client.lr: expected a finite number, got {shown}\n"
+
+
+def test_free_form_deepspeed_mapping_refuses_non_finite_numbers(tmp_path):
+    (problem,) = _problems({"client": {"deepspeed": {"optimizer": {"params": [1, float("nan")]}}}})
+    assert problem == "client.deepspeed.optimizer.params[1]: expected a finite number, got nan"
+    ds = tmp_path / "ds.json"
+    ds.write_text('{"zero_optimization": {"stage": 0}, "gradient_clipping": Infinity}')
+    (problem,) = _problems({"client": {"deepspeed": str(ds)}})
+    assert problem == "client.deepspeed.gradient_clipping: expected a finite number, got inf"
+
+
+def test_free_form_mapping_that_refers_to_itself_is_refused(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("client:\n  deepspeed: &ds\n    again: *ds\n")
+    with pytest.raises(ConfigError, match=r"client\.deepspeed\.again: refers to itself"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("raw", "field"),
+    [
+        ({"run": {"rounds": 10**30}}, "run.rounds"),
+        ({"run": {"seed": 2**64}}, "run.seed"),
+        ({"data": {"num_clients": 10**12}}, "data.num_clients"),
+        ({"data": {"builtin_records": 10**12}}, "data.builtin_records"),
+        ({"client": {"local_steps": 10**12}}, "client.local_steps"),
+        ({"client": {"batch_size": 2**40, "micro_batch_size": 2**40}}, "client.batch_size"),
+        ({"model": {"lora": {"r": 10**9}}}, "model.lora.r"),
+        ({"model": {"tiny": {"pretrain_steps": 10**12}}}, "model.tiny.pretrain_steps"),
+        ({"eval": {"generation": {"seed": 2**70}}}, "eval.generation.seed"),
+        ({"server": {"client_ids": [2**64]}}, "server.client_ids[0]"),
+    ],
+)
+def test_absurdly_large_integers_are_refused_by_name(raw, field):
+    problems = _problems(raw)
+    assert any(p.startswith(f"{field}: expected") for p in problems), problems
+
+
+@pytest.mark.parametrize("value", ["sk-live-1234567890", 123456789, ["sk-live-1234567890"]])
+def test_type_error_on_a_secret_field_does_not_echo_the_value(value):
+    (problem,) = _problems({"eval": {"judge": {"api_key_env": value}}})
+    assert problem.startswith("eval.judge.api_key_env: expected")
+    assert "1234567890" not in problem and "123456789" not in problem
+    if not isinstance(value, str):
+        assert problem.endswith(f"got {'a list' if isinstance(value, list) else 'an integer'}")
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        ("2020-13-45", "month must be in 1..12"),  # a date that is not one
+        ("!!int abc", "invalid literal"),
+        ("[" * 2000, "nested too deeply"),
+    ],
+    ids=["bad-date", "bad-int-tag", "deep"],
+)
+def test_yaml_that_cannot_be_built_is_one_line_naming_the_file(tmp_path, value, reason):
+    path = tmp_path / "exp.yaml"
+    path.write_text(f"run:\n  name: {value}\n")
+    with pytest.raises(FedsimInputError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}:") and reason in message and "\n" not in message
+    with pytest.raises(FedsimInputError) as info:
+        load_config(_empty(tmp_path), [f"run.name={value}"])
+    message = str(info.value)
+    assert message.startswith("--set run.name: value") and reason in message
+    assert "\n" not in message
+
+
+def _empty(tmp_path: Path) -> Path:
+    path = tmp_path / "empty.yaml"
+    path.write_text("")
+    return path
+
+
+@pytest.mark.parametrize("key", ["client..lr", ".lr", "client.", "client. .lr"])
+def test_override_with_an_empty_key_part_is_refused(tmp_path, key):
+    with pytest.raises(FedsimInputError, match=r"^--set .*: empty name between dots"):
+        load_config(_empty(tmp_path), [f"{key}=1"])
+
+
+def test_unknown_key_with_a_line_break_stays_on_one_line():
+    (problem,) = _problems({"run": {"a\nb": 1}})
+    assert problem.startswith("run.'a\\nb': unknown key") and "\n" not in problem
+
+
+@pytest.mark.parametrize("name", [".", "..", "x" * 256])
+def test_run_name_that_is_not_a_folder_name_is_refused(name):
+    # "." would make the run directory output_dir itself, ".." its parent: --overwrite would
+    # then replace a folder that is not a run.
+    problems = _problems({"run": {"name": name}})
+    assert any(p.startswith("run.name: expected") for p in problems), problems
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [("runs\0x", "contains a NUL character"), ("runs\udcff", "is not valid Unicode text")],
+    ids=["nul", "lone-surrogate"],
+)
+def test_strings_that_no_path_or_file_can_hold_are_refused(tmp_path, value, reason):
+    (problem,) = _problems({"run": {"output_dir": value}})
+    assert problem == f"run.output_dir: {reason}"
+    (problem,) = _problems({"client": {"deepspeed": {"zero_optimization": {"x": value}}}})
+    assert problem == f"client.deepspeed.zero_optimization.x: {reason}"
+    (problem,) = _problems({"client": {"deepspeed": value}})  # a path: read at load time
+    assert problem == f"client.deepspeed: {reason}"
+
+
+def test_deepspeed_file_with_a_huge_integer_or_deep_nesting_is_one_line(tmp_path):
+    ds = tmp_path / "ds.json"
+    for text in ('{"stage": ' + "9" * 5000 + "}", "[" * 100_000 + "]" * 100_000):
+        ds.write_text(text)
+        (problem,) = _problems({"client": {"deepspeed": str(ds)}})
+        assert problem.startswith(f"client.deepspeed: {ds}: not valid JSON (")
+        assert "\n" not in problem
+
+
+def test_a_document_that_is_not_a_mapping_is_refused_even_when_falsy(tmp_path):
+    path = tmp_path / "exp.yaml"
+    for text in ("[]\n", "0\n", "false\n", "''\n"):
+        path.write_text(text)
+        with pytest.raises(FedsimInputError, match=r"expected a mapping of sections"):
+            load_config(path)
+
+
+def test_set_value_of_a_secret_field_that_is_not_yaml_is_not_echoed(tmp_path):
+    with pytest.raises(FedsimInputError) as info:
+        load_config(_empty(tmp_path), ["eval.judge.api_key_env='sk-live-1234567890"])
+    assert str(info.value) == "--set eval.judge.api_key_env: value is not valid YAML"
