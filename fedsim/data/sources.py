@@ -110,27 +110,58 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, int, Any]]:
                 if not line.strip():
                     continue  # skipped, but counted: source_index stays the line number
                 where = f"{path}:{index + 1}"
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise FedsimInputError(f"{where}: not valid JSON ({e.msg})") from None
-                yield where, index, obj
+                yield where, index, _parse_json(line, where)
     except UnicodeDecodeError as e:
-        raise FedsimInputError(f"{path}: not UTF-8 text ({e.reason})") from None
+        line_number = _first_undecodable_line(path)
+        where = f"{path}:{line_number}" if line_number else str(path)
+        raise FedsimInputError(f"{where}: not UTF-8 text ({e.reason})") from None
     except OSError as e:
         raise FedsimInputError(f"data.source: cannot read {path} ({e.strerror})") from None
+
+
+def _parse_json(text: str, where: str, with_line: bool = False) -> Any:
+    """`json.loads`, with each way it fails as one error line naming `where` (and the line of a
+    syntax error, for a whole file)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        at = f"{where}:{e.lineno}" if with_line else where
+        raise FedsimInputError(f"{at}: not valid JSON ({e.msg})") from None
+    except RecursionError:  # [[[[...: the decoder recurses once per level
+        raise FedsimInputError(f"{where}: not valid JSON (nested too deeply)") from None
+    except ValueError as e:  # an integer of over 4300 digits, which int() refuses to build
+        raise FedsimInputError(f"{where}: not valid JSON ({_first_line(e)})") from None
+
+
+def _first_undecodable_line(path: Path) -> int | None:
+    """1-based number of the first line that is not UTF-8: the text reader decodes in blocks, so
+    its error gives an offset into a block, not a line."""
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return number
+    return None
+
+
+def _first_line(error: BaseException) -> str:
+    """An exception's message cut to its first line (Arrow's can span several: a schema dump)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _read_json(path: Path) -> Iterator[tuple[str, int, Any]]:
     try:
         with path.open(encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise FedsimInputError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+            text = f.read()
     except UnicodeDecodeError as e:
-        raise FedsimInputError(f"{path}: not UTF-8 text ({e.reason})") from None
+        line_number = _first_undecodable_line(path)
+        where = f"{path}:{line_number}" if line_number else str(path)
+        raise FedsimInputError(f"{where}: not UTF-8 text ({e.reason})") from None
     except OSError as e:
         raise FedsimInputError(f"data.source: cannot read {path} ({e.strerror})") from None
+    data = _parse_json(text, str(path), with_line=True)
     if not isinstance(data, list):
         raise FedsimInputError(
             f"{path}: expected a JSON list of record objects, got {type(data).__name__}"
@@ -141,23 +172,35 @@ def _read_json(path: Path) -> Iterator[tuple[str, int, Any]]:
 
 def _read_parquet(path: Path) -> pa.Table:
     try:
-        return pq.read_table(path)
+        # ParquetFile, not pq.read_table: the dataset reader behind read_table fails on duplicate
+        # column names with a schema dump, and _from_arrow says which column it is instead.
+        table = pq.ParquetFile(path).read()
+        table.validate(full=True)  # Parquet and Arrow do not check that strings are UTF-8
     except (pa.ArrowException, OSError) as e:
-        raise FedsimInputError(f"{path}: not a readable Parquet file ({e})") from None
+        raise FedsimInputError(f"{path}: not a readable Parquet file ({_first_line(e)})") from None
+    return table
 
 
 def _read_arrow(path: Path) -> pa.Table:
+    try:
+        table = _read_ipc(path)
+        table.validate(full=True)  # neither is a truncated buffer or a non-UTF-8 string checked
+    except (pa.ArrowException, OSError) as e:
+        raise FedsimInputError(
+            f"{path}: not a readable Arrow IPC file or stream ({_first_line(e)})"
+        ) from None
+    return table
+
+
+def _read_ipc(path: Path) -> pa.Table:
     # Arrow IPC comes in two layouts (file with footer, or stream); accept both.
     try:
         with pa.memory_map(str(path)) as source:
             return pa.ipc.open_file(source).read_all()
-    except (pa.ArrowInvalid, OSError):
+    except (pa.ArrowException, OSError):
         pass
-    try:
-        with pa.memory_map(str(path)) as source:
-            return pa.ipc.open_stream(source).read_all()
-    except (pa.ArrowException, OSError) as e:
-        raise FedsimInputError(f"{path}: not a readable Arrow IPC file or stream ({e})") from None
+    with pa.memory_map(str(path)) as source:
+        return pa.ipc.open_stream(source).read_all()
 
 
 def _read_hub(source: str) -> pa.Table:
@@ -200,6 +243,11 @@ def _from_rows(rows: Iterable[tuple[str, int, Any]], path: str, fields: FieldMap
                     f"{where}: field '{field}' is {type(value).__name__}; expected a string "
                     f"(data.fields.{column})"
                 )
+            elif not _is_unicode(value):
+                raise FedsimInputError(
+                    f"{where}: field '{field}' is not valid Unicode text (a lone surrogate "
+                    f"escape such as \\ud800); expected a string (data.fields.{column})"
+                )
             columns[column].append(value)
         columns[records.SOURCE_INDEX].append(index)
     if not columns[records.SOURCE_INDEX]:
@@ -207,10 +255,26 @@ def _from_rows(rows: Iterable[tuple[str, int, Any]], path: str, fields: FieldMap
     return pa.table(columns, schema=records.SCHEMA)
 
 
+def _is_unicode(text: str) -> bool:
+    """Whether `text` can be stored as UTF-8: JSON's \\ud800 escape decodes to a lone surrogate,
+    which Python strings hold and Arrow (and every tokenizer) cannot."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _from_arrow(table: pa.Table, path: str, fields: FieldMap) -> pa.Table:
     # Column-wise: checks and conversion stay vectorised for large Parquet/Arrow/hub tables.
     if table.num_rows == 0:
         raise FedsimInputError(f"{path}: no records")
+    for _, field, _ in fields.mapping():
+        count = table.column_names.count(field)
+        if count > 1:  # table.column(name) would raise KeyError
+            raise FedsimInputError(f"{path}: column '{field}' appears {count} times")
     columns: dict[str, pa.Array] = {}
     for column, field, required in fields.mapping():
         if field is None or field not in table.column_names:

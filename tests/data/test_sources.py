@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.feather as feather
 import pyarrow.parquet as pq
@@ -211,3 +212,81 @@ def test_dolly_loads_every_line(dolly_table: pa.Table) -> None:
     assert dolly_table.num_rows == 15011
     assert dolly_table.column("source_index").to_pylist() == list(range(15011))
     assert len(set(dolly_table.column("category").to_pylist())) == 8
+
+
+# --- malformed files: one line naming the file (and line), never another exception -------------
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ('{"instruction": "a", "response": "b", "n": ' + "9" * 5000 + "}", "digits"),
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ],
+    ids=["5000-digit-int", "deep-nesting"],
+)
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_json_that_python_cannot_build_names_the_file(tmp_path, suffix, text, reason) -> None:
+    path = tmp_path / f"d{suffix}"
+    lines = [json.dumps(ROWS[0]), text] if suffix == ".jsonl" else [f"[{text}]"]
+    write_jsonl(path, lines)
+    where = f"{path}:2" if suffix == ".jsonl" else f"{path}"
+
+    with pytest.raises(FedsimInputError) as info:
+        load_records(str(path), FieldMap())
+
+    message = str(info.value)
+    assert message.startswith(f"{where}: not valid JSON (") and reason in message, message
+
+
+def test_lone_surrogate_in_a_field_names_line_and_field(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "d.jsonl", ['{"instruction": "a\\ud800", "response": "b"}'])
+
+    with pytest.raises(
+        FedsimInputError, match=r"d\.jsonl:1: field 'instruction' is not valid Unicode text"
+    ):
+        load_records(str(path), FieldMap())
+
+
+def test_invalid_utf8_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    good = json.dumps(ROWS[0]).encode() + b"\n"
+    path.write_bytes(good * 2 + b'{"instruction": "caf\xe9", "response": "b"}\n' + good)
+
+    with pytest.raises(FedsimInputError, match=r"d\.jsonl:3: not UTF-8 text"):
+        load_records(str(path), FieldMap())
+
+
+def _invalid_utf8_table() -> pa.Table:
+    """A string column whose bytes are not UTF-8: Arrow writes and reads it without checking."""
+    offsets = pa.py_buffer(np.array([0, 2], dtype=np.int32).tobytes())
+    text = pa.Array.from_buffers(pa.string(), 1, [None, offsets, pa.py_buffer(b"\xff\xfe")])
+    return pa.table({"instruction": text, "response": pa.array(["x"])})
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".arrow"])
+def test_invalid_utf8_in_a_columnar_file_is_refused(tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / f"d{suffix}"
+    if suffix == ".parquet":
+        pq.write_table(_invalid_utf8_table(), path)
+    else:
+        feather.write_feather(_invalid_utf8_table(), path, compression="uncompressed")
+
+    with pytest.raises(FedsimInputError, match=rf"d\{suffix}: .*UTF-?8"):
+        load_records(str(path), FieldMap())
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".arrow"])
+def test_duplicate_column_is_one_line_naming_it(tmp_path: Path, suffix: str) -> None:
+    columns = [pa.array(["a"]), pa.array(["b"]), pa.array(["c"])]
+    table = pa.Table.from_arrays(columns, names=["instruction", "instruction", "response"])
+    path = tmp_path / f"d{suffix}"
+    if suffix == ".parquet":
+        pq.write_table(table, path)
+    else:
+        feather.write_feather(table, path)
+
+    with pytest.raises(FedsimInputError) as info:
+        load_records(str(path), FieldMap())
+
+    assert str(info.value) == f"{path}: column 'instruction' appears 2 times"
