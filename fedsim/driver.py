@@ -44,6 +44,7 @@ from fedsim.faults import forwarded_env
 from fedsim.model import (
     LoraSpec,
     TinyModelSpec,
+    check_model,
     ensure_tiny_model,
     load_tokenizer,
     resolve_model_path,
@@ -168,6 +169,8 @@ def prepare_run(
                 "scaffold's control variates need every client at the global rank"
             )
     model_path = prepare_model(cfg, log)
+    lora = cfg.model.lora
+    check_model(model_path, LoraSpec(lora.r, lora.alpha, lora.dropout, tuple(lora.target_modules)))
     return PreparedRun(cfg, run_dir, data, model_path, resume_from, profiles)
 
 

@@ -34,6 +34,7 @@ from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     LlamaConfig,
@@ -42,6 +43,7 @@ from transformers import (
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
+from transformers.utils import logging as hf_logging
 
 from fedsim.errors import FedsimInputError
 
@@ -156,6 +158,17 @@ def ensure_tiny_model(
 
 
 @contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
 def _file_lock(path: Path) -> Iterator[None]:
     with open(path, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
@@ -180,7 +193,8 @@ def _build_tiny_model(
     seconds = time.perf_counter() - start
 
     model.eval()
-    model.save_pretrained(out)
+    with _no_progress_bars():  # a bar for a one-file model is noise in the run's output
+        model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     record = {
         "first_loss": losses[0],
@@ -348,7 +362,9 @@ def load_base_model(
     if dtype not in _DTYPES:
         raise FedsimInputError(f"model.dtype: expected one of {'|'.join(_DTYPES)}, got {dtype!r}")
     if quantization is None:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype])
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=_DTYPES[dtype], use_safetensors=True
+        )
         model.to(device)
     else:
         model = _load_quantized(path, _DTYPES[dtype], quantization)
@@ -385,7 +401,11 @@ def _load_quantized(path: str, dtype: torch.dtype, quantization: str) -> PreTrai
     from peft import prepare_model_for_kbit_training
 
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, quantization_config=config, device_map={"": torch.cuda.current_device()}
+        path,
+        dtype=dtype,
+        quantization_config=config,
+        device_map={"": torch.cuda.current_device()},
+        use_safetensors=True,
     )
     # Casts norms to fp32 and lets gradients reach the LoRA inputs through the frozen k-bit base.
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -450,14 +470,73 @@ def linear_module_names(model: torch.nn.Module) -> list[str]:
     )
 
 
-def _check_target_modules(model: torch.nn.Module, targets: tuple[str, ...]) -> None:
-    names = [name for name, _ in model.named_modules()]
+def _check_target_modules(
+    model: torch.nn.Module, targets: tuple[str, ...], rank: int | None = None
+) -> None:
+    """Every target names a module (as PEFT matches it: the full name or a dotted suffix); with
+    `rank`, no matched Linear layer is narrower than the LoRA rank."""
+    modules = dict(model.named_modules())
     for target in targets:
-        if not any(n == target or n.endswith("." + target) for n in names):
+        matched = [m for n, m in modules.items() if n == target or n.endswith("." + target)]
+        if not matched:
             raise FedsimInputError(
                 f"model.lora.target_modules: no module named {target!r} in the model; Linear "
                 f"layers available: {', '.join(linear_module_names(model))}"
             )
+        widths = [min(m.in_features, m.out_features) for m in matched if hasattr(m, "in_features")]
+        if rank is not None and widths and rank > min(widths):
+            raise FedsimInputError(
+                f"model.lora.r: rank {rank} exceeds the width of {target!r} ({min(widths)}); "
+                f"expected a rank of at most {min(widths)}"
+            )
+
+
+def check_model(path: str, spec: LoraSpec) -> None:
+    """Check the base model against the LoRA settings before anything starts: its config loads,
+    its weights are safetensors (never pickled .bin files), its tokenizer loads, and the LoRA
+    targets exist and are at least as wide as the rank. The model is built on the meta device,
+    so this costs a second, not a model load. Raises FedsimInputError."""
+    where = f"model.name_or_path: {path}"
+    _check_weights_format(path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise FedsimInputError(
+            f"{where}: cannot read its config.json ({_first_line(err)})"
+        ) from None
+    try:
+        load_tokenizer(path)
+    except (OSError, ValueError, TypeError) as err:
+        raise FedsimInputError(
+            f"{where}: has no loadable tokenizer ({_first_line(err)}); expected tokenizer files "
+            "beside the weights"
+        ) from None
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    _check_target_modules(skeleton, spec.target_modules, spec.r)
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+
+
+def _check_weights_format(path: str) -> None:
+    """A local model folder must hold safetensors weights: transformers would unpickle a
+    `pytorch_model.bin`, which can run arbitrary code. (A hub id is loaded with
+    `use_safetensors=True`, which refuses pickled weights in the same way.)"""
+    folder = Path(path)
+    if not folder.is_dir():
+        return
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.safetensors.index.json")):
+        pickled = sorted(p.name for p in folder.glob("*.bin")) + sorted(
+            p.name for p in folder.glob("*.pt")
+        )
+        found = f" (found only {', '.join(pickled[:3])}, pickled weights)" if pickled else ""
+        raise FedsimInputError(
+            f"model.name_or_path: {path} has no .safetensors weights{found}; fedsim never "
+            "unpickles: convert the model to safetensors (save_pretrained(..., "
+            "safe_serialization=True))"
+        )
 
 
 def get_adapter(model: PeftModel) -> dict[str, torch.Tensor]:

@@ -393,3 +393,63 @@ def test_run_directory_may_not_contain_the_working_directory(
     message = run_fails(capsys, tmp_path, cfg, *sets(f"run.output_dir={tmp_path}"), "--overwrite")
 
     assert "contains the current directory" in message
+
+
+# --- the model, checked before Ray starts ---------------------------------------------------------
+
+
+def test_lora_target_that_the_model_lacks_is_named(capsys, tmp_path, experiment_file):
+    cfg = experiment_file()
+
+    message = run_fails(capsys, tmp_path, cfg, *sets("model.lora.target_modules=[no_such_proj]"))
+
+    assert message.startswith("model.lora.target_modules: no module named 'no_such_proj'")
+    assert "q_proj" in message  # what the model does have
+
+
+def test_lora_rank_wider_than_the_layer_is_named(capsys, tmp_path, experiment_file):
+    cfg = experiment_file()  # hidden size 32
+
+    message = run_fails(capsys, tmp_path, cfg, *sets("model.lora.r=64"))
+
+    assert message == "model.lora.r: rank 64 exceeds the width of 'q_proj' (32); expected a rank "\
+        "of at most 32"  # fmt: skip
+
+
+def _model_copy(tmp_path: Path, cfg: Path, keep) -> Path:
+    """A copy of the tiny model's folder holding only the files `keep` accepts."""
+    import shutil
+
+    import yaml
+
+    from fedsim.config import config_from_dict
+
+    source = Path(fedsim.driver.prepare_model(config_from_dict(yaml.safe_load(cfg.read_text()))))
+    target = tmp_path / "model"
+    target.mkdir()
+    for f in source.iterdir():
+        if keep(f.name):
+            shutil.copy(f, target / f.name)
+    return target
+
+
+def test_a_model_with_only_pickled_weights_is_refused(capsys, tmp_path, experiment_file):
+    cfg = experiment_file()
+    model = _model_copy(tmp_path, cfg, lambda name: not name.endswith(".safetensors"))
+    (model / "pytorch_model.bin").write_bytes(b"\x80\x04 a pickle that must never be loaded")
+    cfg = experiment_file(model={"name_or_path": str(model)})
+
+    message = run_fails(capsys, tmp_path, cfg)
+
+    assert message.startswith(f"model.name_or_path: {model} has no .safetensors weights (found "
+                              "only pytorch_model.bin, pickled weights)")  # fmt: skip
+
+
+def test_a_model_without_a_tokenizer_is_named(capsys, tmp_path, experiment_file):
+    cfg = experiment_file()
+    model = _model_copy(tmp_path, cfg, lambda name: "token" not in name)
+    cfg = experiment_file(model={"name_or_path": str(model)})
+
+    message = run_fails(capsys, tmp_path, cfg)
+
+    assert message.startswith(f"model.name_or_path: {model}: has no loadable tokenizer")
