@@ -7,22 +7,24 @@ bias cancels; the `math` variants with a reference answer for math, reasoning an
 `multi-turn` variants for a second turn.
 
 The client side is what makes a judge usable at scale: bounded concurrency, per-request timeouts,
-retries with exponential backoff on 429 and 5xx (honouring Retry-After), a cache of judgments
-keyed by judge model and prompt so that a rerun pays nothing twice, token usage and an estimated
-cost. Temperature is 0. A verdict that cannot be parsed is recorded as such and never counted as
-a score. The API key is read from the environment variable the config names and is never written
-anywhere; error messages are scrubbed of it.
+retries with jittered exponential backoff on 429 and 5xx (honouring a sane Retry-After), a cache
+of judgments keyed by endpoint, judge model and prompt so that a rerun pays nothing twice, token
+usage and an estimated cost. Temperature is 0. A verdict that cannot be parsed, or a reply that is
+not a chat completion at all, is recorded as such and never counted as a score. The API key is
+read from the environment variable the config names and is never written anywhere; the endpoint
+is recorded and shown only as `redact_url` leaves it (no credentials, no query string), and
+error messages and replies are scrubbed of the key and of the URL's secrets.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import os
+import random
 import re
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -30,9 +32,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, quote, quote_plus, unquote, urlsplit
 
 import openai
 
+from fedsim import rundir
 from fedsim.config import JudgeConfig
 from fedsim.errors import FedsimInputError
 from fedsim.eval.metrics import mean_or_none, summarize
@@ -41,6 +45,10 @@ from fedsim.eval.questions import Question
 NEED_REF_CATEGORIES = ("math", "reasoning", "coding")
 """Categories judged against a reference answer (as MT-bench does)."""
 MAX_BACKOFF_SECONDS = 60.0
+"""Longest wait before a retry, whatever the backoff or the server's Retry-After says."""
+MIN_SECRET_CHARS = 4
+"""URL parts shorter than this are not scrubbed from messages: they would mangle every message
+and no credential is that short."""
 JUDGE_TEMPERATURE = 0.0
 NO_KEY = "EMPTY"  # the placeholder sent when eval.judge.api_key_env is null
 
@@ -208,14 +216,70 @@ def _messages(prompt: JudgePrompt, fields: dict[str, str]) -> list[dict[str, str
 
 
 # ------------------------------------------------------------------------------------------
+# Endpoint URLs: what may be shown, and what must be hidden
+# ------------------------------------------------------------------------------------------
+
+
+def redact_url(url: str) -> str:
+    """The endpoint as fedsim records, prints and keys it: `user:password@`, the query string and
+    the fragment removed (they may carry credentials), scheme and host lower-cased, no trailing
+    slash. `http://u:pw@Host:8000/v1/?key=k` -> `http://host:8000/v1`.
+
+    Plain string surgery rather than urllib, so that even a URL urllib cannot parse (a bad port,
+    no scheme) loses its credentials.
+    """
+    base = re.split(r"[?#]", url, maxsplit=1)[0]
+    scheme, sep, rest = base.partition("://")
+    if not sep:
+        scheme, rest = "", base
+    authority, _, path = rest.partition("/")
+    authority = authority.rpartition("@")[2].lower()
+    path = path.rstrip("/")
+    return f"{scheme.lower()}{sep}{authority}" + (f"/{path}" if path else "")
+
+
+def url_secrets(url: str) -> list[str]:
+    """The parts of `url` that `redact_url` hides and that could be credentials (user, password,
+    query values), as written and as encoded in a request line, to scrub from any text."""
+    try:
+        parts = urlsplit(url)
+        values = [parts.username or "", parts.password or ""]
+        values += [v for _, v in parse_qsl(parts.query, keep_blank_values=True)]
+        raw = parts.netloc.rpartition("@")[0]
+        values += [raw, *raw.split(":", 1), parts.query, parts.fragment]
+    except ValueError:  # unparseable: hide everything after the host's end
+        values = [url]
+    forms = {f(v) for v in values for f in (str, unquote, quote, quote_plus) if v}
+    return sorted((v for v in forms if len(v) >= MIN_SECRET_CHARS), key=len, reverse=True)
+
+
+def _client_url(url: str | None) -> tuple[str | None, dict[str, str]]:
+    """(base URL without query, query parameters): the `openai` client appends its paths to the
+    base URL's raw path, so a query left in it would end up in the middle of the path; given as
+    `default_query` it is sent with every request as the user meant."""
+    if url is None:
+        return None, {}
+    base = url.split("#", 1)[0]
+    base, _, query = base.partition("?")
+    return base, dict(parse_qsl(query, keep_blank_values=True))
+
+
+# ------------------------------------------------------------------------------------------
 # Cache
 # ------------------------------------------------------------------------------------------
 
 
-def cache_key(model: str, messages: list[dict[str, str]], max_tokens: int) -> str:
-    """sha256 of everything that determines a judgment: judge model, prompt, temperature and
-    reply length. The endpoint is not part of it: the same model name is the same judge."""
+def cache_key(endpoint: str, model: str, messages: list[dict[str, str]], max_tokens: int) -> str:
+    """sha256 of everything that determines a judgment: the endpoint (as `redact_url` gives it:
+    without credentials, so a rotated key keeps its judgments), the judge model, the prompt,
+    temperature and reply length. Two servers that serve the same model name are two judges: a
+    local fine-tune called `gpt-4` never answers for OpenAI's.
+
+    Keys made before the endpoint was part of them (fedsim <= this change) are never looked up
+    again: those judgments are simply asked anew, once.
+    """
     payload = {
+        "endpoint": redact_url(endpoint),
         "model": model,
         "messages": messages,
         "temperature": JUDGE_TEMPERATURE,
@@ -225,8 +289,12 @@ def cache_key(model: str, messages: list[dict[str, str]], max_tokens: int) -> st
 
 
 class JudgeCache:
-    """One small JSON file per judgment, written atomically, so concurrent evaluation jobs can
-    share the cache without locks."""
+    """One small JSON file per judgment, written atomically (`rundir.write_json_atomic`: the
+    umask's mode, so a cache shared by a team is readable by it), so concurrent evaluation jobs
+    can share the cache without locks."""
+
+    # rundir's temporary name is per process: threads of one process take turns writing
+    _write_lock = threading.Lock()
 
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
@@ -235,18 +303,21 @@ class JudgeCache:
         return self.directory / key[:2] / f"{key}.json"
 
     def get(self, key: str) -> dict[str, Any] | None:
+        """The cached record, or None when there is none or it is not one this cache wrote (a
+        damaged or foreign file is a miss, asked again and overwritten, never a crash)."""
         try:
-            return json.loads(self._path(key).read_text())
+            record = json.loads(self._path(key).read_text())
         except (OSError, ValueError):
             return None
+        if not isinstance(record, dict) or not isinstance(record.get("reply"), str):
+            return None
+        return record
 
     def put(self, key: str, record: dict[str, Any]) -> None:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f)
-        os.replace(tmp, path)
+        with self._write_lock:
+            rundir.make_dir(path.parent)
+            rundir.write_json_atomic(path, record)
 
 
 def default_cache_dir() -> Path:
@@ -304,7 +375,12 @@ def prices_for(cfg: JudgeConfig) -> tuple[float, float] | None:
 
 
 def api_key(cfg: JudgeConfig) -> str:
-    """The key from the environment variable named by `eval.judge.api_key_env`."""
+    """The key from the environment variable named by `eval.judge.api_key_env`.
+
+    A key with whitespace, control or non-ASCII characters (a key file saved with CRLF line
+    ends, a pasted curly quote) can never be sent in an HTTP header: it is refused here, without
+    echoing it, instead of failing every request as a connection error after minutes of retries.
+    """
     if cfg.api_key_env is None:
         return NO_KEY
     key = os.environ.get(cfg.api_key_env)
@@ -313,15 +389,58 @@ def api_key(cfg: JudgeConfig) -> str:
             f"eval.judge.api_key_env: environment variable {cfg.api_key_env} is not set (it "
             "should hold the judge's API key; null sends none, for local servers)"
         )
+    if not (key.isascii() and key.isprintable()) or any(c.isspace() for c in key):
+        raise FedsimInputError(
+            f"eval.judge.api_key_env: environment variable {cfg.api_key_env} holds whitespace, "
+            "control or non-ASCII characters (a line end from a key file?); an API key has none"
+        )
     return key
 
 
 _RETRYABLE = (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError)
 _FATAL = (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError)
+_NOT_A_COMPLETION = "HTTP 200 but the reply is not a chat completion (no choices[0].message)"
+_MAX_DOUBLINGS = 30  # 2**30 times any sane backoff is past MAX_BACKOFF_SECONDS; no overflow
+
+
+def _count(value: Any) -> int:
+    """A token count from the server: a non-negative integer, else 0 (never a crash)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def _reply_text(response: Any) -> str | None:
+    """The first choice's message text ("" for a message without text), or None when the
+    response is not a chat completion (an empty `choices`, a JSON list, a proxy's null)."""
+    choices = getattr(response, "choices", None)
+    if not isinstance(choices, list) or not choices:
+        return None
+    message = getattr(choices[0], "message", None)
+    if message is None:
+        return None
+    content = getattr(message, "content", None)
+    if content is None:
+        return ""
+    return content if isinstance(content, str) else None
+
+
+def _retry_after(err: Exception) -> float | None:
+    """The server's Retry-After in seconds when it is a finite number (not nan or inf, which
+    would crash `time.sleep` or wait forever), else None (absent, an HTTP date, garbage)."""
+    response = getattr(err, "response", None)
+    if response is None:
+        return None
+    try:
+        seconds = float(response.headers.get("retry-after", ""))
+    except ValueError:
+        return None
+    return seconds if math.isfinite(seconds) else None
 
 
 class Judge:
-    """Sends judge prompts through the `openai` client, with cache, retries and concurrency."""
+    """Sends judge prompts through the `openai` client, with cache, retries and concurrency.
+
+    `sleep` and `rng` are the clock and the dice of the retry backoff (tests pass their own).
+    """
 
     def __init__(
         self,
@@ -329,22 +448,41 @@ class Judge:
         cache: JudgeCache,
         key: str,
         sleep: Callable[[float], None] = time.sleep,
+        rng: random.Random | None = None,
     ) -> None:
         self.cfg = cfg
         self.cache = cache
         self._key = key
         self._sleep = sleep
+        self._rng = rng or random.Random()
+        base_url, query = _client_url(cfg.base_url)
         self.client = openai.OpenAI(
             api_key=key,
-            base_url=cfg.base_url,
+            base_url=base_url,
+            default_query=query or None,
             timeout=cfg.timeout_seconds,
             max_retries=0,  # retries are ours: counted, logged, and with our backoff
         )
+        full_url = str(self.client.base_url)  # cfg.base_url, or OPENAI_BASE_URL, or OpenAI's
+        if cfg.base_url and "?" in cfg.base_url:
+            full_url += "?" + cfg.base_url.split("?", 1)[1]
+        self.endpoint = redact_url(full_url)
+        """Where the judgments come from, safe to record and print."""
+        secrets = url_secrets(full_url)
+        if key and key != NO_KEY:
+            secrets.insert(0, key)
+        self._secrets = secrets
         self._fatal: str | None = None
         self._lock = threading.Lock()
 
+    def close(self) -> None:
+        """Close the client's connections (a server would otherwise keep them open)."""
+        self.client.close()
+
     def _scrub(self, text: str) -> str:
-        return text.replace(self._key, "***") if self._key and self._key != NO_KEY else text
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
 
     def _describe(self, err: Exception) -> str:
         if isinstance(err, openai.AuthenticationError):
@@ -352,30 +490,42 @@ class Judge:
         if isinstance(err, openai.APITimeoutError):
             return f"timed out after {self.cfg.timeout_seconds:g} s"
         if isinstance(err, openai.APIConnectionError):
-            return f"cannot connect to {self.client.base_url}"
+            return f"cannot connect to {self.endpoint}"
+        # scrub before cutting: a cut through the key would leave a piece no scrub can match
         if isinstance(err, openai.APIStatusError):
-            return self._scrub(f"HTTP {err.status_code}: {str(err.message)[:200]}")
-        return self._scrub(f"{type(err).__name__}: {str(err)[:200]}")
+            return self._scrub(f"HTTP {err.status_code}: {err.message}")[:220]
+        return self._scrub(f"{type(err).__name__}: {err}")[:220]
 
     def _retry_delay(self, err: Exception, attempt: int) -> float:
-        delay = self.cfg.backoff_seconds * 2 ** (attempt - 1)
-        response = getattr(err, "response", None)
-        if response is not None:
-            with contextlib.suppress(ValueError):  # absent, or an HTTP date: keep ours
-                delay = float(response.headers.get("retry-after", ""))
-        return min(max(delay, 0.0), MAX_BACKOFF_SECONDS)
+        """Seconds to wait before retry number `attempt` (from 1), within [0, MAX_BACKOFF_SECONDS]:
+        the server's Retry-After when it is a finite number, else exponential backoff with equal
+        jitter (half the doubled delay, plus up to as much again at random), so that the
+        requests of many jobs rate-limited together do not all come back at the same instant."""
+        server = _retry_after(err)
+        if server is not None:
+            return min(max(server, 0.0), MAX_BACKOFF_SECONDS)
+        ceiling = self.cfg.backoff_seconds * 2.0 ** min(attempt - 1, _MAX_DOUBLINGS)
+        if not math.isfinite(ceiling):  # a backoff_seconds of nan or inf from a config
+            ceiling = MAX_BACKOFF_SECONDS
+        ceiling = min(max(ceiling, 0.0), MAX_BACKOFF_SECONDS)
+        return ceiling / 2 + self._rng.uniform(0.0, ceiling / 2)
+
+    def key_of(self, messages: list[dict[str, str]]) -> str:
+        """The cache key of a prompt sent to this judge."""
+        return cache_key(self.endpoint, self.cfg.model, messages, self.cfg.max_tokens)
 
     def ask(self, messages: list[dict[str, str]]) -> JudgeReply:
         """One judgment: from the cache, or from the endpoint with retries."""
-        key = cache_key(self.cfg.model, messages, self.cfg.max_tokens)
+        key = self.key_of(messages)
         hit = self.cache.get(key)
         if hit is not None:
-            usage = hit.get("usage") or {}
+            usage = hit.get("usage")
+            usage = usage if isinstance(usage, dict) else {}
             return JudgeReply(
                 hit["reply"],
                 cached=True,
-                prompt_tokens=usage.get("prompt_tokens") or 0,
-                completion_tokens=usage.get("completion_tokens") or 0,
+                prompt_tokens=_count(usage.get("prompt_tokens")),
+                completion_tokens=_count(usage.get("completion_tokens")),
             )
         last = ""
         for attempt in range(1, self.cfg.max_retries + 2):
@@ -399,23 +549,39 @@ class Judge:
                 return JudgeReply(None, error=self._fatal, attempts=attempt)
             except openai.OpenAIError as err:  # other 4xx: the same prompt would fail again
                 return JudgeReply(None, error=self._describe(err), attempts=attempt)
-            text = self._scrub(response.choices[0].message.content or "")
-            usage = response.usage
-            tokens = {
-                "prompt_tokens": (usage.prompt_tokens if usage else 0) or 0,
-                "completion_tokens": (usage.completion_tokens if usage else 0) or 0,
-            }
-            self.cache.put(key, {"model": self.cfg.model, "reply": text, "usage": tokens})
-            return JudgeReply(text, attempts=attempt, **tokens)
+            except ValueError:  # a 200 whose body is not JSON (a proxy's HTML page)
+                return JudgeReply(None, error=_NOT_A_COMPLETION, attempts=attempt)
+            return self._record(key, response, attempt)
         return JudgeReply(
             None, error=f"{last} (gave up after {self.cfg.max_retries + 1} attempts)",
             attempts=self.cfg.max_retries + 1,
         )  # fmt: skip
 
+    def _record(self, key: str, response: Any, attempt: int) -> JudgeReply:
+        """Cache and return a successful response; one that is no chat completion is an error
+        (not cached, so a rerun asks again)."""
+        text = _reply_text(response)
+        if text is None:
+            return JudgeReply(None, error=_NOT_A_COMPLETION, attempts=attempt)
+        text = self._scrub(text)
+        usage = getattr(response, "usage", None)
+        tokens = {
+            "prompt_tokens": _count(getattr(usage, "prompt_tokens", 0)),
+            "completion_tokens": _count(getattr(usage, "completion_tokens", 0)),
+        }
+        record = {
+            "endpoint": self.endpoint,
+            "model": self.cfg.model,
+            "reply": text,
+            "usage": tokens,
+        }
+        self.cache.put(key, record)
+        return JudgeReply(text, attempts=attempt, **tokens)
+
     def ask_many(self, prompts: Sequence[list[dict[str, str]]]) -> list[JudgeReply]:
         """Judge every prompt, at most `concurrency` at a time. Identical prompts are sent once;
         the repeats get the same judgment marked as cached (they cost nothing)."""
-        keys = [cache_key(self.cfg.model, m, self.cfg.max_tokens) for m in prompts]
+        keys = [self.key_of(m) for m in prompts]
         unique = dict(zip(keys, prompts, strict=True))
         with ThreadPoolExecutor(max_workers=self.cfg.concurrency) as pool:
             replies = dict(zip(unique, pool.map(self.ask, unique.values()), strict=True))

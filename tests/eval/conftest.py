@@ -1,9 +1,13 @@
 """A real OpenAI-compatible judge server on 127.0.0.1 for the evaluation tests.
 
 `JudgeServer` answers POST /v1/chat/completions over real HTTP (stdlib `http.server` in a thread,
-port 0), records every request (body and headers), can be told to fail the next requests with
-given status codes (429, 500, ...), and replies with a deterministic verdict computed from the
-prompt by a function the test chooses. The `openai` client talks to it as it would to OpenAI.
+port 0), records every request (path, query string, body and headers), can be told to answer the
+next requests with given status codes (429, 500, ...; with a message that may echo the request's
+Authorization header, as careless servers do) or with a raw body of its choice, and replies with
+a deterministic verdict computed from the prompt by a function the test chooses. The `openai`
+client talks to it as it would to OpenAI.
+
+`runs` trains, once per test session, the two small runs the job and secret tests evaluate.
 """
 
 from __future__ import annotations
@@ -20,7 +24,11 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import tiny_experiment
+
 Reply = Callable[[dict[str, Any]], str]
+ECHO_AUTHORIZATION = "{authorization}"
+"""In a `fail_next` message: replaced by the Authorization header the request carried."""
 
 
 def answer_of(prompt: str, who: str = "") -> str:
@@ -57,7 +65,7 @@ class JudgeServer:
         self.reply = reply
         self.delay = delay
         self.requests: list[dict[str, Any]] = []
-        self.failures: deque[tuple[int, dict[str, str]]] = deque()
+        self.failures: deque[tuple[int, dict[str, str], str | bytes | None]] = deque()
         self.in_flight = 0
         self.max_in_flight = 0
         self._lock = threading.Lock()
@@ -69,24 +77,28 @@ class JudgeServer:
 
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                path, _, query = self.path.partition("?")
+                headers = {k.lower(): v for k, v in self.headers.items()}
                 with server._lock:
                     server.requests.append(
-                        {
-                            "path": self.path,
-                            "headers": {k.lower(): v for k, v in self.headers.items()},
-                            "body": body,
-                        }
+                        {"path": path, "query": query, "headers": headers, "body": body}
                     )
                     failure = server.failures.popleft() if server.failures else None
                     server.in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
                 try:
                     time.sleep(server.delay)
-                    if self.path != "/v1/chat/completions":
+                    if path != "/v1/chat/completions":
                         self._send(404, {"error": {"message": f"no route {self.path}"}})
                     elif failure is not None:
-                        status, headers = failure
-                        self._send(status, {"error": {"message": f"injected {status}"}}, headers)
+                        status, extra, message = failure
+                        if isinstance(message, bytes):
+                            self._send_raw(status, message, extra)
+                        else:
+                            text = (message or f"injected {status}").replace(
+                                ECHO_AUTHORIZATION, headers.get("authorization", "")
+                            )
+                            self._send(status, {"error": {"message": text}}, extra)
                     else:
                         text = server.reply(body)
                         self._send(200, server.completion(body, text))
@@ -97,7 +109,11 @@ class JudgeServer:
             def _send(
                 self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None
             ) -> None:
-                data = json.dumps(payload).encode()
+                self._send_raw(status, json.dumps(payload).encode(), headers)
+
+            def _send_raw(
+                self, status: int, data: bytes, headers: dict[str, str] | None = None
+            ) -> None:
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
@@ -138,9 +154,17 @@ class JudgeServer:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
 
-    def fail_next(self, *statuses: int, retry_after: str | None = None) -> None:
+    def fail_next(
+        self, *statuses: int, retry_after: str | None = None, message: str | None = None
+    ) -> None:
+        """Answer the next requests with these statuses; `message` (default `injected STATUS`)
+        may contain ECHO_AUTHORIZATION."""
         headers = {"Retry-After": retry_after} if retry_after is not None else {}
-        self.failures.extend((s, headers) for s in statuses)
+        self.failures.extend((s, headers, message) for s in statuses)
+
+    def send_next(self, *bodies: bytes, status: int = 200) -> None:
+        """Answer the next requests with these raw bodies (JSON content type), whatever they are."""
+        self.failures.extend((status, {}, body) for body in bodies)
 
     def start(self) -> JudgeServer:
         self.thread.start()
@@ -214,3 +238,63 @@ def judge_key(monkeypatch: pytest.MonkeyPatch) -> str:
     """Put the secret in FEDSIM_TEST_JUDGE_KEY, the variable the test configs name."""
     monkeypatch.setenv("FEDSIM_TEST_JUDGE_KEY", SECRET)
     return SECRET
+
+
+@pytest.fixture(scope="session")
+def runs(ray_local, tmp_path_factory) -> dict[str, Path]:
+    """A federated run and a local-only run (client 2 alone, `server.client_ids`), 2 rounds each;
+    trained once per session. Tests evaluate copies (`copy_run`), never these."""
+    from fedsim.config import config_from_dict
+    from fedsim.driver import run_experiment
+
+    tmp = tmp_path_factory.mktemp("eval-runs")
+    data = {"test_per_category": 2}
+    made = {}
+    for name, server in (("fed", {}), ("local", {"client_ids": [2]})):
+        raw = tiny_experiment(tmp, run={"name": name, "rounds": 2}, data=data, server=server)
+        result = run_experiment(config_from_dict(raw), log=lambda _: None, show_progress=False)
+        made[name] = result.run_dir
+    return made
+
+
+def copy_run(run_dir: Path, tmp_path: Path, name: str | None = None) -> Path:
+    """A copy of a trained run that a test may evaluate and change."""
+    import shutil
+
+    target = tmp_path / (name or run_dir.name)
+    shutil.copytree(run_dir, target)
+    return target
+
+
+def judge_settings(server: JudgeServer, tmp_path: Path, **extra: str) -> list[str]:
+    """`--set` arguments pointing `fedsim eval` at `server`, its prompts and a private cache."""
+    settings = {
+        "eval.judge.base_url": server.base_url,
+        "eval.judge.model": "test-judge",
+        "eval.judge.api_key_env": "FEDSIM_TEST_JUDGE_KEY",
+        "eval.judge.prompts": str(write_prompts(tmp_path / "judge_prompts.jsonl")),
+        "eval.judge.cache_dir": str(tmp_path / "judge-cache"),
+        "eval.judge.backoff_seconds": "0",
+        "eval.judge.price_input_per_million": "10",
+        "eval.judge.price_output_per_million": "20",
+        **extra,
+    }
+    return [arg for k, v in settings.items() for arg in ("--set", f"{k}={v}")]
+
+
+def fragments(secret: str, size: int = 12) -> set[str]:
+    """Every `size`-character piece of `secret`: a cut-off secret still leaks most of itself."""
+    return {secret[i : i + size] for i in range(len(secret) - size + 1)}
+
+
+def leaks(secrets: list[str], roots: list[Path], texts: list[str]) -> list[str]:
+    """Where any 12-character piece of any secret appears: files under `roots` (bytes read as
+    latin-1, so binary files are searched too) and `texts` (captured output, log lines)."""
+    pieces = {p for s in secrets for p in fragments(s)}
+    found = []
+    for root in roots:
+        for path in sorted(root.rglob("*")):
+            if path.is_file() and any(p in path.read_bytes().decode("latin-1") for p in pieces):
+                found.append(str(path))
+    found += [f"text {i}" for i, text in enumerate(texts) if any(p in text for p in pieces)]
+    return found

@@ -1,10 +1,15 @@
 """The LLM judge against a real OpenAI-compatible HTTP server on 127.0.0.1, through the real
 `openai` client: the requests it sends, verdict parsing, retries, the cache, concurrency, both
-orders of a pair, usage and cost, and the key never leaking."""
+orders of a pair, usage and cost, replies that are no chat completion, and the key never
+leaking."""
 
 from __future__ import annotations
 
 import json
+import math
+import os
+import random
+import socket
 from pathlib import Path
 
 import pytest
@@ -13,7 +18,15 @@ from fedsim.config import JudgeConfig
 from fedsim.errors import FedsimInputError
 from fedsim.eval import judge as judging
 from fedsim.eval.questions import Question
-from tests.eval.conftest import PROMPTS, SECRET, SYSTEM, answer_of, prefer_longer, write_prompts
+from tests.eval.conftest import (
+    PROMPTS,
+    SECRET,
+    SYSTEM,
+    answer_of,
+    fragments,
+    prefer_longer,
+    write_prompts,
+)
 
 
 @pytest.fixture
@@ -22,18 +35,27 @@ def prompts(tmp_path: Path) -> dict[str, judging.JudgePrompt]:
 
 
 def make_judge(
-    server, tmp_path: Path, sleeps: list[float] | None = None, **settings
+    server,
+    tmp_path: Path,
+    sleeps: list[float] | None = None,
+    rng: random.Random | None = None,
+    **settings,
 ) -> judging.Judge:
     cfg = JudgeConfig(
-        base_url=server.base_url,
+        base_url=settings.pop("base_url", server.base_url),
         model="test-judge",
         api_key_env="FEDSIM_TEST_JUDGE_KEY",
         backoff_seconds=0.01,
         **settings,
     )
     record = sleeps if sleeps is not None else []
+    extra = {"rng": rng} if rng is not None else {}
     return judging.Judge(
-        cfg, judging.JudgeCache(tmp_path / "cache"), judging.api_key(cfg), sleep=record.append
+        cfg,
+        judging.JudgeCache(tmp_path / "cache"),
+        judging.api_key(cfg),
+        sleep=record.append,
+        **extra,
     )
 
 
@@ -155,7 +177,34 @@ def test_retries_429_and_500_with_exponential_backoff(judge_server, judge_key, t
 
     assert reply.error is None and reply.text is not None
     assert reply.attempts == 4 and len(server.requests) == 4
-    assert sleeps == pytest.approx([0.01, 0.02, 0.04])
+    # equal jitter: each wait is between half and all of the doubled delay
+    for waited, ceiling in zip(sleeps, [0.01, 0.02, 0.04], strict=True):
+        assert ceiling / 2 <= waited <= ceiling
+
+
+def test_backoff_is_jittered(judge_server, judge_key, tmp_path):
+    """Jobs rate-limited together must not all retry at the same instants: two judges with other
+    dice wait differently, and no wait is the bare doubled delay."""
+    waits = []
+    for seed in (1, 2):
+        server = judge_server()
+        server.fail_next(*[503] * 5)
+        sleeps: list[float] = []
+        judge = make_judge(server, tmp_path / str(seed), sleeps, random.Random(seed), max_retries=5)
+        assert judge.ask([{"role": "user", "content": "x"}]).error is None
+        ceilings = [0.01 * 2**i for i in range(5)]
+        assert all(c / 2 <= w <= c for w, c in zip(sleeps, ceilings, strict=True))
+        assert all(w != c for w, c in zip(sleeps, ceilings, strict=True))
+        waits.append(sleeps)
+    assert waits[0] != waits[1]
+
+
+def test_backoff_is_capped_however_many_retries(tmp_path):
+    cfg = JudgeConfig(base_url="http://127.0.0.1:9/v1", api_key_env=None, backoff_seconds=2.0)
+    judge = judging.Judge(cfg, judging.JudgeCache(tmp_path), judging.NO_KEY)
+    delays = [judge._retry_delay(RuntimeError(), attempt) for attempt in (1, 7, 2000)]
+    assert 1.0 <= delays[0] <= 2.0
+    assert all(0 <= d <= judging.MAX_BACKOFF_SECONDS for d in delays)  # no overflow at 2**1999
 
 
 def test_retry_after_header_sets_the_delay(judge_server, judge_key, tmp_path):
@@ -165,6 +214,46 @@ def test_retry_after_header_sets_the_delay(judge_server, judge_key, tmp_path):
     judge = make_judge(server, tmp_path, sleeps=sleeps)
     assert judge.ask([{"role": "user", "content": "hello"}]).error is None
     assert sleeps == [0.25]
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        ("nan", "backoff"),  # time.sleep(nan) raises: the job would crash
+        ("NaN", "backoff"),
+        ("inf", "backoff"),  # not a number of seconds anyone can wait
+        ("-inf", "backoff"),
+        ("-5", 0.0),
+        ("1e308", judging.MAX_BACKOFF_SECONDS),  # huge: capped, not waited
+        ("Wed, 21 Oct 2015 07:28:00 GMT", "backoff"),  # an HTTP date: our own backoff
+        ("soon", "backoff"),
+    ],
+)
+def test_unusable_retry_after_is_not_obeyed(judge_server, judge_key, tmp_path, header, expected):
+    server = judge_server()
+    server.fail_next(429, retry_after=header)
+    sleeps: list[float] = []
+    judge = make_judge(server, tmp_path, sleeps=sleeps)
+
+    assert judge.ask([{"role": "user", "content": "hello"}]).error is None
+
+    (waited,) = sleeps
+    assert math.isfinite(waited) and 0 <= waited <= judging.MAX_BACKOFF_SECONDS
+    if expected == "backoff":
+        assert 0.005 <= waited <= 0.01  # the first backoff step, jittered
+    else:
+        assert waited == expected
+
+
+def test_retry_after_nan_does_not_crash_the_real_sleep(judge_server, judge_key, tmp_path):
+    server = judge_server()
+    server.fail_next(503, retry_after="nan")
+    cfg = JudgeConfig(
+        base_url=server.base_url, api_key_env="FEDSIM_TEST_JUDGE_KEY", backoff_seconds=0.01
+    )
+    judge = judging.Judge(cfg, judging.JudgeCache(tmp_path), judging.api_key(cfg))  # time.sleep
+    assert judge.ask([{"role": "user", "content": "hello"}]).error is None
+    assert len(server.requests) == 2
 
 
 def test_gives_up_after_max_retries_and_caches_no_failure(judge_server, judge_key, tmp_path):
@@ -342,3 +431,162 @@ def test_prompt_file_missing_a_prompt_is_named(tmp_path):
     path.write_text(json.dumps({"name": "single-v1", "system_prompt": "", "prompt_template": ""}))
     with pytest.raises(FedsimInputError, match="lacks single-math-v1"):
         judging.load_judge_prompts(path)
+
+
+# --- endpoints: the cache key, and URLs that carry credentials ------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("http://127.0.0.1:8000/v1", "http://127.0.0.1:8000/v1"),
+        ("http://user:pa55word@127.0.0.1:8000/v1/", "http://127.0.0.1:8000/v1"),
+        ("HTTPS://Judge.Example.COM/v1?api-key=s3cret#frag", "https://judge.example.com/v1"),
+        ("https://tok:en@h/v1?a=1&key=s3cret", "https://h/v1"),
+        ("https://user:p@ss@host:notaport/v1", "https://host:notaport/v1"),  # urllib chokes
+        ("user:pw@host/v1?k=v", "host/v1"),  # no scheme
+        ("https://api.openai.com/v1", "https://api.openai.com/v1"),
+    ],
+)
+def test_redact_url(url, shown):
+    assert judging.redact_url(url) == shown
+
+
+def test_cache_is_per_endpoint(judge_server, judge_key, tmp_path):
+    """Two servers on 127.0.0.1 serving the same model name are two judges: the second's
+    judgment is asked of it, not taken from the first's cache entry."""
+    first = judge_server(reply=lambda body: "First says [[3]]")
+    second = judge_server(reply=lambda body: "Second says [[9]]")
+    messages = [{"role": "user", "content": "the same prompt"}]
+
+    assert make_judge(first, tmp_path).ask(messages).text == "First says [[3]]"
+    reply = make_judge(second, tmp_path).ask(messages)
+
+    assert reply.text == "Second says [[9]]" and not reply.cached
+    assert len(second.requests) == 1
+    # the same endpoint written differently (trailing slash, other credentials) shares entries
+    port = first.httpd.server_address[1]
+    again = make_judge(first, tmp_path, base_url=f"http://u:other@127.0.0.1:{port}/v1/")
+    assert again.ask(messages).cached and len(first.requests) == 1
+
+
+def test_url_query_is_sent_as_a_query_and_its_secrets_are_scrubbed(
+    judge_server, judge_key, tmp_path
+):
+    """A base_url like `.../v1?key=K` reaches /v1/chat/completions with the query (the client
+    would otherwise append its path after the query), and an error that echoes the request line
+    shows neither the key nor the URL's password."""
+    server = judge_server()
+    port = server.httpd.server_address[1]
+    url = f"http://judge:pass-7c1d9e@127.0.0.1:{port}/v1?key=query-secret-5a8b"
+    judge = make_judge(server, tmp_path, base_url=url)
+    assert judge.endpoint == f"http://127.0.0.1:{port}/v1"
+
+    assert judge.ask([{"role": "user", "content": "hi"}]).error is None
+    assert server.requests[0]["path"] == "/v1/chat/completions"
+    assert server.requests[0]["query"] == "key=query-secret-5a8b"
+
+    server.fail_next(400, message="bad request to /v1/chat/completions?key=query-secret-5a8b")
+    reply = judge.ask([{"role": "user", "content": "other"}])
+    assert "HTTP 400" in reply.error
+    assert "query-secret-5a8b" not in reply.error and "pass-7c1d9e" not in reply.error
+
+
+def test_unreachable_endpoint_is_named_without_its_credentials(judge_key, tmp_path):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = JudgeConfig(
+        base_url=f"http://judge:pass-7c1d9e@127.0.0.1:{port}/v1?key=query-secret-5a8b",
+        api_key_env="FEDSIM_TEST_JUDGE_KEY",
+        max_retries=0,
+    )
+    judge = judging.Judge(cfg, judging.JudgeCache(tmp_path), judging.api_key(cfg))
+    reply = judge.ask([{"role": "user", "content": "hi"}])
+    assert reply.error.startswith(f"cannot connect to http://127.0.0.1:{port}/v1")
+    assert "pass-7c1d9e" not in reply.error and "query-secret" not in reply.error
+
+
+def test_echoed_key_is_scrubbed_even_past_the_length_limit(judge_server, judge_key, tmp_path):
+    """An error message is cut to a bounded length; a key echoed across the cut must not leave
+    its first characters behind."""
+    server = judge_server()
+    judge = make_judge(server, tmp_path)
+    for pad in range(100, 200, 6):
+        server.fail_next(400, message="x" * pad + " key: {authorization}")
+        reply = judge.ask([{"role": "user", "content": f"pad {pad}"}])
+        assert server.requests[-1]["headers"]["authorization"] == f"Bearer {SECRET}"
+        assert "HTTP 400" in reply.error
+        assert not any(piece in reply.error for piece in fragments(SECRET)), reply.error
+
+
+# --- replies that are no chat completion, and a damaged cache -------------------------------------
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"<html>Service temporarily unavailable</html>",  # a proxy's page, with status 200
+        b'{"choices": []}',
+        b'{"choices": [{"message": null}]}',
+        b'{"choices": [{"message": {"content": 5}}]}',
+        b"[]",
+        b"null",
+        b'{"choices": [{"message": {"content": "[[7]]"}}], "usage": {"prompt_tokens": "many"}}',
+    ],
+)
+def test_reply_that_is_no_chat_completion_is_an_error_not_a_crash(
+    judge_server, judge_key, tmp_path, body
+):
+    server = judge_server()
+    server.send_next(body)
+    judge = make_judge(server, tmp_path)
+    messages = [{"role": "user", "content": "hi"}]
+
+    (reply,) = judge.ask_many([messages])
+
+    if body.startswith(b'{"choices": [{"message": {"content": "[[7]]"}}]'):
+        assert reply.text == "[[7]]" and reply.prompt_tokens == 0  # bad usage: counted as 0
+        return
+    assert reply.text is None and "not a chat completion" in reply.error
+    assert judging.account([reply], (1.0, 1.0)).errors == 1
+    # nothing cached: the next ask gets the server's real judgment
+    assert judge.ask(messages).text.startswith("The answer is fine")
+
+
+@pytest.mark.parametrize("content", ["[]", '{"reply": 7}', '"just a string"', "{not json"])
+def test_damaged_cache_entry_is_a_miss(judge_server, judge_key, tmp_path, content):
+    server = judge_server()
+    messages = [{"role": "user", "content": "hi"}]
+    make_judge(server, tmp_path).ask(messages)
+    (entry,) = (tmp_path / "cache").rglob("*.json")
+    entry.write_text(content)  # a disk error, another tool, an older format
+
+    reply = make_judge(server, tmp_path).ask(messages)
+
+    assert reply.error is None and not reply.cached and len(server.requests) == 2
+    assert reply.text.startswith("The answer is fine")
+    assert json.loads(entry.read_text())["reply"] == reply.text  # repaired
+
+
+def test_cache_files_follow_the_umask(judge_server, judge_key, tmp_path):
+    """A team's shared cache: entries are 0666 less the umask, as any tool makes them, not
+    owner-only."""
+    server = judge_server()
+    old = os.umask(0o022)
+    try:
+        make_judge(server, tmp_path).ask([{"role": "user", "content": "hi"}])
+    finally:
+        os.umask(old)
+    (entry,) = (tmp_path / "cache").rglob("*.json")
+    assert entry.stat().st_mode & 0o777 == 0o644
+    assert json.loads(entry.read_text())["endpoint"] == server.base_url
+
+
+@pytest.mark.parametrize("bad", ["\r", "\n", " ", "\u2019"])
+def test_key_that_no_header_can_carry_is_refused_without_echo(monkeypatch, bad):
+    key = "sk-canary-4e1f0a9b7c3d"
+    monkeypatch.setenv("FEDSIM_TEST_JUDGE_KEY", key + bad)
+    with pytest.raises(FedsimInputError, match="FEDSIM_TEST_JUDGE_KEY holds whitespace") as err:
+        judging.api_key(JudgeConfig(api_key_env="FEDSIM_TEST_JUDGE_KEY"))
+    assert key not in str(err.value)
