@@ -28,7 +28,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from fedsim import checkpoint, rundir
+from fedsim import checkpoint, ray_auth, rundir
 from fedsim.client.profile import ClientProfile, load_profiles
 from fedsim.client.trainer import TrainSettings
 from fedsim.client.worker import ClientOutcome, ClientTask, WorkerSpec, pack_directory
@@ -168,6 +168,9 @@ def prepare_run(
                 f"client.profile: clients {low[:3]} train LoRA rank below model.lora.r; "
                 "scaffold's control variates need every client at the global rank"
             )
+    address = cluster_address(cfg.cluster)
+    if address and not ray.is_initialized():
+        ray_auth.check_cluster(address, cfg.cluster.allow_unauthenticated)
     model_path = prepare_model(cfg, log)
     lora = cfg.model.lora
     check_model(model_path, LoraSpec(lora.r, lora.alpha, lora.dropout, tuple(lora.target_modules)))
@@ -312,14 +315,21 @@ def build_shards(
 # ------------------------------------------------------------------------------------------
 
 
+def cluster_address(cluster: ClusterConfig) -> str | None:
+    """The Ray cluster to attach to (`cluster.address`, else RAY_ADDRESS); None starts one."""
+    return cluster.address or os.environ.get("RAY_ADDRESS") or None
+
+
 @contextmanager
 def ray_session(cluster: ClusterConfig) -> Iterator[None]:
     """Attach to `cluster.address`/RAY_ADDRESS, or start a local instance; shut down what we
     started, also on Ctrl-C."""
     started = False
     if not ray.is_initialized():
-        address = cluster.address or os.environ.get("RAY_ADDRESS")
+        address = cluster_address(cluster)
         runtime_env = {"env_vars": WORKER_ENV}
+        if not (address and cluster.allow_unauthenticated):
+            ray_auth.require_token_auth()
         if address:
             ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         else:

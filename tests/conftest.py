@@ -130,7 +130,9 @@ def ray_local():
     import ray
 
     from fedsim.driver import WORKER_ENV
+    from fedsim.ray_auth import require_token_auth
 
+    require_token_auth()  # as fedsim does for the instances it starts
     ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": WORKER_ENV})
     yield ray
     ray.shutdown()
