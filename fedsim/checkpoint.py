@@ -117,8 +117,13 @@ def _write_round(
     # A redone round (resume fell back past it) replaces the old one without a moment in which
     # neither is complete on disk.
     rundir.replace_dir(tmp, final)
-    rundir.write_text_atomic(run_dir / LATEST_FILE, round_name(round_idx) + "\n")
+    point_latest(run_dir, round_idx)
     return final
+
+
+def point_latest(run_dir: Path, round_idx: int) -> None:
+    """Make `latest` name `round_idx` (atomically)."""
+    rundir.write_text_atomic(run_dir / LATEST_FILE, round_name(round_idx) + "\n")
 
 
 def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:

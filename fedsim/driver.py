@@ -557,6 +557,8 @@ def run_experiment(
     shards_dir = materialise(prep, overwrite=overwrite, log=log)
     if prep.resume_from:
         checkpoint.truncate_metrics(prep.run_dir, prep.resume_from.round_idx)
+        # `latest` may name a damaged round about to be redone: point it at the intact one first
+        checkpoint.point_latest(prep.run_dir, prep.resume_from.round_idx)
         log(f"resuming {prep.run_dir} after round {prep.resume_from.round_idx}")
     pad_id = load_tokenizer(prep.model_path).pad_token_id
     spec = worker_spec(cfg, prep.model_path, shards_dir, pad_id)
