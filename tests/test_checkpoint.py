@@ -2,12 +2,14 @@
 
 import errno
 import json
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedsim import checkpoint
+from fedsim import checkpoint, rundir
 from fedsim.checkpoint import CheckpointWriteError
 
 
@@ -39,28 +41,54 @@ def test_round_directory_holds_exactly_the_contract_files(tmp_path):
     assert not list((tmp_path / "rounds").glob(".*"))  # no temporary left behind
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip", "delete", "bad-json"])
-def test_damaged_round_is_detected_and_resume_falls_back(tmp_path, damage):
-    _write(tmp_path, 1, 1.0)
-    newest = _write(tmp_path, 2, 2.0)
-    target = newest / "adapter_model.safetensors"
-    if damage == "truncate":
-        target.write_bytes(target.read_bytes()[:-4])
-    elif damage == "flip":
-        data = bytearray(target.read_bytes())
-        data[-1] ^= 0x01
-        target.write_bytes(bytes(data))
-    elif damage == "delete":
-        target.unlink()
-    else:
-        (newest / "round.json").write_text("{not json")
-    assert checkpoint.verify_round(newest) is not None
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-4])
 
+
+def _flip_last_bit(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _drop_file_list(path: Path) -> None:
+    info = json.loads(path.read_text())
+    del info["files"]
+    path.write_text(json.dumps(info))
+
+
+DAMAGES = {
+    # name: (file damaged, how, a word the reason must use)
+    "adapter truncated": ("adapter_model.safetensors", _truncate, "sha256"),
+    "adapter bit flipped": ("adapter_model.safetensors", _flip_last_bit, "sha256"),
+    "adapter deleted": ("adapter_model.safetensors", Path.unlink, "missing"),
+    "server state deleted": ("server_state.safetensors", Path.unlink, "missing"),
+    "server state bit flipped": ("server_state.safetensors", _flip_last_bit, "sha256"),
+    "adapter config truncated": ("adapter_config.json", _truncate, "sha256"),
+    "round.json not JSON": ("round.json", lambda p: p.write_text("{not json"), "unreadable"),
+    "round.json deleted": ("round.json", Path.unlink, "missing"),
+    "round.json without its file list": ("round.json", _drop_file_list, "unreadable"),
+}
+
+
+@pytest.mark.parametrize(("name", "damage", "word"), DAMAGES.values(), ids=DAMAGES.keys())
+def test_damaged_round_is_named_and_resume_falls_back(
+    tmp_path: Path, name: str, damage: Callable[[Path], object], word: str
+) -> None:
+    _write(tmp_path, 1, 1.0, state={"momentum": torch.full((3,), 1.0)})
+    newest = _write(tmp_path, 2, 2.0, state={"momentum": torch.full((3,), 2.0)})
+    assert name in json.loads((newest / "round.json").read_text())["files"] or name == "round.json"
+    target = newest / name
+    damage(target)
+
+    reason = checkpoint.verify_round(newest)
+    assert reason is not None and str(target) in reason and word in reason, reason
     messages: list[str] = []
     found = checkpoint.find_resume_point(tmp_path, messages.append)
+    assert messages == [f"resume: skipping round_0002: {reason}"]
     assert found is not None and found.round_idx == 1
     assert torch.equal(found.adapter["layer.lora_A.weight"], torch.ones(2, 3))
-    assert len(messages) == 1 and messages[0].startswith("resume: skipping round_0002")
+    assert torch.equal(found.server_state["momentum"], torch.ones(3))
 
 
 @pytest.mark.parametrize(
@@ -72,10 +100,10 @@ def test_failed_write_keeps_the_previous_round_and_names_the_path(
     _write(tmp_path, 1, 1.0)
     before = (tmp_path / "rounds/round_0001/adapter_model.safetensors").read_bytes()
 
-    def failing_save(tensors, filename, metadata=None):
-        raise OSError(code, words, filename)  # the disk, as a full or read-only one answers
+    def failing_save(path, tensors, metadata=None):
+        raise OSError(code, words, str(path))  # the disk, as a full or read-only one answers
 
-    monkeypatch.setattr(checkpoint, "save_file", failing_save)
+    monkeypatch.setattr(rundir, "save_tensors", failing_save)  # what checkpoint writes with
     with pytest.raises(CheckpointWriteError) as info:
         _write(tmp_path, 2, 2.0)
     message = str(info.value)
