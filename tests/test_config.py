@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -319,3 +320,15 @@ def test_set_value_of_a_secret_field_that_is_not_yaml_is_not_echoed(tmp_path):
     with pytest.raises(FedsimInputError) as info:
         load_config(_empty(tmp_path), ["eval.judge.api_key_env='sk-live-1234567890"])
     assert str(info.value) == "--set eval.judge.api_key_env: value is not valid YAML"
+
+
+@pytest.mark.parametrize("value", ["!!int", "!!float", "!!bool maybe", "!!timestamp x"])
+def test_explicit_tag_on_the_wrong_scalar_is_one_line(tmp_path, value):
+    # Found by tests/fuzz/test_fuzz_config.py: PyYAML's constructors raise IndexError, KeyError
+    # or AttributeError here, not YAMLError.
+    path = tmp_path / "exp.yaml"
+    path.write_text(f"run:\n  seed: {value}\n")
+    with pytest.raises(FedsimInputError, match=rf"^{re.escape(str(path))}: not valid YAML \("):
+        load_config(path)
+    with pytest.raises(FedsimInputError, match=r"^--set run\.seed: value .* is not valid YAML"):
+        load_config(_empty(tmp_path), [f"run.seed={value}"])

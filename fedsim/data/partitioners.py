@@ -198,6 +198,10 @@ class SplitFile:
             raise FedsimInputError(f"{self.path}:{e.lineno}: not valid JSON ({e.msg})") from None
         except (OSError, UnicodeDecodeError) as e:
             raise FedsimInputError(f"data.partition.path: cannot read {self.path} ({e})") from None
+        except RecursionError:  # [[[[...: the decoder recurses once per level
+            raise FedsimInputError(f"{self.path}: not valid JSON (nested too deeply)") from None
+        except ValueError as e:  # an integer of over 4300 digits, which int() refuses to build
+            raise FedsimInputError(f"{self.path}: not valid JSON ({e})") from None
         if not isinstance(data, dict) or not isinstance(data.get("clients"), list):
             raise FedsimInputError(f'{self.path}: expected an object with a "clients" list')
         if not data["clients"]:
@@ -220,7 +224,9 @@ class SplitFile:
 
     def _indices(self, values: object, key: str) -> np.ndarray:
         if not isinstance(values, list) or not all(
-            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values
+            # below 2**63: the numbers go into an int64 array
+            isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63
+            for v in values
         ):
             raise FedsimInputError(
                 f"{self.path}: {key} must be a list of non-negative integer line numbers"
