@@ -6,7 +6,7 @@ round. For several runs: one comparison table (each run's newest evaluated round
 curves overlaid; when the runs differ in registered clients and/or clients per round (a
 scalability sweep), also a table and a plot of round time, peak memory and object-store traffic
 against the number of clients. Everything is read from files the trainer and evaluation jobs wrote
-(metrics.jsonl, config.yaml, rounds/*/eval/summary.json); nothing is recomputed.
+(metrics.jsonl, eval.jsonl, config.yaml, rounds/*/eval/summary.json); nothing is recomputed.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from matplotlib.ticker import MaxNLocator
 
 from fedsim import checkpoint
 from fedsim.errors import FedsimInputError
+
+EVAL_FILE = "eval.jsonl"  # fedsim.eval.job.EVAL_FILE, without importing the evaluation stack
 
 EVAL_METRICS: tuple[tuple[str, str], ...] = (
     ("loss", "held-out loss"),
@@ -65,27 +67,77 @@ class RunData:
 
 
 def load_run(path: Path, label: str | None = None) -> RunData:
-    """Read config.yaml and metrics.jsonl; the newest eval line per (set, round) wins."""
+    """Read config.yaml, metrics.jsonl (training lines) and eval.jsonl (evaluation results).
+
+    Eval lines of run directories written before eval.jsonl existed are in metrics.jsonl and are
+    read from there too; an eval.jsonl line is newer than any of those. The newest line per
+    (set, round) wins, except that a line recording another adapter than the round's current one
+    (the round was redone after a resume) is stale and dropped.
+    """
     config_path = path / "config.yaml"
     if not config_path.is_file():
         raise FedsimInputError(f"{path}: not a run directory (no config.yaml)")
     config = yaml.safe_load(config_path.read_text()) or {}
     train: dict[int, dict[str, Any]] = {}
     evals: dict[str, dict[int, dict[str, Any]]] = {}
-    metrics = path / checkpoint.METRICS_FILE
-    lines = metrics.read_text().splitlines() if metrics.exists() else []
-    for number, line in enumerate(lines, start=1):
+    adapters = _AdapterHashes(path)
+    for source in (path / checkpoint.METRICS_FILE, path / EVAL_FILE):
+        for where, record in _json_lines(source):
+            if record.get("kind") == "eval":
+                _check_eval_line(where, record)
+                if adapters.current(record):
+                    evals.setdefault(record["set"], {})[record["round"]] = record
+            elif "round" in record and source.name == checkpoint.METRICS_FILE:
+                train[int(record["round"])] = record
+    return RunData(path, label or path.name, config, [train[r] for r in sorted(train)], evals)
+
+
+def _json_lines(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(`FILE:LINE`, record) of every non-blank line of a JSON-lines file; none if it is absent."""
+    if not path.exists():
+        return []
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except ValueError:
-            raise FedsimInputError(f"{metrics}:{number}: not valid JSON") from None
-        if record.get("kind") == "eval":
-            evals.setdefault(record["set"], {})[int(record["round"])] = record
-        elif "round" in record:
-            train[int(record["round"])] = record
-    return RunData(path, label or path.name, config, [train[r] for r in sorted(train)], evals)
+            raise FedsimInputError(f"{path}:{number}: not valid JSON") from None
+        if not isinstance(record, dict):
+            raise FedsimInputError(f"{path}:{number}: expected a JSON object")
+        records.append((f"{path}:{number}", record))
+    return records
+
+
+def _check_eval_line(where: str, record: dict[str, Any]) -> None:
+    if not isinstance(record.get("set"), str) or not isinstance(record.get("round"), int):
+        raise FedsimInputError(f"{where}: an eval line without a set name and a round number")
+
+
+class _AdapterHashes:
+    """The sha256 of each round's adapter as its round.json records it, read on demand."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self._known: dict[int, str | None] = {}
+
+    def _of(self, round_idx: int) -> str | None:
+        if round_idx not in self._known:
+            info = self.run_dir / checkpoint.ROUNDS_DIR / checkpoint.round_name(round_idx)
+            try:
+                files = json.loads((info / checkpoint.ROUND_INFO_FILE).read_text())["files"]
+                self._known[round_idx] = files[checkpoint.ADAPTER_FILE]
+            except (OSError, ValueError, KeyError, TypeError):
+                self._known[round_idx] = None
+        return self._known[round_idx]
+
+    def current(self, record: dict[str, Any]) -> bool:
+        """False only when the line names an adapter and the round now has another one; lines
+        without a hash (older fedsim) and rounds no longer on disk are kept."""
+        recorded = record.get("adapter_sha256")
+        now = self._of(record["round"]) if recorded else None
+        return recorded is None or now is None or now == recorded
 
 
 def _labels(paths: list[Path]) -> list[str]:

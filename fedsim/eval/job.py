@@ -1,8 +1,10 @@
 """The evaluation job: score a run's round checkpoints (`fedsim eval`).
 
-It reads the run directory as the trainer leaves it and writes only `rounds/round_N/eval/` and
-eval lines appended to metrics.jsonl, so it can run beside the trainer (`--watch`), as a separate
-process or its own `ray job submit`, without ever blocking the round loop. The flow:
+It reads the run directory as the trainer leaves it and writes only `rounds/round_N/eval/`,
+`eval.jsonl` (one line per scored (round, question set), appended) and tensorboard/eval/, so it
+can run beside the trainer (`--watch`), as a separate process or its own `ray job submit`,
+without ever blocking the round loop. It never writes metrics.jsonl: the trainer rewrites that
+file when it resumes, and would drop lines another process appended meanwhile. The flow:
 
 1. open — every input problem (run directory, question files, judge key and prompts, baseline,
    rounds) is found before any model is loaded;
@@ -20,8 +22,6 @@ import contextlib
 import fcntl
 import hashlib
 import json
-import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import yaml
 
-from fedsim import checkpoint
+from fedsim import checkpoint, rundir
 from fedsim.client.worker import quiet_libraries
 from fedsim.config import (
     ConfigError,
@@ -53,6 +53,8 @@ Log = Callable[[str], None]
 TensorDict = dict[str, Any]
 EVAL_DIR = "eval"
 SUMMARY_FILE = "summary.json"
+EVAL_FILE = "eval.jsonl"
+"""The run directory's log of evaluation results: one JSON line per scored (round, set)."""
 
 
 def _print(message: str) -> None:
@@ -205,32 +207,18 @@ def resolve_baseline(spec: str, run: EvalRun) -> Baseline:
 
 
 # ------------------------------------------------------------------------------------------
-# Writing results: eval/ files atomically, metrics.jsonl by single O_APPEND writes
+# Writing results: eval/ files atomically, eval.jsonl by single O_APPEND writes (fedsim.rundir)
 # ------------------------------------------------------------------------------------------
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _jsonl(rows: list[dict[str, Any]]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
 
-def append_metrics_line(run_dir: Path, record: dict[str, Any]) -> None:
-    """Append one JSON line to metrics.jsonl with a single write(2) on an O_APPEND descriptor:
-    the kernel places it whole at the end, so it never interleaves with the trainer's lines."""
-    data = (json.dumps(record, separators=(",", ":")) + "\n").encode()
-    fd = os.open(run_dir / checkpoint.METRICS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        written = os.write(fd, data)
-    finally:
-        os.close(fd)
-    if written != len(data):
-        raise OSError(f"short write to {run_dir / checkpoint.METRICS_FILE}")
+def append_eval_line(run_dir: Path, record: dict[str, Any]) -> None:
+    """Append one result line to RUN_DIR/eval.jsonl (one O_APPEND write, fsynced): concurrent
+    evaluation jobs never interleave, and no trainer ever rewrites the file."""
+    rundir.append_jsonl(run_dir / EVAL_FILE, record)
 
 
 @contextlib.contextmanager
@@ -304,6 +292,8 @@ class Evaluator:
 
     def close(self) -> None:
         self.scalars.close()
+        if self.judge is not None:
+            self.judge.close()
 
     # -- settings fingerprint: results with the same one are up to date --
 
@@ -317,6 +307,7 @@ class Evaluator:
         }
         if self.judge is not None:
             payload["judge"] = {
+                "endpoint": self.judge.endpoint,  # another server is another judge
                 "model": e.judge.model,
                 "single": e.judge.single,
                 "max_tokens": e.judge.max_tokens,
@@ -329,11 +320,10 @@ class Evaluator:
     # -- one round --
 
     def evaluate_round(self, round_idx: int) -> list[SetResult]:
-        """Score every question set at `round_idx`; write eval/ and metrics lines."""
+        """Score every question set at `round_idx`; write eval/ and eval.jsonl lines."""
         adapter, adapter_sha = load_adapter(self.run, round_idx)
         round_dir = self.run.round_dir(round_idx)
-        eval_dir = round_dir / EVAL_DIR
-        eval_dir.mkdir(exist_ok=True)
+        eval_dir = rundir.make_dir(round_dir / EVAL_DIR)
         previous = read_summary(round_dir)
         results: list[SetResult] = []
         for qset in self.sets:
@@ -360,9 +350,11 @@ class Evaluator:
                 current["round"] = round_idx
                 current["adapter_sha256"] = adapter_sha
                 current.setdefault("sets", {})[qset.name] = summary
-                _write_atomic(eval_dir / SUMMARY_FILE, json.dumps(current, indent=1))
+                rundir.write_text_atomic(eval_dir / SUMMARY_FILE, json.dumps(current, indent=1))
             line = {"kind": "eval", "round": round_idx, "set": qset.name, **flat_metrics(summary)}
-            append_metrics_line(self.run.run_dir, line)
+            # the adapter's hash lets a report tell a result of a round later redone (a resumed
+            # run) from one of the round as it is now
+            append_eval_line(self.run.run_dir, {**line, "adapter_sha256": adapter_sha})
             self.scalars.add_all(f"eval/{qset.name}", line, round_idx)
             self.scalars.flush()
             results.append(SetResult(round_idx, qset.name, summary))
@@ -408,7 +400,7 @@ class Evaluator:
             "rouge_l": summarize(turn_rows, "rouge_l"),
             "exact_match": summarize(em_rows, "exact_match"),
         }
-        _write_atomic(eval_dir / f"answers_{qset.name}.jsonl", _jsonl(rows))
+        rundir.write_text_atomic(eval_dir / f"answers_{qset.name}.jsonl", _jsonl(rows))
 
         # the judge
         if self.judge is not None:
@@ -437,7 +429,8 @@ class Evaluator:
         e = self.cfg.eval.judge
         rows: list[dict[str, Any]] = []
         replies: list[judging.JudgeReply] = []
-        result: dict[str, Any] = {"model": e.model, "base_url": e.base_url}
+        # the endpoint as redact_url leaves it: credentials in the URL are never recorded
+        result: dict[str, Any] = {"model": e.model, "base_url": self.judge.endpoint}
         if e.single:
             single_rows, single_replies = judging.grade_single(
                 self.judge, self.prompts, qset.questions, answers
@@ -456,7 +449,7 @@ class Evaluator:
                 "baseline": self.baseline.label,
                 **judging.summarize_pairwise(pair_rows),
             }
-            _write_atomic(
+            rundir.write_text_atomic(
                 eval_dir / f"baseline_answers_{qset.name}.jsonl",
                 _jsonl([{"qid": q, "answers": list(a)} for q, a in theirs.items()]),
             )
@@ -465,7 +458,7 @@ class Evaluator:
         for error in usage.errors_seen:
             if error not in self.judge_errors:
                 self.judge_errors.append(error)
-        _write_atomic(eval_dir / f"judgments_{qset.name}.jsonl", _jsonl(rows))
+        rundir.write_text_atomic(eval_dir / f"judgments_{qset.name}.jsonl", _jsonl(rows))
         return result
 
 
@@ -520,7 +513,7 @@ def _loss_summary(questions: Any, loss_of: dict[str, Any]) -> dict[str, Any]:
 
 
 def flat_metrics(summary: dict[str, Any]) -> dict[str, Any]:
-    """The headline numbers of one set's summary, as one flat metrics.jsonl record."""
+    """The headline numbers of one set's summary, as one flat eval.jsonl record."""
     out: dict[str, Any] = {
         "questions": summary["questions"],
         "loss": summary.get("loss"),

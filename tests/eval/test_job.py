@@ -16,29 +16,13 @@ import torch
 
 from fedsim import checkpoint
 from fedsim.cli import main
-from fedsim.config import config_from_dict
-from fedsim.driver import run_experiment
-from fedsim.eval.job import Evaluator, open_run, watch
+from fedsim.eval.job import EVAL_FILE, Evaluator, open_run, watch
 from fedsim.tb import tensorboard_available
-from tests.conftest import tiny_experiment
-from tests.eval.conftest import SECRET, prefer_longer, write_prompts
+from tests.eval.conftest import SECRET, copy_run, judge_settings, prefer_longer, write_prompts
 
 pytestmark = pytest.mark.ray
 
 TEST_QUESTIONS = 16  # 2 held out of each of the 8 built-in categories
-
-
-@pytest.fixture(scope="module")
-def runs(ray_local, tmp_path_factory) -> dict[str, Path]:
-    """A federated run and a local-only run (client 2 alone, `server.client_ids`), 2 rounds each."""
-    tmp = tmp_path_factory.mktemp("eval-runs")
-    data = {"test_per_category": 2}
-    made = {}
-    for name, server in (("fed", {}), ("local", {"client_ids": [2]})):
-        raw = tiny_experiment(tmp, run={"name": name, "rounds": 2}, data=data, server=server)
-        result = run_experiment(config_from_dict(raw), log=lambda _: None, show_progress=False)
-        made[name] = result.run_dir
-    return made
 
 
 @pytest.fixture(autouse=True)
@@ -50,20 +34,15 @@ def keep_torch_threads():
     torch.set_num_threads(threads)
 
 
-def copy_run(run_dir: Path, tmp_path: Path, name: str | None = None) -> Path:
-    target = tmp_path / (name or run_dir.name)
-    shutil.copytree(run_dir, target)
-    return target
-
-
 def trainer_files(run_dir: Path) -> dict[str, bytes]:
-    """Every file the trainer owns: all but rounds/*/eval/, metrics.jsonl and tensorboard/eval."""
+    """Every file the trainer owns (metrics.jsonl included): all but rounds/*/eval/,
+    tensorboard/eval, eval.jsonl and report/."""
     return {
         p.relative_to(run_dir).as_posix(): p.read_bytes()
         for p in sorted(run_dir.rglob("*"))
         if p.is_file()
         and "eval" not in p.relative_to(run_dir).parts
-        and p.name != checkpoint.METRICS_FILE
+        and p.name != EVAL_FILE
         and "report" not in p.relative_to(run_dir).parts
     }
 
@@ -76,19 +55,8 @@ def metrics_lines(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def judge_settings(server, tmp_path: Path, **extra: str) -> list[str]:
-    settings = {
-        "eval.judge.base_url": server.base_url,
-        "eval.judge.model": "test-judge",
-        "eval.judge.api_key_env": "FEDSIM_TEST_JUDGE_KEY",
-        "eval.judge.prompts": str(write_prompts(tmp_path / "judge_prompts.jsonl")),
-        "eval.judge.cache_dir": str(tmp_path / "judge-cache"),
-        "eval.judge.backoff_seconds": "0",
-        "eval.judge.price_input_per_million": "10",
-        "eval.judge.price_output_per_million": "20",
-        **extra,
-    }
-    return [arg for k, v in settings.items() for arg in ("--set", f"{k}={v}")]
+def eval_lines(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / EVAL_FILE).read_text().splitlines()]
 
 
 # --- server.client_ids ----------------------------------------------------------------------------
@@ -135,18 +103,26 @@ def test_eval_all_rounds_offline(runs, tmp_path, capsys):
         assert set(s["loss_by_category"]) == scored and len(scored) >= 6
         em = sum(row["exact_match"] for row in rows) / TEST_QUESTIONS
         assert s["exact_match"]["mean"] == pytest.approx(em)
-    # the trainer's files are untouched; its metrics lines are kept, eval lines appended
+    # the trainer's files, metrics.jsonl included, are untouched; results go to eval.jsonl
     assert trainer_files(run_dir) == before
-    text = (run_dir / "metrics.jsonl").read_text()
-    assert text.startswith(train_lines)
-    evals = [m for m in metrics_lines(run_dir) if m.get("kind") == "eval"]
-    assert [(m["round"], m["set"]) for m in evals] == [(1, "test"), (2, "test")]
+    assert (run_dir / "metrics.jsonl").read_text() == train_lines
+    evals = eval_lines(run_dir)
+    assert [(m["kind"], m["round"], m["set"]) for m in evals] == [
+        ("eval", 1, "test"),
+        ("eval", 2, "test"),
+    ]
     assert evals[1]["loss"] < evals[0]["loss"]  # the second round's adapter fits better
+    for m in evals:  # which adapter was scored: a report can tell a redone round's results
+        info = json.loads(
+            (run_dir / "rounds" / checkpoint.round_name(m["round"]) / "round.json").read_text()
+        )
+        assert m["adapter_sha256"] == info["files"]["adapter_model.safetensors"]
 
     # a rerun finds everything up to date
+    text = (run_dir / EVAL_FILE).read_text()
     assert main(["eval", str(run_dir), "--all"]) == 0
     assert capsys.readouterr().out.count("up to date") == 2
-    assert (run_dir / "metrics.jsonl").read_text() == text
+    assert (run_dir / EVAL_FILE).read_text() == text
 
 
 def test_batched_generation_matches_one_by_one(runs):
@@ -203,8 +179,9 @@ def test_eval_with_judge_single_and_pairwise(runs, tmp_path, capsys, judge_serve
     assert usage["cost_usd"] == pytest.approx(
         (usage["prompt_tokens"] * 10 + usage["completion_tokens"] * 20) / 1e6
     )
-    line = metrics_lines(run_dir)[-1]
+    line = eval_lines(run_dir)[-1]
     assert line["kind"] == "eval" and line["judge_score"] == 6.0 and "win_rate" in line
+    assert judge["base_url"] == server.base_url  # recorded: which server judged
     assert all(r["body"]["temperature"] == 0 for r in server.requests)
 
     # --force redoes the round, and the judge cache makes it free
@@ -370,10 +347,8 @@ def test_watch_scores_rounds_as_the_trainer_writes_them(runs, tmp_path):
         (2, "test", False),
     ]
     assert len(published) == 2
-    lines = metrics_lines(run_dir)  # every line is whole JSON: nothing interleaved
-    assert sorted((m.get("kind", "train"), m["round"]) for m in lines) == [
-        ("eval", 1), ("eval", 2), ("train", 1), ("train", 2),
-    ]  # fmt: skip
+    assert [m["round"] for m in metrics_lines(run_dir)] == [1, 2]  # the trainer's, alone
+    assert [(m["kind"], m["round"]) for m in eval_lines(run_dir)] == [("eval", 1), ("eval", 2)]
     for r in (1, 2):
         assert (run_dir / "rounds" / checkpoint.round_name(r) / "eval/summary.json").is_file()
 
@@ -428,7 +403,7 @@ def test_report_for_one_run_and_a_comparison(runs, tmp_path, capsys):
     assert main(["report", str(fed), str(local), "--out", str(out)]) == 0
     compare = (out / "report.md").read_text()
     assert "2 runs compared" in compare
-    fed_eval = [m for m in metrics_lines(fed) if m.get("kind") == "eval"][-1]
+    fed_eval = eval_lines(fed)[-1]
     assert f"| fed | 2 | {fed_eval['loss']:.4f} |" in compare
     assert "| local | 2 |" in compare and "clients [2] every round" in compare
     assert "exact per category:" in compare
@@ -481,10 +456,8 @@ def test_watch_beside_a_real_trainer(experiment_file, tmp_path):
         "round   2 test",
         "round   3 test",
     ]
-    lines = metrics_lines(run_dir)
-    assert sorted((m.get("kind", "train"), m["round"]) for m in lines) == [
-        ("eval", 1), ("eval", 2), ("eval", 3), ("train", 1), ("train", 2), ("train", 3),
-    ]  # fmt: skip
+    assert [m["round"] for m in metrics_lines(run_dir)] == [1, 2, 3]
+    assert [m["round"] for m in eval_lines(run_dir)] == [1, 2, 3]
 
 
 def test_mtbench_two_turns_with_fastchat_prompts(runs, tmp_path, data_dir, judge_server, judge_key):
