@@ -23,6 +23,7 @@ from typing import Any, Union
 
 import yaml
 
+from fedsim.data.templates import TEMPLATES
 from fedsim.errors import ConfigError, FedsimInputError
 
 PARTITION_KINDS = ("iid", "dirichlet", "shards", "by_category", "split_file")
@@ -843,6 +844,7 @@ def validate(cfg: ExperimentConfig) -> list[str]:
 
     d = cfg.data
     _choice(p, "data.format", d.format, DATA_FORMATS)
+    _choice(p, "data.template", d.template, tuple(TEMPLATES))
     _choice(p, "data.partition.kind", d.partition.kind, PARTITION_KINDS)
     _positive(p, "data.num_clients", d.num_clients)
     _positive(p, "data.cutoff_len", d.cutoff_len)

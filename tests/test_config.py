@@ -54,6 +54,8 @@ def test_wrong_type_is_named():
         ({"data": {"partition": {"kind": "split_file"}}}, "data.partition.path"),
         ({"model": {"lora": {"dropout": 1.0}}}, "model.lora.dropout"),
         ({"client": {"local_epochs": 1.0}}, "client.local_steps"),
+        # checked only when the shards were built, after the model was prepared
+        ({"data": {"template": "chatml"}}, "data.template"),
     ],
 )
 def test_out_of_range_values_name_the_field(raw, field):
