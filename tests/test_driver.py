@@ -59,6 +59,8 @@ def test_run_directory_layout(reference_run):
         "rounds",
         "latest",
         "metrics.jsonl",
+        ".fedsim-run",  # the marker that lets --overwrite know fedsim made the folder
+        "configs",  # the history of the configs the run has used
     } | optional
     assert (run_dir / "latest").read_text().strip() == "round_0003"
     assert sorted(p.name for p in (run_dir / "rounds").iterdir()) == [
