@@ -3,13 +3,18 @@
 `FEDSIM_FAULTS` holds a JSON list of faults, each naming a round and where it strikes:
 
     {"round": 2, "client": 3}                              client 3 raises inside its turn
-    {"round": 2, "hold": PATH}                             every client of round 2 creates PATH
-                                                           and then waits until it is killed, so
-                                                           a test can act mid-round on an event
-                                                           (PATH exists), not after a sleep
-    {"round": 2, "aggregator": "exit_before_checkpoint"}   the aggregator process exits 0.5 s
-                                                           into writing round 2's checkpoint
-                                                           (in the background, as round 3 starts)
+    {"round": 2, "hold": PATH}                             a client of round 2 writes its
+                                                           worker's pid to PATH and waits there
+                                                           until PATH is removed (or it is
+                                                           killed), so a test acts mid-round on
+                                                           an event (PATH exists), not after a
+                                                           sleep; every client holds unless
+                                                           `once_file` is given
+    {"round": 2, "aggregator": "exit_before_checkpoint"}   the aggregator process exits before
+                                                           writing round 2's checkpoint, once the
+                                                           driver has moved on (round 3 begun, or
+                                                           the run flushing): round 2 then exists
+                                                           only in the process that died
 
 A fault with `"once_file": PATH` strikes only where it can create PATH, so it strikes once even
 in the fresh actor that replaces the one it ended. The driver forwards the variable to the actors
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -53,17 +59,42 @@ def forwarded_env() -> dict[str, Any]:
 def raise_client_fault(round_idx: int, client_id: int) -> None:
     """Raise if a fault is injected for this client in this round (or hold, see the module)."""
     for fault in injected_faults():
-        if fault.get("round") == round_idx and "hold" in fault:
-            Path(fault["hold"]).touch()
-            while True:  # the round never completes: the test kills the run meanwhile
-                time.sleep(1)
+        if fault.get("round") == round_idx and "hold" in fault and _strikes(fault):
+            _hold(Path(fault["hold"]))
         if (fault.get("round"), fault.get("client")) == (round_idx, client_id) and _strikes(fault):
             raise RuntimeError(f"injected fault ({FAULTS_ENV}) for client {client_id}")
 
 
+def _hold(path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(str(os.getpid()))
+    os.replace(tmp, path)  # the test reads a whole pid or nothing
+    while path.exists():  # until the test releases it, or kills this process or the run
+        time.sleep(0.05)
+
+
+_progress = threading.Condition()
+_events: set[str] = set()
+
+
+def note(event: str) -> None:
+    """Record that this process reached `event` (see `exit_if_aggregator_fault`)."""
+    with _progress:
+        _events.add(event)
+        _progress.notify_all()
+
+
+def _wait_for_any(events: set[str], timeout: float) -> None:
+    with _progress:
+        _progress.wait_for(lambda: bool(events & _events), timeout=timeout)
+
+
 def exit_if_aggregator_fault(round_idx: int, where: str) -> None:
-    """End this process at once (as a crash would) if a fault is injected here."""
+    """End this process at once (as a crash would) if a fault is injected here: after the driver
+    has begun the next round or started flushing (the aggregator `note`s both), so the lost
+    round is always one the driver believed handed over. A round written in line never sees
+    that, and exits after at most 30 s."""
     for fault in injected_faults():
         if (fault.get("round"), fault.get("aggregator")) == (round_idx, where) and _strikes(fault):
-            time.sleep(0.5)  # long enough for the driver to start the next round
+            _wait_for_any({f"begin_round {round_idx + 1}", "flush"}, timeout=30)
             os._exit(1)

@@ -32,7 +32,7 @@ from typing import Any
 import ray
 import torch
 
-from fedsim import checkpoint
+from fedsim import checkpoint, faults
 from fedsim.client.trainer import ClientContext
 from fedsim.config import ExperimentConfig, clients_per_round
 from fedsim.errors import UpdateRejected
@@ -125,6 +125,7 @@ class Aggregator:
         if self.client_states is not None:  # a redone round must not commit a stale stage
             self.client_states.settle(round_idx - 1)
         self.strategy.begin_round(len(sample_counts))
+        faults.note(f"begin_round {round_idx}")  # fault tests only
 
     def fold(self, client_id: int, upload: ClientUpload | TensorDict) -> str | None:
         """Add one client's upload; returns the reason if it was rejected, else None."""
@@ -209,7 +210,7 @@ class Aggregator:
         kept, and round.json says so.
         """
         assert self._sum is not None, "begin_round first"
-        written = self.flush()  # the previous round's checkpoint, waited for if still going
+        written = self._await_pending()  # the previous round's checkpoint, if still going
         notes: dict[str, Any] = {}
         delta = self._round_delta(notes)
         if delta is not None:
@@ -277,6 +278,10 @@ class Aggregator:
         """Wait for the checkpoint being written, if any; returns what became durable: a list of
         at most one `{"round", "checkpoint_seconds", "checkpoint_wait_seconds"}`. Raises the
         write's CheckpointWriteError."""
+        faults.note("flush")  # fault tests only: the driver has no round left to start
+        return self._await_pending()
+
+    def _await_pending(self) -> list[dict[str, Any]]:
         if self._pending is None:
             return []
         start = time.perf_counter()

@@ -10,8 +10,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
 from fedsim.config import config_from_dict
 from fedsim.driver import RunResult, run_experiment
@@ -19,16 +17,6 @@ from tests.conftest import tiny_experiment
 
 SLOW_CLIENTS = {"local_steps": 40}
 """Clients that train for about a second, so that a kill lands mid-turn."""
-
-
-def adapter(run_dir: Path, round_idx: int) -> dict[str, torch.Tensor]:
-    return load_file(run_dir / f"rounds/round_{round_idx:04d}/adapter_model.safetensors")
-
-
-def assert_same_adapter(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
 
 
 def round_info(run_dir: Path, round_idx: int) -> dict:

@@ -9,12 +9,10 @@ import time
 
 import pytest
 
-from tests.conftest import tiny_experiment
+from tests.conftest import assert_same_run_files, tiny_experiment
 from tests.faults.conftest import (
     SLOW_CLIENTS,
     BackgroundRun,
-    adapter,
-    assert_same_adapter,
     pid_of,
     round_info,
 )
@@ -54,4 +52,4 @@ def test_random_worker_kills_do_not_change_the_result(reference, tmp_path, seed)
     )
     print(json.dumps({"seed": seed, "workers_killed": killed, "client_retries": retries}))
     assert killed >= 3
-    assert_same_adapter(adapter(reference(ROUNDS).run_dir, ROUNDS), adapter(run.run_dir, ROUNDS))
+    assert_same_run_files(reference(ROUNDS).run_dir, run.run_dir, range(1, ROUNDS + 1))

@@ -1,19 +1,18 @@
 """A worker process killed mid-round, a client whose training raises, the aggregator killed."""
 
 import json
-import re
+import time
+from pathlib import Path
 
 import pytest
 
 from fedsim.config import config_from_dict
 from fedsim.driver import run_experiment
 from fedsim.faults import FAULTS_ENV
-from tests.conftest import tiny_experiment
+from tests.conftest import assert_same_run_files, tiny_experiment
 from tests.faults.conftest import (
     SLOW_CLIENTS,
     BackgroundRun,
-    adapter,
-    assert_same_adapter,
     kill,
     pid_of,
     round_info,
@@ -23,21 +22,43 @@ from tests.faults.conftest import (
 pytestmark = pytest.mark.ray
 
 
-def test_worker_killed_mid_round_is_replaced_and_its_client_retried(reference, tmp_path):
+def _holding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Make one round-2 client hold mid-turn (fedsim.faults) until the returned file, which
+    holds its worker's pid, is removed."""
+    hold = tmp_path / "holding"
+    fault = {"round": 2, "hold": str(hold), "once_file": str(tmp_path / "held")}
+    monkeypatch.setenv(FAULTS_ENV, json.dumps([fault]))
+    return hold
+
+
+def _wait_for_pid(hold: Path, run: BackgroundRun) -> int:
+    deadline = time.monotonic() + 180
+    while not hold.exists():
+        assert run.error is None and time.monotonic() < deadline, run.messages
+        time.sleep(0.05)
+    return int(hold.read_text())
+
+
+def test_worker_killed_mid_round_is_replaced_and_its_client_retried(
+    reference, monkeypatch, tmp_path
+):
+    hold = _holding(tmp_path, monkeypatch)
     run = BackgroundRun(tiny_experiment(tmp_path, run={"rounds": 3}, client=SLOW_CLIENTS))
-    wait_for_round(run.run_dir, 1)
-    victim = pid_of(round_info(run.run_dir, 1)["client_results"][0]["worker"])
-    kill(victim)  # round 2 is training now: the victim dies mid-turn
+    kill(_wait_for_pid(hold, run))  # its worker, mid-turn in round 2
     result = run.join()
 
     assert result.last_round == 3
     retried = [
-        c for r in (2, 3) for c in round_info(run.run_dir, r)["client_results"] if c["attempts"] > 1
-    ]
-    assert retried, "no client was retried after its worker was killed"
-    assert all(c["ok"] for c in retried), "\n".join([str(retried), *run.messages])
+        (r, c) for r in (1, 2, 3) for c in round_info(run.run_dir, r)["client_results"]
+        if c["attempts"] > 1
+    ]  # fmt: skip
+    # The held client's worker died in round 2: it was retried there and trained. (A restarted
+    # worker's first task in the next round can meet ActorUnavailableError once more; it is
+    # retried like any other.)
+    assert retried and retried[0][0] == 2, retried
+    assert all(c["ok"] and c["attempts"] == 2 for _, c in retried), retried
     assert any("its worker died" in m and "retry 1" in m for m in run.messages)
-    assert_same_adapter(adapter(reference(3).run_dir, 3), adapter(run.run_dir, 3))
+    assert_same_run_files(reference(3).run_dir, run.run_dir, [1, 2, 3])
 
 
 def test_a_client_that_raises_is_dropped_and_the_run_goes_on(ray_local, monkeypatch, tmp_path):
@@ -60,16 +81,20 @@ def test_a_client_that_raises_is_dropped_and_the_run_goes_on(ray_local, monkeypa
     assert f"1 failed (client {victim}: RuntimeError" in log
 
 
-def test_aggregator_killed_mid_round_redoes_the_round(reference, tmp_path):
+def test_aggregator_killed_mid_round_redoes_the_round(reference, monkeypatch, tmp_path):
+    hold = _holding(tmp_path, monkeypatch)
     run = BackgroundRun(tiny_experiment(tmp_path, run={"rounds": 3}, client=SLOW_CLIENTS))
+    _wait_for_pid(hold, run)  # round 2 is training, round 1 is folded and handed to the writer
     wait_for_round(run.run_dir, 1)
     kill(pid_of(round_info(run.run_dir, 1)["aggregator"]))
+    hold.unlink()  # the held client finishes and uploads to an aggregator that is gone
     result = run.join()
 
     assert result.last_round == 3
-    assert any("the aggregator failed" in m and "redoing the round" in m for m in run.messages)
-    for r in (1, 2, 3):
-        assert_same_adapter(adapter(reference(3).run_dir, r), adapter(run.run_dir, r))
+    redone = [m for m in run.messages if "the aggregator failed" in m]
+    assert len(redone) == 1 and redone[0].startswith("round 2:"), run.messages
+    assert "redoing the round from round 2 on" in redone[0]
+    assert_same_run_files(reference(3).run_dir, run.run_dir, [1, 2, 3])
 
 
 def test_aggregator_dying_before_a_background_checkpoint_redoes_the_lost_round(
@@ -87,13 +112,14 @@ def test_aggregator_dying_before_a_background_checkpoint_redoes_the_lost_round(
     assert [m["round"] for m in result.metrics] == [1, 2, 3]  # one line per durable round
     lines = (result.run_dir / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["round"] for x in lines] == [1, 2, 3]
-    # it dies while round 3 starts (or, on a slow machine, just before round 2 returned)
-    assert any(re.search("redoing the rounds? from round 2 on", m) for m in messages), messages
+    # it dies once round 3 has begun (fedsim.faults waits for that event)
+    redone = [m for m in messages if "the aggregator failed" in m]
+    assert len(redone) == 1 and redone[0].startswith("round 3:"), messages
+    assert "redoing the rounds from round 2 on" in redone[0]
     assert (
         round_info(result.run_dir, 1)["aggregator"] != round_info(result.run_dir, 2)["aggregator"]
     )
-    for r in (1, 2, 3):
-        assert_same_adapter(adapter(reference(3).run_dir, r), adapter(result.run_dir, r))
+    assert_same_run_files(reference(3).run_dir, result.run_dir, [1, 2, 3])
 
 
 def _selected(raw: dict, round_idx: int) -> list[int]:
