@@ -28,6 +28,17 @@ def tiny_lora_llama(vocab_size: int, lora_seed: int):
     return attach_lora(LlamaForCausalLM(config), LoraSpec(r=4, alpha=8, dropout=0.0), lora_seed)
 
 
+def same_bits(a, b) -> bool:
+    """Equal dtype, shape and bytes: unlike torch.equal, -0.0 differs from +0.0 and NaN matches
+    the same NaN. For claims that no bit changed."""
+    import torch
+
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    as_bytes = [t.detach().cpu().contiguous().reshape(-1).view(torch.uint8) for t in (a, b)]
+    return torch.equal(*as_bytes)
+
+
 def assert_same_run_files(a: Path, b: Path, rounds: Iterable[int]) -> None:
     """Run directories `a` and `b` hold byte-identical checkpoints for `rounds` and identical
     client-state files. Bytes, not tensor equality: -0.0 and +0.0 differ, and so would a header

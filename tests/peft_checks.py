@@ -12,15 +12,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 
 from fedsim.model import load_base_model
-
-
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal dtype, shape and bytes: unlike torch.equal, -0.0 differs from +0.0 and NaN matches
-    the same NaN."""
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    as_bytes = [t.detach().cpu().contiguous().reshape(-1).view(torch.uint8) for t in (a, b)]
-    return torch.equal(*as_bytes)
+from tests.conftest import same_bits
 
 
 def model_key(file_key: str, adapter_name: str = "default") -> str:
