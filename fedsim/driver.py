@@ -14,32 +14,36 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from fedsim import checkpoint, ray_auth, rundir
 from fedsim.client.profile import ClientProfile, load_profiles
 from fedsim.client.trainer import TrainSettings
-from fedsim.client.worker import ClientOutcome, ClientTask, WorkerSpec, pack_directory
-from fedsim.config import ClusterConfig, ExperimentConfig, clients_per_round
+from fedsim.client.worker import ClientOutcome, ClientTask, WorkerSpec
+from fedsim.config import ExperimentConfig, clients_per_round
 from fedsim.data.pipeline import PreparedData, prepare_data, write_partition
 from fedsim.data.shard_builder import ShardBuilder
 from fedsim.data.shards import INDEX_FILE, ShardIndex, remove_blocks, write_index
 from fedsim.data.synthetic import generic_text
 from fedsim.data.templates import get_template, template_text
 from fedsim.errors import FedsimInputError
-from fedsim.execution import FailurePolicy, WorkerPool
+from fedsim.execution import (  # WORKER_ENV re-exported for scripts
+    WORKER_ENV,  # noqa: F401
+    FailurePolicy,
+    WorkerPool,
+    cluster_address,
+    ray_session,
+    worker_pool,
+)
 from fedsim.faults import forwarded_env
 from fedsim.model import (
     LoraSpec,
@@ -70,11 +74,6 @@ CONFIGS_DIR = "configs"
 """Every config a run has used, as `round_NNNN.yaml` (the first round it applied to)."""
 INTERRUPT_FLUSH_S = 5.0
 """On Ctrl-C, how long to wait for the checkpoint being written in the background."""
-WORKER_ENV = {
-    "TOKENIZERS_PARALLELISM": "false",
-    "TRANSFORMERS_VERBOSITY": "error",
-    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-}
 
 
 def _print(message: str) -> None:
@@ -313,152 +312,6 @@ def build_shards(
 # ------------------------------------------------------------------------------------------
 # Phase 3: Ray
 # ------------------------------------------------------------------------------------------
-
-
-def cluster_address(cluster: ClusterConfig) -> str | None:
-    """The Ray cluster to attach to (`cluster.address`, else RAY_ADDRESS); None starts one."""
-    return cluster.address or os.environ.get("RAY_ADDRESS") or None
-
-
-@contextmanager
-def ray_session(cluster: ClusterConfig) -> Iterator[None]:
-    """Attach to `cluster.address`/RAY_ADDRESS, or start a local instance; shut down what we
-    started, also on Ctrl-C."""
-    started = False
-    if not ray.is_initialized():
-        address = cluster_address(cluster)
-        runtime_env = {"env_vars": WORKER_ENV}
-        if not (address and cluster.allow_unauthenticated):
-            ray_auth.require_token_auth()
-        if address:
-            ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
-        else:
-            ray.init(include_dashboard=False, runtime_env=runtime_env, log_to_driver=True)
-        started = True
-    try:
-        yield
-    finally:
-        if started:
-            ray.shutdown()
-
-
-def _node_capacity(node: dict[str, float], cluster: ClusterConfig) -> int:
-    """Workers of `cluster`'s shape that fit on one node with resources `node`."""
-    fits = math.floor(node.get("CPU", 0.0) / cluster.cpus_per_worker + 1e-9)
-    if cluster.gpus_per_worker > 0:
-        fits = min(fits, math.floor(node.get("GPU", 0.0) / cluster.gpus_per_worker + 1e-9))
-    return max(fits, 0)
-
-
-def pool_size(cluster: ClusterConfig, nodes: list[dict[str, float]], per_round: int) -> int:
-    """Number of ClientWorkers: `cluster.num_workers`, or as many as the nodes hold (never more
-    than the clients of one round). `nodes` holds the resources of each alive node: a worker
-    lives on one node, so it is sized per node, not from the cluster's totals. An impossible
-    request is an error, not a hang."""
-    cpus = sum(n.get("CPU", 0.0) for n in nodes)
-    gpus = sum(n.get("GPU", 0.0) for n in nodes)
-    shape = f"{cluster.cpus_per_worker:g} CPU and {cluster.gpus_per_worker:g} GPU"
-    fits = sum(_node_capacity(n, cluster) for n in nodes)
-    if fits < 1:
-        field = "cluster.cpus_per_worker"
-        most = max((n.get("CPU", 0.0) for n in nodes), default=0.0)
-        largest = f"{most:g} CPU"
-        if cluster.gpus_per_worker > 0:
-            most_gpus = max((n.get("GPU", 0.0) for n in nodes), default=0.0)
-            if most_gpus < cluster.gpus_per_worker:
-                field, largest = "cluster.gpus_per_worker", f"{most_gpus:g} GPU"
-        raise FedsimInputError(
-            f"{field}: a worker needs {shape}, but no node has that much (the largest has "
-            f"{largest}; the cluster: {len(nodes)} node(s), {cpus:g} CPU, {gpus:g} GPU)"
-        )
-    if cluster.num_workers is not None:
-        if cluster.num_workers > fits:
-            raise FedsimInputError(
-                f"cluster.num_workers: {cluster.num_workers} workers do not fit; the cluster "
-                f"({len(nodes)} node(s), {cpus:g} CPU, {gpus:g} GPU) holds {fits} of {shape}"
-            )
-        return cluster.num_workers
-    return min(fits, per_round)
-
-
-def alive_nodes() -> list[dict[str, float]]:
-    """Resources of each alive node of the connected cluster."""
-    return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-
-
-# How long to wait for resources that the nodes present do have but other work holds.
-PLACEMENT_TIMEOUT_S = 120.0
-
-
-def reserve_workers(cluster: ClusterConfig, per_round: int, log: Log) -> Any:
-    """A placement group with one bundle per ClientWorker, reserved before any worker starts, so
-    that a pool that cannot be placed is a clear error after a bounded wait, never a hang.
-
-    With `cluster.wait_for_nodes_s` the wait covers an autoscaler starting nodes (the pending
-    group is the demand it scales for); without it, a pool that fits no node present fails at once.
-    """
-    deadline = time.monotonic() + cluster.wait_for_nodes_s
-    fits_now = True
-    while True:
-        try:
-            n_workers = pool_size(cluster, alive_nodes(), per_round)
-            break
-        except FedsimInputError as err:
-            if time.monotonic() >= deadline:
-                raise
-            if cluster.num_workers is not None:
-                n_workers, fits_now = cluster.num_workers, False  # the autoscaler sees it all
-                break
-            log(f"waiting for nodes: {err}")
-            time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
-    bundle = {"CPU": cluster.cpus_per_worker}
-    if cluster.gpus_per_worker > 0:
-        bundle["GPU"] = cluster.gpus_per_worker
-    group = placement_group([dict(bundle) for _ in range(n_workers)], strategy="PACK")
-    # Resources the nodes have but other work holds: a bounded wait. Nodes still to come: the
-    # rest of wait_for_nodes_s.
-    timeout = PLACEMENT_TIMEOUT_S if fits_now else max(1.0, deadline - time.monotonic())
-    if not group.wait(timeout_seconds=timeout):
-        remove_placement_group(group)
-        raise FedsimInputError(
-            f"cluster: could not reserve {n_workers} workers of {_short(bundle)} each within "
-            f"{timeout:.0f} s (free now: {_short(ray.available_resources())}); other work holds "
-            "the resources, or nodes are still starting: raise cluster.wait_for_nodes_s or "
-            "lower cluster.num_workers"
-        )
-    return group
-
-
-def _short(resources: dict[str, float]) -> str:
-    keep = {k: v for k, v in resources.items() if k in ("CPU", "GPU")}
-    return ", ".join(f"{v:g} {k}" for k, v in sorted(keep.items())) or "nothing"
-
-
-@contextmanager
-def worker_pool(
-    cfg: ExperimentConfig,
-    spec: WorkerSpec,
-    per_round: int,
-    options: dict[str, Any],
-    log: Log = _print,
-) -> Iterator[WorkerPool]:
-    """Reserve the pool's resources (`reserve_workers`) and start one ClientWorker per bundle;
-    the shard index (and the built-in tiny model) travel through the object store unless
-    `cluster.data_transport` is filesystem (the shard blocks then come with each task). On exit
-    the reservation is removed, which ends the workers and frees their resources on a cluster
-    that outlives the run."""
-    group = reserve_workers(cfg.cluster, per_round, log)
-    try:
-        if cfg.cluster.data_transport == "object_store":
-            tiny = cfg.model.name_or_path == "tiny"
-            spec = dataclasses.replace(
-                spec,
-                shards_ref=ray.put((Path(spec.shards_dir) / INDEX_FILE).read_text()),
-                model_files_ref=ray.put(pack_directory(spec.model_path)) if tiny else None,
-            )
-        yield WorkerPool(spec, group.bundle_count, options, cfg.cluster.max_worker_restarts, group)
-    finally:
-        remove_placement_group(group)
 
 
 def worker_spec(

@@ -140,7 +140,7 @@ def ray_local():
     attaches to it instead of starting its own."""
     import ray
 
-    from fedsim.driver import WORKER_ENV
+    from fedsim.execution import WORKER_ENV
     from fedsim.ray_auth import require_token_auth
 
     require_token_auth()  # as fedsim does for the instances it starts

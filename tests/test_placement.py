@@ -5,8 +5,9 @@ import time
 import pytest
 
 from fedsim.config import ClusterConfig, config_from_dict
-from fedsim.driver import pool_size, run_experiment
+from fedsim.driver import run_experiment
 from fedsim.errors import FedsimInputError
+from fedsim.execution import pool_size
 from tests.conftest import tiny_experiment
 
 GPU_NODE = {"CPU": 8.0, "GPU": 1.0}

@@ -58,7 +58,7 @@ def test_opting_out_knowingly_is_allowed(open_cluster):
 _START_LOCAL = """
 import ray
 from fedsim.config import ClusterConfig
-from fedsim.driver import ray_session
+from fedsim.execution import ray_session
 from fedsim.ray_auth import unauthenticated_access
 with ray_session(ClusterConfig()):
     print(unauthenticated_access(ray.get_runtime_context().gcs_address))
