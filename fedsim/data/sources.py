@@ -7,7 +7,7 @@ what was expected, so a bad data file fails before any training starts.
 
 import json
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -171,24 +171,28 @@ def _read_json(path: Path) -> Iterator[tuple[str, int, Any]]:
 
 
 def _read_parquet(path: Path) -> pa.Table:
-    try:
-        # ParquetFile, not pq.read_table: the dataset reader behind read_table fails on duplicate
-        # column names with a schema dump, and _from_arrow says which column it is instead.
-        table = pq.ParquetFile(path).read()
-        table.validate(full=True)  # Parquet and Arrow do not check that strings are UTF-8
-    except (pa.ArrowException, OSError) as e:
-        raise FedsimInputError(f"{path}: not a readable Parquet file ({_first_line(e)})") from None
-    return table
+    # ParquetFile, not pq.read_table: the dataset reader behind read_table fails on duplicate
+    # column names with a schema dump, and _from_arrow says which column it is instead.
+    return _validated(lambda: pq.ParquetFile(path).read(), path, "Parquet file")
 
 
 def _read_arrow(path: Path) -> pa.Table:
+    return _validated(lambda: _read_ipc(path), path, "Arrow IPC file or stream")
+
+
+def _validated(read: Callable[[], pa.Table], path: Path, kind: str) -> pa.Table:
+    """The table `read()` returns, fully validated: neither format checks on reading that
+    strings are UTF-8 or that buffers are as long as their offsets say. Any failure is one
+    line naming the file."""
     try:
-        table = _read_ipc(path)
-        table.validate(full=True)  # neither is a truncated buffer or a non-UTF-8 string checked
-    except (pa.ArrowException, OSError) as e:
+        table = read()
+        table.validate(full=True)
+    except UnicodeDecodeError:  # pyarrow decodes a column name when it is first asked for
         raise FedsimInputError(
-            f"{path}: not a readable Arrow IPC file or stream ({_first_line(e)})"
+            f"{path}: not a readable {kind} (a column name is not UTF-8)"
         ) from None
+    except (pa.ArrowException, OSError) as e:
+        raise FedsimInputError(f"{path}: not a readable {kind} ({_first_line(e)})") from None
     return table
 
 

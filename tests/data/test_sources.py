@@ -290,3 +290,20 @@ def test_duplicate_column_is_one_line_naming_it(tmp_path: Path, suffix: str) -> 
         load_records(str(path), FieldMap())
 
     assert str(info.value) == f"{path}: column 'instruction' appears 2 times"
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".arrow"])
+def test_column_name_that_is_not_utf8_is_refused(tmp_path: Path, suffix: str) -> None:
+    # Found by tests/fuzz/test_fuzz_sources.py: pyarrow raised UnicodeDecodeError reading the
+    # name. The name is patched in place, same length, so the file stays well formed.
+    table = pa.table({"instruction": ["a"], "response": ["b"], "zzzzzz": ["c"]})
+    sink = pa.BufferOutputStream()
+    if suffix == ".parquet":
+        pq.write_table(table, sink, store_schema=False)
+    else:
+        feather.write_feather(table, sink, compression="uncompressed")
+    path = tmp_path / f"d{suffix}"
+    path.write_bytes(sink.getvalue().to_pybytes().replace(b"zzzzzz", b"\x80" * 6))
+
+    with pytest.raises(FedsimInputError, match=rf"d\{suffix}: .*column name is not UTF-8"):
+        load_records(str(path), FieldMap())
