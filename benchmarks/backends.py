@@ -71,7 +71,7 @@ def _worker(spec, name: str):
     from fedsim.client.worker import ClientWorker
 
     backend, deepspeed = VARIANTS[name]
-    settings = dataclasses.replace(spec.settings, deepspeed=deepspeed)
+    settings = spec.settings.with_client(deepspeed=deepspeed)
     start = time.perf_counter()
     worker = ClientWorker(dataclasses.replace(spec, backend=backend, settings=settings))
     return worker, time.perf_counter() - start

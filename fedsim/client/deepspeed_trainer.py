@@ -28,25 +28,15 @@ from __future__ import annotations
 import copy
 import os
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from fedsim.client.trainer import (
-    IGNORE_INDEX,
-    ClientContext,
-    Trainer,
-    TrainResult,
-    TrainSettings,
-    batch_order,
-    lr_factor,
-    micro_batch,
-)
-from fedsim.lora_ranks import rank_mask
-from fedsim.model import default_cache_dir
+from fedsim.client.context import WeightUpdate
+from fedsim.client.trainer import ExtraLoss, Trainer, TrainSettings
+from fedsim.config import ClientConfig
+from fedsim.model import adapter_parameters, default_cache_dir
 
 TensorDict = dict[str, torch.Tensor]
 
@@ -162,9 +152,9 @@ def _deepspeed_parser_problems(user: dict[str, Any], batch_size: int) -> list[st
         if named:
             del os.environ["DS_ACCELERATOR"]
 
-    settings = TrainSettings(None, 1.0, batch_size, batch_size, 1e-3)
+    client = ClientConfig(batch_size=batch_size, micro_batch_size=batch_size, deepspeed=user)
     try:
-        DeepSpeedConfig(build_deepspeed_config(settings, user))
+        DeepSpeedConfig(build_deepspeed_config(TrainSettings(client)))
     except Exception as err:  # pydantic's ValidationError, AssertionError, ValueError ...
         return [_describe(err)]
     return []
@@ -191,14 +181,15 @@ def _describe(err: Exception) -> str:
     return f": rejected by DeepSpeed's config parser: {message}"
 
 
-def build_deepspeed_config(settings: TrainSettings, user: dict[str, Any] | None) -> dict[str, Any]:
-    """The DeepSpeed config of a worker: the user's settings with fedsim's batch sizes and
+def build_deepspeed_config(settings: TrainSettings) -> dict[str, Any]:
+    """The DeepSpeed config of a worker: `client.deepspeed` with fedsim's batch sizes and
     clipping filled in (`deepspeed_config_problems` has refused any that disagree)."""
-    cfg = copy.deepcopy(user or {})
-    cfg["train_batch_size"] = settings.batch_size
-    cfg["train_micro_batch_size_per_gpu"] = settings.micro_batch_size
+    c = settings.client
+    cfg = copy.deepcopy(c.deepspeed or {})
+    cfg["train_batch_size"] = c.batch_size
+    cfg["train_micro_batch_size_per_gpu"] = c.micro_batch_size
     cfg["gradient_accumulation_steps"] = settings.accumulation
-    cfg["gradient_clipping"] = settings.max_grad_norm or 0.0
+    cfg["gradient_clipping"] = c.max_grad_norm or 0.0
     cfg.setdefault("zero_optimization", {"stage": 0})
     cfg.setdefault("steps_per_print", 2**31 - 1)  # no per-step log lines in the driver's log
     return cfg
@@ -243,14 +234,18 @@ def init_single_rank_group() -> None:
 # ---------------------------------------------------------------------------------------------
 # The trainer
 # ---------------------------------------------------------------------------------------------
-
-
 class DeepSpeedTrainer(Trainer):
-    """Local training on a DeepSpeed engine built once per worker (see the module docstring)."""
+    """Local training on a DeepSpeed engine built once per worker (see the module docstring).
+
+    The engine owns gradient accumulation, clipping and the optimizer step: each micro-batch is
+    one `engine.backward` + `engine.step`, and the engine steps at its accumulation boundary,
+    which fedsim's config keeps on fedsim's optimizer steps."""
+
+    owns_gradients = True
 
     def __init__(self, settings: TrainSettings) -> None:
         super().__init__(settings)
-        self.ds_config = build_deepspeed_config(settings, settings.deepspeed)
+        self.ds_config = build_deepspeed_config(settings)
         self.engine: Any = None
         self._params: dict[str, torch.nn.Parameter] = {}
         self._dtypes: dict[str, torch.dtype] = {}
@@ -263,8 +258,6 @@ class DeepSpeedTrainer(Trainer):
 
     def prepare(self, model: torch.nn.Module) -> None:
         """Build the engine around `model`'s trainable (LoRA) parameters."""
-        from fedsim.model import adapter_parameters
-
         extensions_dir()
         init_single_rank_group()
         import deepspeed
@@ -275,18 +268,18 @@ class DeepSpeedTrainer(Trainer):
         # trains in (bf16 casts the module, LoRA included; a rebuilt engine sees the cast one).
         self._dtypes = self._dtypes or {k: p.dtype for k, p in params.items()}
         self._params = params
-        s = self.settings
+        c = self.settings.client
         if offloads_optimizer(self.ds_config):
             # ZeRO-Offload steps on the CPU with DeepSpeed's own Adam (the cpu_adam JIT op).
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
             optimizer: Any = DeepSpeedCPUAdam(
-                list(params.values()), lr=s.lr, weight_decay=s.weight_decay, adamw_mode=True
+                list(params.values()), lr=c.lr, weight_decay=c.weight_decay, adamw_mode=True
             )
         else:
             # A plain torch optimizer: no JIT-built optimizer op needed.
             optimizer = torch.optim.AdamW(
-                list(params.values()), lr=s.lr, weight_decay=s.weight_decay
+                list(params.values()), lr=c.lr, weight_decay=c.weight_decay
             )
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=copy.deepcopy(self.ds_config)
@@ -326,20 +319,55 @@ class DeepSpeedTrainer(Trainer):
             out[key] = value.to("cpu", self._dtypes[key], copy=True).contiguous()
         return out
 
-    def _reset(self) -> None:
+    def begin(self, model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
         """Forget everything the previous client left: optimizer moments, counters, loss scale."""
+        if self.engine is None:
+            self.prepare(model)
         engine = self.engine
-        inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
         # AdamW and DeepSpeedCPUAdam create their moments (and step 0) lazily when empty.
-        inner.state.clear()
+        self._inner_optimizer().state.clear()
         engine.global_steps = engine.global_samples = engine.micro_steps = 0
         engine.skipped_steps = 0
         if self._scaler_state is not None:
             vars(engine.optimizer.loss_scaler).update(copy.deepcopy(self._scaler_state))
+        self._stale = True  # until this client finishes cleanly
+        engine.train()
+        return self._params
 
-    def _update_weights(self, update: Any) -> None:
-        """Apply `update(key, fp32 value) -> new value` to every LoRA parameter, in DeepSpeed's
-        fp32 master copy (where it keeps one) and in the module's weights alike."""
+    def end(self, model: torch.nn.Module) -> None:
+        self.engine.eval()
+        self._stale = False
+
+    # -- the loop's operations ------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
+
+    def set_lr(self, lr: float) -> None:
+        # fedsim's schedule, not a DeepSpeed scheduler: set on the optimizer the engine wraps.
+        for group in self._inner_optimizer().param_groups:
+            group["lr"] = lr
+
+    def forward_backward(self, batch: dict[str, torch.Tensor], extra: ExtraLoss | None) -> float:
+        loss = self.engine(**batch).loss
+        share = loss.item() / self.settings.accumulation
+        self._backward_and_step(loss, extra)
+        return share
+
+    def skip_micro_batch(self, batch: dict[str, torch.Tensor], extra: ExtraLoss | None) -> None:
+        # The engine still needs the micro-step, so that its accumulation boundary stays on
+        # fedsim's optimizer steps; a zero loss adds nothing, and the forked RNG keeps the
+        # dropout masks of later batches those of the torch backend.
+        with torch.random.fork_rng(devices=_rng_devices(self.engine.device)):
+            loss = self.engine(**batch).logits.sum() * 0.0
+        self._backward_and_step(loss, extra)
+
+    def step(self) -> None:
+        return None  # `engine.step` after each micro-batch steps at the accumulation boundary
+
+    def update_weights(self, update: WeightUpdate) -> None:
+        """In DeepSpeed's fp32 master copy (where it keeps one) and the module's weights alike."""
         from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 
         with torch.no_grad():
@@ -350,91 +378,14 @@ class DeepSpeedTrainer(Trainer):
                     safe_set_full_fp32_param(param, value)
                 param.data.copy_(value)
 
-    def _masks(self, ctx: ClientContext) -> dict[str, torch.Tensor]:
-        """Heterogeneous ranks: 1 where a rank-`ctx.lora_rank` client trains, else 0."""
-        if ctx.lora_rank is None:
-            return {}
-        masks = {}
-        for key, param in self._params.items():
-            mask = rank_mask(key, param.shape, ctx.lora_rank)
-            if mask is not None:
-                masks[key] = mask.to(param.device)
-        return masks
+    def _backward_and_step(self, loss: torch.Tensor, extra: ExtraLoss | None) -> None:
+        if extra is not None:
+            loss = loss + extra()
+        self.engine.backward(loss)  # scales by 1 / gradient_accumulation_steps
+        self.engine.step()  # clips and steps the optimizer at the accumulation boundary
 
-    def train(
-        self,
-        model: torch.nn.Module,
-        input_ids: Sequence[Sequence[int]],
-        labels: Sequence[Sequence[int]],
-        seed: int,
-        context: ClientContext | None = None,
-    ) -> TrainResult:
-        """As the torch backend, `context` included: FedProx's term is added to each
-        micro-batch's loss (DeepSpeed averages it back to once per step), SCAFFOLD's correction
-        and the rank masks are applied to the weights after every optimizer step."""
-        if self.engine is None:
-            self.prepare(model)
-        s, engine, ctx = self.settings, self.engine, context or ClientContext()
-        start = time.perf_counter()
-        self._reset()
-        self._stale = True  # until this client finishes cleanly
-        torch.manual_seed(seed)  # dropout masks
-        rng = np.random.default_rng(seed)
-        masks = self._masks(ctx)
-        if masks:
-            self._update_weights(lambda k, v: v * masks[k] if k in masks else v)
-        # FedProx anchors: the weights as training starts (after masking), in fp32
-        anchors = (
-            {k: p.detach().float().clone() for k, p in self._params.items()} if ctx.prox_mu else {}
-        )
-        total_steps = s.num_steps(len(input_ids))
-        order = batch_order(len(input_ids), total_steps * s.batch_size, rng)
-        inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
-        result = TrainResult()
-        engine.train()
-        for step in range(total_steps):
-            lr_now = s.lr * lr_factor(step, total_steps, s.lr_scheduler, s.warmup_steps)
-            for group in inner.param_groups:
-                group["lr"] = lr_now
-            step_loss = 0.0
-            for micro in range(s.accumulation):
-                batch = micro_batch(input_ids, labels, order, step, micro, s, engine.device)
-                if (batch["labels"] != IGNORE_INDEX).any():
-                    loss = engine(**batch).loss
-                    step_loss += loss.item() / s.accumulation
-                    result.tokens += int(batch["attention_mask"].sum())
-                else:
-                    # Every answer was cut off: no signal (the torch backend skips the batch).
-                    # The engine still needs the micro-step, so that its accumulation boundary
-                    # stays on fedsim's optimizer steps; a zero loss adds nothing, and the forked
-                    # RNG keeps the dropout masks of later batches those of the torch backend.
-                    with torch.random.fork_rng(devices=_rng_devices(engine.device)):
-                        loss = engine(**batch).logits.sum() * 0.0
-                if ctx.prox_mu:
-                    loss = loss + _proximal_term(self._params, anchors, ctx.prox_mu)
-                engine.backward(loss)  # scales by 1 / gradient_accumulation_steps
-                engine.step()  # clips and steps the optimizer at the accumulation boundary
-            if ctx.correction is not None:  # SCAFFOLD, as a separate step after AdamW's
-                self._update_weights(
-                    lambda k, v, c=ctx.correction, lr=lr_now: v - lr * c[k].to(v.device, v.dtype)
-                )
-            if masks:
-                self._update_weights(lambda k, v: v * masks[k] if k in masks else v)
-            result.lr_sum += lr_now
-            result.losses.append(step_loss)
-        engine.eval()
-        self._stale = False
-        result.examples = len(order)
-        result.seconds = time.perf_counter() - start
-        return result
-
-
-def _proximal_term(
-    params: dict[str, torch.nn.Parameter], anchors: dict[str, torch.Tensor], mu: float
-) -> torch.Tensor:
-    """(mu/2)*||w - anchor||^2: its gradient mu*(w - anchor) is what the torch backend adds to
-    each step's gradient."""
-    return 0.5 * mu * sum(((p.float() - anchors[k]) ** 2).sum() for k, p in params.items())
+    def _inner_optimizer(self) -> Any:
+        return getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
 
 
 def _rng_devices(device: torch.device) -> list[int]:

@@ -1,55 +1,70 @@
-"""Local trainers: one client's LoRA tuning on its shard.
+"""Local training: one client's LoRA tuning on its shard, one loop for every backend.
 
-A trainer backend is one small class behind `Trainer.train`; the worker hands it the model with
-the global adapter already loaded, the client's tokenised examples and a seed, and gets back a
-`TrainResult`. Everything random (batch order, dropout) derives from that seed, so a client's
-update depends only on (global adapter, shard, seed), not on what the worker did before.
+The worker hands a trainer the model with the global adapter already loaded, the client's
+tokenised examples and a seed, and gets back a `TrainResult`. Everything random (batch order,
+dropout) derives from that seed, so a client's update depends only on (global adapter, shard,
+seed), not on what the worker did before.
+
+`Trainer.train` is the loop, written once: seeding, batch order, gradient accumulation, the lr
+schedule, FedProx, SCAFFOLD, rank masks and the bookkeeping. A backend is a subclass that
+supplies a handful of operations (the abstract methods below: start a client, forward/backward a
+micro-batch, take the optimizer step, set the lr, rewrite its weights); `TorchTrainer` here,
+`DeepSpeedTrainer` in `deepspeed_trainer.py`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from fedsim.model import get_adapter, set_adapter
+from fedsim.client.context import (
+    ClientContext,
+    ProximalTerm,
+    WeightUpdate,
+    corrected,
+    masked,
+    rank_masks,
+)
+from fedsim.config import ClientConfig
+from fedsim.model import adapter_parameters, get_adapter, set_adapter
 
 IGNORE_INDEX = -100
+TensorDict = dict[str, torch.Tensor]
+ExtraLoss = Callable[[], torch.Tensor]
 
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """Local training hyperparameters (from `client.*` in the config)."""
+    """What local training reads: the config's `client` section as it is, and the tokenizer's
+    pad id (which the config does not know)."""
 
-    local_steps: int | None
-    local_epochs: float | None
-    batch_size: int
-    micro_batch_size: int
-    lr: float
-    weight_decay: float = 0.0
-    lr_scheduler: str = "constant"
-    warmup_steps: int = 0
-    max_grad_norm: float | None = 1.0
+    client: ClientConfig
     pad_token_id: int = 0
-    deepspeed: dict[str, Any] | None = None
-    """`client.deepspeed`: DeepSpeed settings, read by the deepspeed backend only."""
 
     @property
     def accumulation(self) -> int:
-        return self.batch_size // self.micro_batch_size
+        """Micro-batches per optimizer step."""
+        return self.client.batch_size // self.client.micro_batch_size
 
     def num_steps(self, num_examples: int) -> int:
         """Optimizer steps for a shard of `num_examples` records."""
-        if self.local_steps is not None:
-            return self.local_steps
-        assert self.local_epochs is not None
-        return max(1, math.ceil(self.local_epochs * num_examples / self.batch_size))
+        c = self.client
+        if c.local_steps is not None:
+            return c.local_steps
+        assert c.local_epochs is not None
+        return max(1, math.ceil(c.local_epochs * num_examples / c.batch_size))
+
+    def with_client(self, **changes: Any) -> TrainSettings:
+        """These settings with some `client.*` fields changed."""
+        return dataclasses.replace(self, client=dataclasses.replace(self.client, **changes))
 
 
 @dataclass
@@ -67,48 +82,6 @@ class TrainResult:
     @property
     def mean_loss(self) -> float:
         return float(np.mean(self.losses)) if self.losses else float("nan")
-
-
-@dataclass(frozen=True)
-class ClientContext:
-    """What a server strategy or the client's profile changes about local training; the default
-    changes nothing. Tensors are keyed by PEFT adapter names (`model.adapter_parameters`)."""
-
-    prox_mu: float = 0.0
-    """FedProx: adds (mu/2)*||w - w_global||^2 over the trainable parameters to each step's loss."""
-    correction: dict[str, torch.Tensor] | None = None
-    """SCAFFOLD: c - c_i; after every optimizer step w <- w - lr_t * (c - c_i)."""
-    lora_rank: int | None = None
-    """Heterogeneous ranks: train only the first `lora_rank` LoRA components (see lora_ranks)."""
-
-    @property
-    def is_plain(self) -> bool:
-        """True when it changes nothing about local training."""
-        return not self.prox_mu and self.correction is None and self.lora_rank is None
-
-
-def add_proximal_gradient(
-    params: dict[str, torch.nn.Parameter], anchors: dict[str, torch.Tensor], mu: float
-) -> None:
-    """Add the gradient of (mu/2)*||w - anchor||^2, i.e. mu*(w - anchor), to each parameter's
-    gradient (once per optimizer step, before clipping: the same as adding the term to the loss)."""
-    with torch.no_grad():
-        for key, p in params.items():
-            prox = mu * (p - anchors[key])
-            if p.grad is None:
-                p.grad = prox
-            else:
-                p.grad.add_(prox)
-
-
-def apply_correction(
-    params: dict[str, torch.nn.Parameter], correction: dict[str, torch.Tensor], lr: float
-) -> None:
-    """SCAFFOLD's drift correction as a separate step after the optimizer's: w <- w - lr*(c - c_i)
-    (decoupled from AdamW's normalisation, as OpenFedLLM applies it)."""
-    with torch.no_grad():
-        for key, p in params.items():
-            p.sub_(lr * correction[key].to(p.dtype))
 
 
 def lr_factor(step: int, total: int, scheduler: str, warmup: int) -> float:
@@ -154,38 +127,85 @@ def micro_batch(
     device: torch.device,
 ) -> dict[str, torch.Tensor]:
     """Micro-batch `micro` of optimizer step `step`, collated onto `device`."""
-    lo = step * settings.batch_size + micro * settings.micro_batch_size
-    idx = order[lo : lo + settings.micro_batch_size]
+    c = settings.client
+    lo = step * c.batch_size + micro * c.micro_batch_size
+    idx = order[lo : lo + c.micro_batch_size]
     batch = collate([input_ids[i] for i in idx], [labels[i] for i in idx], settings.pad_token_id)
     return {k: v.to(device) for k, v in batch.items()}
 
 
 class Trainer(ABC):
-    """A local training backend.
+    """A local training backend, and the one loop (`train`) that drives every backend.
 
     The worker calls `prepare` once with its model, then for each client `load_adapter`, `train`
-    and `read_adapter`. The defaults move adapters straight in and out of the model's LoRA
-    parameters; a backend that keeps its own copy of the weights (DeepSpeed's fp32 master copy)
-    overrides them.
+    and `read_adapter`. The adapter defaults move adapters straight in and out of the model's
+    LoRA parameters; a backend that keeps its own copy of the weights (DeepSpeed's fp32 master
+    copy) overrides them.
     """
+
+    owns_gradients: bool = False
+    """True for an engine that keeps the accumulated gradients to itself and clips and steps at
+    its own accumulation boundary (DeepSpeed): FedProx's term then enters each micro-batch's
+    loss instead of the accumulated gradient."""
 
     def __init__(self, settings: TrainSettings) -> None:
         self.settings = settings
 
     def prepare(self, model: torch.nn.Module) -> None:
         """Build whatever the backend keeps for the whole run (called once per worker); the
-        torch backend keeps nothing."""
+        default keeps nothing."""
         return None
 
-    def load_adapter(self, model: torch.nn.Module, adapter: dict[str, torch.Tensor]) -> None:
+    def load_adapter(self, model: torch.nn.Module, adapter: TensorDict) -> None:
         """Make `adapter` (PEFT key names) the starting point of the next `train`."""
         set_adapter(model, adapter)
 
-    def read_adapter(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    def read_adapter(self, model: torch.nn.Module) -> TensorDict:
         """The trained adapter: PEFT key names, contiguous CPU tensors."""
         return get_adapter(model)
 
+    # -- the operations a backend supplies ----------------------------------------------------
+
     @abstractmethod
+    def begin(self, model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+        """Start a client from a clean slate (fresh optimizer state and counters, train mode);
+        returns the trainable parameters keyed by PEFT's adapter names."""
+
+    @abstractmethod
+    def end(self, model: torch.nn.Module) -> None:
+        """The client finished cleanly: back to eval mode."""
+
+    @property
+    @abstractmethod
+    def device(self) -> torch.device:
+        """Where micro-batches go."""
+
+    @abstractmethod
+    def set_lr(self, lr: float) -> None:
+        """The learning rate of the next optimizer step."""
+
+    @abstractmethod
+    def forward_backward(self, batch: dict[str, torch.Tensor], extra: ExtraLoss | None) -> float:
+        """Forward and backward one micro-batch (its loss plus `extra()` when given), scaled for
+        gradient accumulation; returns the micro-batch's share of the step's mean loss."""
+
+    def skip_micro_batch(self, batch: dict[str, torch.Tensor], extra: ExtraLoss | None) -> None:
+        """A micro-batch without a single label (every answer cut off by cutoff_len: no signal,
+        and a NaN loss). The default skips it; an engine that counts micro-batches overrides."""
+        return None
+
+    @abstractmethod
+    def step(self) -> None:
+        """Clip the accumulated gradients to `client.max_grad_norm`, take the optimizer step and
+        clear them (a no-op for an engine that steps at its own accumulation boundary)."""
+
+    @abstractmethod
+    def update_weights(self, update: WeightUpdate) -> None:
+        """Apply `update(key, weight) -> new weight` to every LoRA parameter, wherever the
+        backend keeps the weights the optimizer steps (DeepSpeed: its fp32 master copy)."""
+
+    # -- the loop ----------------------------------------------------------------------------
+
     def train(
         self,
         model: torch.nn.Module,
@@ -196,92 +216,90 @@ class Trainer(ABC):
     ) -> TrainResult:
         """Tune the trainable (LoRA) parameters of `model` in place on the given examples,
         honouring `context` (FedProx term, SCAFFOLD correction, LoRA rank) when given."""
-
-
-class TorchTrainer(Trainer):
-    """Plain PyTorch: AdamW over the trainable parameters, micro-batches with gradient
-    accumulation, optional warmup and linear/cosine decay, gradient clipping."""
-
-    def train(
-        self,
-        model: torch.nn.Module,
-        input_ids: Sequence[Sequence[int]],
-        labels: Sequence[Sequence[int]],
-        seed: int,
-        context: ClientContext | None = None,
-    ) -> TrainResult:
-        s, ctx = self.settings, context or ClientContext()
+        s, c, ctx = self.settings, self.settings.client, context or ClientContext()
         start = time.perf_counter()
+        params = self.begin(model)
         torch.manual_seed(seed)  # dropout masks
         rng = np.random.default_rng(seed)
-        params = [p for p in model.parameters() if p.requires_grad]
-        device = params[0].device
-        named, anchors, masks = context_tensors(model, ctx)
-        # A fresh optimizer per client: no state carries over from the worker's previous client.
-        optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+        masks = rank_masks(params, ctx.lora_rank)
+        if masks:  # components a lower-rank client does not own start at zero
+            self.update_weights(masked(masks))
+        prox = ProximalTerm(params, ctx.prox_mu) if ctx.prox_mu else None
+        extra = prox.loss if prox is not None and self.owns_gradients else None
         total_steps = s.num_steps(len(input_ids))
-        order = batch_order(len(input_ids), total_steps * s.batch_size, rng)
+        order = batch_order(len(input_ids), total_steps * c.batch_size, rng)
         result = TrainResult()
-        model.train()
         for step in range(total_steps):
-            for group in optimizer.param_groups:
-                group["lr"] = s.lr * lr_factor(step, total_steps, s.lr_scheduler, s.warmup_steps)
+            lr = c.lr * lr_factor(step, total_steps, c.lr_scheduler, c.warmup_steps)
+            self.set_lr(lr)
             step_loss = 0.0
             for micro in range(s.accumulation):
-                batch = micro_batch(input_ids, labels, order, step, micro, s, device)
+                batch = micro_batch(input_ids, labels, order, step, micro, s, self.device)
                 if not (batch["labels"] != IGNORE_INDEX).any():
-                    continue  # every answer was cut off by cutoff_len: no signal, and a NaN loss
-                loss = model(**batch).loss / s.accumulation
-                loss.backward()
-                step_loss += loss.item()
+                    self.skip_micro_batch(batch, extra)
+                    continue
+                step_loss += self.forward_backward(batch, extra)
                 result.tokens += int(batch["attention_mask"].sum())
-            if ctx.prox_mu:
-                add_proximal_gradient(named, anchors, ctx.prox_mu)
-            if s.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            lr_now = optimizer.param_groups[0]["lr"]
+            if prox is not None and not self.owns_gradients:
+                prox.add_gradient()  # before clipping, as if the term were in the loss
+            self.step()
             if ctx.correction is not None:
-                apply_correction(named, ctx.correction, lr_now)
-            apply_masks(named, masks)
-            result.lr_sum += lr_now
+                self.update_weights(corrected(ctx.correction, lr))
+            if masks:
+                self.update_weights(masked(masks))
+            result.lr_sum += lr
             result.losses.append(step_loss)
-        model.eval()
+        self.end(model)
         result.examples = len(order)
         result.seconds = time.perf_counter() - start
         return result
 
 
-def context_tensors(
-    model: torch.nn.Module, ctx: ClientContext
-) -> tuple[dict[str, torch.nn.Parameter], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """The named LoRA parameters, FedProx anchors (the global adapter: the parameters as training
-    starts) and rank masks that `ctx` needs; components a lower-rank client does not own are
-    zeroed before training starts."""
-    if ctx.is_plain:
-        return {}, {}, {}
-    from fedsim.lora_ranks import rank_mask
-    from fedsim.model import adapter_parameters
+class TorchTrainer(Trainer):
+    """Plain PyTorch: a fresh AdamW per client over the trainable parameters, gradients
+    accumulated in `.grad`, clipped with `clip_grad_norm_`."""
 
-    named = adapter_parameters(model)
-    masks = {}
-    if ctx.lora_rank is not None:
-        for key, p in named.items():
-            mask = rank_mask(key, p.shape, ctx.lora_rank)
-            if mask is not None:
-                masks[key] = mask.to(p.dtype)
-        apply_masks(named, masks)
-    # after masking, so the proximal term never pulls on components the client does not own
-    anchors = {k: p.detach().clone() for k, p in named.items()} if ctx.prox_mu else {}
-    return named, anchors, masks
+    def begin(self, model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+        c = self.settings.client
+        self._model = model
+        self._params = adapter_parameters(model)
+        self._device = next(iter(self._params.values())).device
+        # A fresh optimizer per client: no state carries over from the worker's previous client.
+        params = list(self._params.values())
+        self._optimizer = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
+        model.train()
+        return self._params
 
+    def end(self, model: torch.nn.Module) -> None:
+        model.eval()
 
-def apply_masks(named: dict[str, torch.nn.Parameter], masks: dict[str, torch.Tensor]) -> None:
-    """Zero the LoRA components a lower-rank client does not own (after every optimizer step)."""
-    with torch.no_grad():
-        for key, mask in masks.items():
-            named[key].mul_(mask)
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def set_lr(self, lr: float) -> None:
+        for group in self._optimizer.param_groups:
+            group["lr"] = lr
+
+    def forward_backward(self, batch: dict[str, torch.Tensor], extra: ExtraLoss | None) -> float:
+        loss = self._model(**batch).loss
+        if extra is not None:
+            loss = loss + extra()
+        loss = loss / self.settings.accumulation
+        loss.backward()
+        return loss.item()
+
+    def step(self) -> None:
+        max_norm = self.settings.client.max_grad_norm
+        if max_norm:
+            torch.nn.utils.clip_grad_norm_(list(self._params.values()), max_norm)
+        self._optimizer.step()
+        self._optimizer.zero_grad(set_to_none=True)
+
+    def update_weights(self, update: WeightUpdate) -> None:
+        with torch.no_grad():
+            for key, p in self._params.items():
+                p.copy_(update(key, p.detach()))
 
 
 TRAINERS: dict[str, type[Trainer]] = {"torch": TorchTrainer}

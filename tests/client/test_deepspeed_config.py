@@ -81,16 +81,7 @@ def test_matching_or_auto_values_are_accepted():
             }
         }
     )
-    settings = TrainSettings(
-        None,
-        1.0,
-        8,
-        2,
-        1e-3,
-        max_grad_norm=cfg.client.max_grad_norm,
-        deepspeed=cfg.client.deepspeed,
-    )
-    built = build_deepspeed_config(settings, settings.deepspeed)
+    built = build_deepspeed_config(TrainSettings(cfg.client))
     assert built["train_micro_batch_size_per_gpu"] == 2
     assert built["gradient_clipping"] == 1.0
     assert built["zero_optimization"]["offload_optimizer"] == {"device": "cpu"}

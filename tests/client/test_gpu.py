@@ -40,7 +40,7 @@ def gpu_spec(tmp_path_factory):
     ],
 )
 def test_a_gpu_worker_trains_and_returns_fp32_cpu_adapters(gpu_spec, backend, deepspeed):
-    settings = dataclasses.replace(gpu_spec.settings, deepspeed=deepspeed)
+    settings = gpu_spec.settings.with_client(deepspeed=deepspeed)
     worker = ClientWorker(dataclasses.replace(gpu_spec, backend=backend, settings=settings))
     start = worker.initial_adapter()
     outcome, upload = worker.train(ClientTask(1, 0, 5), start)

@@ -1,4 +1,5 @@
-"""The torch trainer on a tiny model built in the test."""
+"""The one local-training loop (`Trainer.train`), through every backend, on a tiny model built
+in the test; its pure parts (steps, batch order, collation, lr schedules) without a model."""
 
 import math
 
@@ -6,21 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from fedsim.client.trainer import (
-    IGNORE_INDEX,
-    TorchTrainer,
-    TrainSettings,
-    batch_order,
-    collate,
-    lr_factor,
-)
-from fedsim.model import get_adapter, set_adapter
-from tests.conftest import tiny_lora_llama
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_lora_llama(vocab_size=40, lora_seed=0)
+from fedsim.client.trainer import IGNORE_INDEX, batch_order, collate, lr_factor
+from fedsim.model import get_adapter
+from tests.client.conftest import settings as _settings
+from tests.conftest import same_bits
 
 
 def _examples(n: int = 12) -> tuple[list[list[int]], list[list[int]]]:
@@ -34,38 +24,47 @@ def _examples(n: int = 12) -> tuple[list[list[int]], list[list[int]]]:
     return ids, labels
 
 
-def _settings(**kw) -> TrainSettings:
-    base = {"local_steps": 30, "local_epochs": None, "batch_size": 4, "micro_batch_size": 2}
-    return TrainSettings(**{**base, "lr": 1e-2, **kw})
-
-
-def test_training_lowers_the_loss_and_touches_only_lora(model):
-    start = get_adapter(model)
-    frozen = {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
+def test_training_lowers_the_loss_and_touches_only_lora(tiny):
+    t = tiny(_settings(local_steps=30), vocab_size=40, lora_seed=0)
+    start = get_adapter(t.model)
+    frozen = {k: v.clone() for k, v in t.model.state_dict().items() if "lora_" not in k}
     ids, labels = _examples()
-    result = TorchTrainer(_settings()).train(model, ids, labels, seed=3)
+    adapter, result = t.train(start, ids, labels, seed=3)
     assert len(result.losses) == 30 and result.examples == 30 * 4
+    assert result.tokens == 30 * 4 * 10 and result.lr_sum == pytest.approx(30 * 1e-2)
     assert np.mean(result.losses[-5:]) < np.mean(result.losses[:5])
-    assert any(not torch.equal(start[k], v) for k, v in get_adapter(model).items())
-    for k, v in model.state_dict().items():
+    assert any(not torch.equal(start[k], v) for k, v in adapter.items())
+    for k, v in t.model.state_dict().items():
         if k in frozen:
             assert torch.equal(frozen[k], v), k
-    set_adapter(model, start)
 
 
-def test_same_seed_same_update_whatever_ran_before(model):
-    start = get_adapter(model)
+def test_same_seed_same_update_whatever_ran_before(tiny):
+    t = tiny(_settings(local_steps=5), vocab_size=40, lora_seed=0)
+    start = get_adapter(t.model)
     ids, labels = _examples()
-    trainer = TorchTrainer(_settings(local_steps=5))
-    trainer.train(model, ids, labels, seed=1)
-    first = get_adapter(model)
-    set_adapter(model, start)
-    trainer.train(model, ids[:6], labels[:6], seed=9)  # some other client in between
-    set_adapter(model, start)
-    trainer.train(model, ids, labels, seed=1)
-    again = get_adapter(model)
-    assert all(torch.equal(first[k], again[k]) for k in first)
-    set_adapter(model, start)
+    first, _ = t.train(start, ids, labels, seed=1)
+    t.train(first, ids[:6], labels[:6], seed=9)  # some other client in between
+    again, _ = t.train(start, ids, labels, seed=1)
+    assert all(same_bits(first[k], again[k]) for k in first)
+    other, _ = t.train(start, ids, labels, seed=2)
+    assert not all(torch.equal(first[k], other[k]) for k in first)
+
+
+def test_micro_batches_without_labels_add_nothing(tiny):
+    """Answers cut off by cutoff_len leave micro-batches without a label: they count no tokens
+    and no loss, yet the step still happens."""
+    t = tiny(_settings(local_steps=4), vocab_size=40, lora_seed=0)
+    start = get_adapter(t.model)
+    ids, labels = _examples(4)
+    cut = [[IGNORE_INDEX] * len(x) for x in ids]
+    # two labelled examples, two cut off: some micro-batches hold only cut-off ones
+    adapter, result = t.train(start, ids, labels[:2] + cut[2:], seed=0)
+    assert len(result.losses) == 4 and result.tokens < 4 * 4 * 10
+    assert all(math.isfinite(x) for x in result.losses)
+    assert any(not torch.equal(start[k], v) for k, v in adapter.items())
+    _, nothing = t.train(start, ids, cut, seed=0)
+    assert nothing.tokens == 0 and nothing.losses == [0.0] * 4
 
 
 def test_steps_from_epochs():

@@ -1,38 +1,34 @@
-"""The trainer's strategy hooks on a small real LLaMA model with LoRA: FedProx's proximal
-term, SCAFFOLD's correction, and rank masks for heterogeneous clients."""
+"""What a ClientContext changes about local training, through every backend, on a small real
+LLaMA model with LoRA: FedProx's proximal term, SCAFFOLD's correction, and rank masks for
+heterogeneous clients."""
 
 import pytest
 import torch
 
-from fedsim.client.trainer import ClientContext, TorchTrainer, TrainSettings
-from fedsim.model import adapter_parameters, get_adapter, set_adapter
-from tests.conftest import tiny_lora_llama
+from fedsim.client.context import ClientContext
+from fedsim.model import adapter_parameters, get_adapter
+from tests.client.conftest import settings
+from tests.conftest import same_bits
 
-SETTINGS = TrainSettings(
-    local_steps=6, local_epochs=None, batch_size=4, micro_batch_size=2, lr=5e-2, max_grad_norm=None
-)
+SETTINGS = settings(local_steps=6, lr=5e-2, max_grad_norm=None)
+EXAMPLES = [[(i * 7 + j) % 64 for j in range(12)] for i in range(8)]
 
 
 @pytest.fixture(scope="module")
-def model():
-    return tiny_lora_llama(vocab_size=64, lora_seed=1)
+def model(tiny):
+    return tiny(SETTINGS, vocab_size=64, lora_seed=1)
 
 
 @pytest.fixture(scope="module")
 def start(model):
     # LoRA B starts at zero; give it values so every component matters
-    adapter = get_adapter(model)
+    adapter = get_adapter(model.model)
     gen = torch.Generator().manual_seed(2)
     return {k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in adapter.items()}
 
 
-EXAMPLES = [[(i * 7 + j) % 64 for j in range(12)] for i in range(8)]
-
-
 def _train(model, start, context=None):
-    set_adapter(model, start)
-    result = TorchTrainer(SETTINGS).train(model, EXAMPLES, EXAMPLES, seed=3, context=context)
-    return get_adapter(model), result
+    return model.train(start, EXAMPLES, EXAMPLES, seed=3, context=context)
 
 
 def _distance(a, b) -> float:
@@ -40,13 +36,13 @@ def _distance(a, b) -> float:
 
 
 def test_adapter_parameters_use_peft_saved_names(model):
-    assert set(adapter_parameters(model)) == set(get_adapter(model))
+    assert set(adapter_parameters(model.model)) == set(get_adapter(model.model))
 
 
 def test_no_context_and_an_empty_one_train_identically(model, start):
     plain, result = _train(model, start)
     empty, _ = _train(model, start, ClientContext())
-    assert all(torch.equal(plain[k], empty[k]) for k in plain)
+    assert all(same_bits(plain[k], empty[k]) for k in plain)
     assert result.lr_sum == pytest.approx(6 * 5e-2)
 
 

@@ -1,0 +1,98 @@
+"""What a server strategy or the client's profile changes about local training, written once for
+every backend: FedProx's proximal term, SCAFFOLD's correction step and the rank masks of
+heterogeneous LoRA ranks. The loop in `fedsim.client.trainer` applies them; a backend only
+supplies the parameters and a way to rewrite its weights (`Trainer.update_weights`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from fedsim.lora_ranks import rank_mask
+
+TensorDict = dict[str, torch.Tensor]
+WeightUpdate = Callable[[str, torch.Tensor], torch.Tensor]
+"""`update(key, weight) -> new weight`, applied by a backend to every LoRA parameter."""
+
+
+@dataclass(frozen=True)
+class ClientContext:
+    """What a server strategy or the client's profile changes about local training; the default
+    changes nothing. Tensors are keyed by PEFT adapter names (`model.adapter_parameters`)."""
+
+    prox_mu: float = 0.0
+    """FedProx: adds (mu/2)*||w - w_global||^2 over the trainable parameters to each step's loss."""
+    correction: TensorDict | None = None
+    """SCAFFOLD: c - c_i; after every optimizer step w <- w - lr_t * (c - c_i)."""
+    lora_rank: int | None = None
+    """Heterogeneous ranks: train only the first `lora_rank` LoRA components (see lora_ranks)."""
+
+    @property
+    def is_plain(self) -> bool:
+        """True when it changes nothing about local training."""
+        return not self.prox_mu and self.correction is None and self.lora_rank is None
+
+
+class ProximalTerm:
+    """FedProx's (mu/2)*||w - anchor||^2, the anchor being the weights as training starts (the
+    global adapter, after any rank mask, so the term never pulls on components a client does not
+    own).
+
+    It reaches the gradient once per optimizer step, in one of two equivalent forms: `add_gradient`
+    for a backend whose accumulated gradients the loop can touch before clipping, `loss` for an
+    engine that keeps them to itself (added to each micro-batch's loss, which the engine averages
+    back to once per step). Each form is what that backend has always computed, bit for bit.
+    """
+
+    def __init__(self, params: dict[str, torch.nn.Parameter], mu: float) -> None:
+        self.params, self.mu = params, mu
+        self.anchors = {k: p.detach().clone() for k, p in params.items()}
+
+    def loss(self) -> torch.Tensor:
+        """The term itself, in fp32 whatever the parameters' dtype."""
+        return (
+            0.5
+            * self.mu
+            * sum(
+                ((p.float() - self.anchors[k].float()) ** 2).sum() for k, p in self.params.items()
+            )
+        )
+
+    def add_gradient(self) -> None:
+        """Add the term's gradient, mu*(w - anchor), to each parameter's gradient (in the
+        parameter's dtype)."""
+        with torch.no_grad():
+            for key, p in self.params.items():
+                prox = self.mu * (p - self.anchors[key])
+                if p.grad is None:
+                    p.grad = prox
+                else:
+                    p.grad.add_(prox)
+
+
+def rank_masks(params: dict[str, torch.nn.Parameter], rank: int | None) -> TensorDict:
+    """Heterogeneous ranks: per parameter, 1 where a rank-`rank` client trains, else 0 (only the
+    parameters it does not own entirely; none when `rank` is None)."""
+    if rank is None:
+        return {}
+    masks = {}
+    for key, p in params.items():
+        mask = rank_mask(key, p.shape, rank)
+        if mask is not None:
+            masks[key] = mask.to(p.device)
+    return masks
+
+
+def masked(masks: TensorDict) -> WeightUpdate:
+    """Zero the LoRA components a lower-rank client does not own (0/1 masks: exact in any
+    dtype)."""
+    return lambda key, w: w * masks[key] if key in masks else w
+
+
+def corrected(correction: TensorDict, lr: float) -> WeightUpdate:
+    """SCAFFOLD's drift correction as a separate step after the optimizer's: w <- w - lr*(c - c_i)
+    (decoupled from AdamW's normalisation, as OpenFedLLM applies it)."""
+    return lambda key, w: w - lr * correction[key].to(w.device, w.dtype)
