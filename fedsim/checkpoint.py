@@ -49,11 +49,6 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def config_name(round_idx: int) -> str:
-    """File name, in the run's `configs/` folder, of the config that took effect at a round."""
-    return f"{round_name(round_idx)}.yaml"
-
-
 write_text_atomic = rundir.write_text_atomic  # kept for callers outside the run loop
 
 

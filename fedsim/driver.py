@@ -2,20 +2,17 @@
 
 `run_experiment` reads top to bottom in three phases:
 
-1. prepare — everything that can fail on bad input (config, run directory, data, model path)
-   fails here, before the run directory is touched;
-2. materialise — write config.yaml, partition.json and the tokenised shards;
-3. rounds — on Ray: select clients, broadcast the global adapter once, let free workers take the
-   next client, stream updates into the aggregator, checkpoint, log one line.
+1. prepare (fedsim/prepare.py) — everything that can fail on bad input (config, run directory,
+   data, model) fails here, before Ray starts or the run directory is touched;
+2. materialise (fedsim/prepare.py) — write config.yaml, partition.json and the shard index;
+3. rounds — on Ray (`run_rounds`, one round top to bottom): select clients, plan them with the
+   system model, build their shard blocks, let free workers train them while their updates
+   stream into the aggregator, finish the round, and commit it once its checkpoint is on disk.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
-import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,53 +22,50 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from fedsim import checkpoint, ray_auth, rundir
-from fedsim.client.profile import ClientProfile, load_profiles
+from fedsim import checkpoint
+from fedsim.client.profile import ClientProfile
 from fedsim.client.trainer import TrainSettings
 from fedsim.client.worker import ClientOutcome, ClientTask, WorkerSpec
-from fedsim.config import ExperimentConfig, clients_per_round
-from fedsim.data.pipeline import PreparedData, prepare_data, write_partition
+from fedsim.config import ExperimentConfig
 from fedsim.data.shard_builder import ShardBuilder
-from fedsim.data.shards import INDEX_FILE, ShardIndex, remove_blocks, write_index
-from fedsim.data.synthetic import generic_text
-from fedsim.data.templates import get_template, template_text
-from fedsim.errors import FedsimInputError
 from fedsim.execution import (  # WORKER_ENV re-exported for scripts
     WORKER_ENV,  # noqa: F401
     FailurePolicy,
     WorkerPool,
-    cluster_address,
     ray_session,
     worker_pool,
 )
 from fedsim.faults import forwarded_env
 from fedsim.model import (
     LoraSpec,
-    TinyModelSpec,
-    check_model,
-    ensure_tiny_model,
     load_tokenizer,
-    resolve_model_path,
+)
+from fedsim.prepare import (  # re-exported: scripts and tests build runs step by step
+    PreparedRun,  # noqa: F401
+    availability_probabilities,
+    build_shards,  # noqa: F401
+    materialise,
+    prepare_model,  # noqa: F401
+    prepare_run,
+    selection_size,
+    shard_builder,
 )
 from fedsim.resources import peak_rss_mb, round_object_store_bytes
+from fedsim.round_record import TrainedRound
 from fedsim.server.aggregator import AggregatorActor, adapter_nbytes
 from fedsim.server.client_state import ClientStateStore
 from fedsim.server.selection import (
     Selection,
     client_seed,
-    draw_probabilities,
     over_selection,
     select_round,
 )
-from fedsim.server.system_model import SystemModel
+from fedsim.server.system_model import RoundPlan, SystemModel
 from fedsim.tb import train_log
 
 Log = Callable[[str], None]
-TINY_CORPUS_LINES = 4000
 MAX_ROUND_ATTEMPTS = 3
 """How often a round is redone after its aggregator died before the run gives up."""
-CONFIGS_DIR = "configs"
-"""Every config a run has used, as `round_NNNN.yaml` (the first round it applied to)."""
 INTERRUPT_FLUSH_S = 5.0
 """On Ctrl-C, how long to wait for the checkpoint being written in the background."""
 
@@ -88,225 +82,6 @@ class RunResult:
     first_round: int
     last_round: int
     metrics: list[dict[str, Any]] = field(default_factory=list)
-
-
-@dataclass
-class PreparedRun:
-    cfg: ExperimentConfig
-    run_dir: Path
-    data: PreparedData
-    model_path: str
-    resume_from: checkpoint.RoundCheckpoint | None
-    profiles: list[ClientProfile] | None = None
-
-
-# ------------------------------------------------------------------------------------------
-# Phase 1: prepare (no writes to the run directory)
-# ------------------------------------------------------------------------------------------
-
-
-def prepare_model(cfg: ExperimentConfig, log: Log = _print) -> str:
-    """Path of the base model: the cached built-in tiny model, or the user's model path/hub id."""
-    if cfg.model.name_or_path != "tiny":
-        return resolve_model_path(cfg.model.name_or_path)
-    spec = TinyModelSpec(**dataclasses.asdict(cfg.model.tiny))
-    # A real base model has seen prompt boilerplate like Alpaca's; so has the tiny one.
-    corpus = generic_text(TINY_CORPUS_LINES, seed=0) + template_text() * 50
-    return str(ensure_tiny_model(spec, corpus, log=log))
-
-
-def prepare_run(
-    cfg: ExperimentConfig,
-    *,
-    resume: bool = False,
-    overwrite: bool = False,
-    allow_config_change: bool = False,
-    log: Log = _print,
-) -> PreparedRun:
-    """Check everything that can be wrong with the input; raises FedsimInputError."""
-    run_dir = cfg.run_dir
-    if resume and overwrite:
-        raise FedsimInputError("--resume and --overwrite: choose one")
-    problem = rundir.location_problem(cfg.run.output_dir, cfg.run.name)
-    if problem:
-        raise FedsimInputError(problem)
-    if run_dir.exists() and not (resume or overwrite):
-        raise FedsimInputError(
-            f"run directory {run_dir} already exists; pass --resume to continue it "
-            "or --overwrite to replace it"
-        )
-    if overwrite and run_dir.exists():
-        _check_overwritable(run_dir)
-    resume_from = None
-    if resume:
-        if not run_dir.is_dir():
-            raise FedsimInputError(f"--resume: run directory {run_dir} does not exist")
-        resume_from = checkpoint.find_resume_point(run_dir, log)
-        if resume_from is None:
-            raise FedsimInputError(f"--resume: {run_dir} has no intact round to resume from")
-        if resume_from.info.get("config_hash") != cfg.training_hash() and not allow_config_change:
-            raise FedsimInputError(
-                f"--resume: the config differs from the one that wrote {resume_from.path} "
-                f"(see {run_dir / 'config.yaml'}); only run.rounds, cluster and eval may change "
-                "unless --allow-config-change is given"
-            )
-    data = prepare_data(cfg.data, cfg.run.seed)
-    if resume_from and resume_from.info.get("partition_hash") != data.partition_hash():
-        raise FedsimInputError(
-            f"--resume: the data or its partition differs from the one that wrote "
-            f"{resume_from.path}; refusing to mix them"
-        )
-    if resume_from:
-        ClientStateStore(run_dir).check_resumable(resume_from.round_idx)
-    profiles = None
-    if cfg.client.profile:
-        profiles = load_profiles(cfg.client.profile, cfg.data.num_clients, cfg.model.lora.r)
-        low = [i for i, p in enumerate(profiles) if p.lora_rank and p.lora_rank < cfg.model.lora.r]
-        if low and cfg.server.strategy == "scaffold":
-            raise FedsimInputError(
-                f"client.profile: clients {low[:3]} train LoRA rank below model.lora.r; "
-                "scaffold's control variates need every client at the global rank"
-            )
-    address = cluster_address(cfg.cluster)
-    if address and not ray.is_initialized():
-        ray_auth.check_cluster(address, cfg.cluster.allow_unauthenticated)
-    model_path = prepare_model(cfg, log)
-    lora = cfg.model.lora
-    check_model(model_path, LoraSpec(lora.r, lora.alpha, lora.dropout, tuple(lora.target_modules)))
-    return PreparedRun(cfg, run_dir, data, model_path, resume_from, profiles)
-
-
-def _check_overwritable(run_dir: Path) -> None:
-    """--overwrite deletes only an empty folder or one that fedsim made (its marker file)."""
-    if not run_dir.is_dir() or run_dir.is_symlink():
-        raise FedsimInputError(f"--overwrite: {run_dir} is not a directory; refusing to replace it")
-    if any(run_dir.iterdir()) and not rundir.is_fedsim_dir(run_dir):
-        raise FedsimInputError(
-            f"--overwrite: {run_dir} was not created by fedsim (it has no {rundir.RUN_MARKER} "
-            "marker); refusing to delete it: remove it yourself or choose another run.name"
-        )
-
-
-def availability_probabilities(
-    cfg: ExperimentConfig, profiles: list[ClientProfile] | None
-) -> list[float]:
-    """Each client's availability: its profile's, else drawn from `server.availability`."""
-    a = cfg.server.availability
-    drawn = draw_probabilities(
-        a.distribution, cfg.data.num_clients, cfg.run.seed, a.value, a.low, a.high, a.a, a.b
-    )
-    if profiles is None:
-        return drawn
-    return [
-        p.availability if p.availability is not None else d
-        for p, d in zip(profiles, drawn, strict=True)
-    ]
-
-
-def selection_size(cfg: ExperimentConfig) -> int:
-    """Most clients a round can have: `client_ids`, every client for `all`, else
-    clients_per_round."""
-    if cfg.server.client_ids is not None:
-        return len(cfg.server.client_ids)
-    return cfg.data.num_clients if cfg.server.selection == "all" else clients_per_round(cfg)
-
-
-# ------------------------------------------------------------------------------------------
-# Phase 2: materialise the run directory
-# ------------------------------------------------------------------------------------------
-
-
-def _shards_key(cfg: ExperimentConfig, data: PreparedData, model_path: str) -> str:
-    d = cfg.data
-    return json.dumps(
-        [data.partition_hash(), model_path, d.template, d.cutoff_len, d.train_on_inputs, "blocks"]
-    )
-
-
-def materialise(prep: PreparedRun, overwrite: bool, log: Log = _print) -> Path:
-    """Write config.yaml, partition.json and the shard index; the shard blocks are tokenised
-    when rounds need them (`shard_builder`), and kept while the shards key is unchanged."""
-    cfg, run_dir, data = prep.cfg, prep.run_dir, prep.data
-    replaced = _move_aside(run_dir) if overwrite and run_dir.exists() else None
-    rundir.make_dir(run_dir)
-    if not rundir.is_fedsim_dir(run_dir):  # new, or written before fedsim marked its folders
-        rundir.mark_run_dir(run_dir)
-    first_round = prep.resume_from.round_idx + 1 if prep.resume_from else 1
-    record_config(run_dir, cfg.to_yaml(), first_round)
-    write_partition(run_dir / "partition.json", data.summary())
-    if replaced is not None:  # the new run directory exists: only now is the old one deleted
-        shutil.rmtree(replaced)
-
-    shards_dir = run_dir / "shards"
-    key = _shards_key(cfg, data, prep.model_path)
-    manifest = shards_dir / "manifest.json"
-    if manifest.exists() and manifest.read_text() == key and (shards_dir / INDEX_FILE).is_file():
-        return shards_dir  # its block files are still valid: reused, never re-tokenised
-    # Other data or tokenisation: drop the old blocks (and the old one-file layout), then write
-    # the index, known from the partition sizes alone, and the manifest that vouches for blocks.
-    manifest.unlink(missing_ok=True)
-    shards_dir.mkdir(exist_ok=True)
-    remove_blocks(shards_dir)
-    (shards_dir / "train.arrow").unlink(missing_ok=True)
-    index = ShardIndex.from_sizes([len(c) for c in data.clients])
-    write_index(shards_dir, index)
-    rundir.write_text_atomic(manifest, key)
-    log(
-        f"shards: {index.num_blocks} blocks of {index.block_size} clients in {shards_dir}, "
-        "tokenised as the rounds need them"
-    )
-    return shards_dir
-
-
-def _move_aside(run_dir: Path) -> Path:
-    """Rename the run directory that --overwrite replaces to a hidden sibling (deleted once the
-    new one exists), so that a crash in between leaves it whole rather than half deleted."""
-    aside = run_dir.with_name(f".{run_dir.name}.replaced-{os.getpid()}")
-    os.rename(run_dir, aside)
-    rundir.fsync_dir(run_dir.parent)
-    return aside
-
-
-def record_config(run_dir: Path, text: str, first_round: int) -> None:
-    """Write config.yaml, keeping every config the run has used in `configs/round_NNNN.yaml`,
-    named by the first round it applied to. Configs of rounds about to be redone are dropped."""
-    history = rundir.make_dir(run_dir / CONFIGS_DIR)
-    current = run_dir / "config.yaml"
-    if current.is_file() and not any(history.iterdir()):  # a run from before the history
-        rundir.write_bytes_atomic(history / checkpoint.config_name(1), current.read_bytes())
-    kept = []
-    for path in sorted(history.glob("round_*.yaml")):
-        if int(path.stem[6:]) >= first_round:
-            path.unlink()
-        else:
-            kept.append(path)
-    if not kept or kept[-1].read_text() != text:
-        rundir.write_text_atomic(history / checkpoint.config_name(first_round), text)
-    rundir.write_text_atomic(current, text)
-
-
-def shard_builder(prep: PreparedRun, shards_dir: Path, log: Log = _print) -> ShardBuilder:
-    """The builder of `shards_dir`'s blocks (after `materialise`); close it when done."""
-    d = prep.cfg.data
-    return ShardBuilder(
-        shards_dir,
-        prep.data.table,
-        prep.data.clients,
-        load_tokenizer(prep.model_path),
-        get_template(d.template),
-        d.cutoff_len,
-        d.train_on_inputs,
-        log,
-    )
-
-
-def build_shards(
-    prep: PreparedRun, shards_dir: Path, clients: list[int] | None = None, log: Log = _print
-) -> None:
-    """Build the blocks of `clients` (all clients by default) now, for code that reads the
-    shards outside `run_experiment` (benchmarks, worker tests)."""
-    with shard_builder(prep, shards_dir, log) as builder:
-        builder.ensure(range(builder.index.num_clients) if clients is None else clients)
 
 
 # ------------------------------------------------------------------------------------------
@@ -326,52 +101,24 @@ def worker_spec(
         seed=cfg.run.seed,
         shards_dir=str(shards_dir.resolve()),
         backend=c.backend,
-        settings=TrainSettings(c, pad_token_id=pad_id),
+        settings=TrainSettings(
+            local_steps=c.local_steps,
+            local_epochs=c.local_epochs,
+            batch_size=c.batch_size,
+            micro_batch_size=c.micro_batch_size,
+            lr=c.lr,
+            weight_decay=c.weight_decay,
+            lr_scheduler=c.lr_scheduler,
+            warmup_steps=c.warmup_steps,
+            max_grad_norm=c.max_grad_norm,
+            pad_token_id=pad_id,
+            deepspeed=c.deepspeed,
+        ),
         num_threads=max(1, int(cfg.cluster.cpus_per_worker)),
         device="cuda" if cfg.cluster.gpus_per_worker > 0 else "cpu",
         quantization=cfg.model.quantization,
         compression=c.compression,
     )
-
-
-def _round_record(
-    round_idx: int, outcomes: list[ClientOutcome], seconds: float, adapter_bytes: int = 0
-) -> dict[str, Any]:
-    ok = [o for o in outcomes if o.ok]
-    samples = sum(o.num_samples for o in ok)
-    loss = sum(o.mean_loss * o.num_samples for o in ok) / samples if samples else float("nan")
-    # each client's first step runs at the incoming global weights: its loss scores the previous
-    # round's global adapter on that client's data, before any local update
-    first = [(o.losses[0], o.num_samples) for o in ok if o.losses]
-    weight = sum(n for _, n in first)
-    global_loss = sum(x * n for x, n in first) / weight if weight else float("nan")
-    return {
-        "round": round_idx,
-        "clients": [o.client_id for o in outcomes],
-        "num_clients": len(outcomes),
-        "num_failed": len(outcomes) - len(ok),
-        "samples": samples,
-        "train_loss": loss,
-        "global_loss": global_loss,
-        "seconds": round(seconds, 3),
-        **_resource_record(outcomes, adapter_bytes),
-    }
-
-
-def _resource_record(outcomes: list[ClientOutcome], adapter_bytes: int) -> dict[str, Any]:
-    """The round's resource figures (see fedsim/resources.py): peak RSS of the driver and of the
-    busiest worker (MiB, process lifetime so far), and the bytes moved through the object store,
-    with the global adapter counted once per dispatched task."""
-    ran = [o.peak_rss_mb for o in outcomes if o.peak_rss_mb > 0]
-    return {
-        "driver_peak_rss_mb": peak_rss_mb(),
-        "worker_peak_rss_mb": max(ran) if ran else None,
-        "object_store_bytes": round_object_store_bytes(
-            adapter_bytes * len(outcomes),
-            sum(o.upload_bytes for o in outcomes),
-            sum(o.context_bytes for o in outcomes),
-        ),
-    }
 
 
 def run_experiment(
@@ -417,13 +164,13 @@ def run_experiment(
         ray_session(cfg.cluster),
         worker_pool(cfg, spec, per_round, options, log) as pool,
         shard_builder(prep, shards_dir, log) as shards,
+        train_log(prep.run_dir) as scalars,  # TensorBoard, if installed
     ):
-        n_workers = len(pool.actors)
-        ctx = _RoundContext(
+        rounds = RoundRunner(
             cfg=cfg,
             run_dir=prep.run_dir,
             pool=pool,
-            policy=FailurePolicy(cfg.cluster.max_client_retries),
+            commits=Commits(prep.run_dir, result, scalars),
             sample_counts=[len(c) for c in prep.data.clients],
             adapter_config=ray.get(pool.first().adapter_config.remote()),
             provenance={
@@ -432,24 +179,18 @@ def run_experiment(
             },
             log=log,
             show_progress=show_progress,
+            train_settings=spec.settings,
+            shards=shards,
+            policy=FailurePolicy(cfg.cluster.max_client_retries),
             probabilities=availability_probabilities(cfg, prep.profiles),
             ranks=[p.lora_rank for p in prep.profiles] if prep.profiles else None,
             system=_system_model(cfg, prep.profiles),
-            train_settings=spec.settings,
-            shards=shards,
-            shard_refs=cfg.cluster.data_transport == "object_store",
         )
-        aggregator, global_ref = ctx.new_aggregator(start_round - 1, prep.resume_from)
-        ctx.adapter_bytes = adapter_nbytes(ray.get(global_ref))
         log(
             f"run {prep.run_dir}: {cfg.data.num_clients} clients, {per_round} per round, "
-            f"{n_workers} workers, rounds {start_round}..{cfg.run.rounds}"
+            f"{len(pool.actors)} workers, rounds {start_round}..{cfg.run.rounds}"
         )
-        rounds = _RoundLoop(ctx, result, train_log(prep.run_dir))  # TensorBoard, if installed
-        try:
-            rounds.run(start_round, cfg.run.rounds, aggregator, global_ref)
-        finally:
-            rounds.scalars.close()
+        run_rounds(rounds, start_round, cfg.run.rounds, prep.resume_from)
     return result
 
 
@@ -468,30 +209,107 @@ def _aggregator_call(ref: Any) -> Any:
         raise err.as_instanceof_cause() from None
 
 
+def run_rounds(rounds: RoundRunner, start: int, end: int, state: Any) -> None:
+    """Rounds `start`..`end`: select -> plan (system model) -> shards -> train and fold -> finish
+    -> commit. A round's metrics line is committed only once its checkpoint, written in the
+    background while the next round trains, is on disk. An aggregator that dies is replaced from
+    the newest round on disk, and every round after that one is redone."""
+    aggregator, global_ref = rounds.new_aggregator(start - 1, state)
+    round_idx, failures = start, 0
+    try:
+        while round_idx <= end:
+            started = time.perf_counter()
+            try:
+                selection = rounds.select(round_idx)
+                clients, plan = rounds.plan(round_idx, selection.clients)
+                tasks = rounds.shard_tasks(round_idx, clients)
+                outcomes = rounds.train(round_idx, tasks, aggregator, global_ref)
+                trained = rounds.measure(round_idx, outcomes, started, plan)
+                details = rounds.details(outcomes, selection, plan)
+                summary, global_ref = rounds.finish(aggregator, trained, details)
+            except AggregatorLost as err:
+                failures += 1
+                if failures >= MAX_ROUND_ATTEMPTS:
+                    raise RuntimeError(
+                        f"round {round_idx}: the aggregator failed {failures} times"
+                    ) from err
+                aggregator, global_ref, round_idx = rounds.replace_aggregator(
+                    aggregator, round_idx, err
+                )
+                continue
+            failures = 0
+            rounds.report(summary["record"], outcomes)
+            rounds.commits.trained(summary["record"], summary["checkpoints_written"])
+            round_idx += 1
+        rounds.commits.written(_aggregator_call(aggregator.flush.remote()))
+    except KeyboardInterrupt:
+        rounds.flush_quietly(aggregator)  # keep the round already trained, if it lands quickly
+        raise
+
+
 @dataclass
-class _RoundContext:
-    """What every round of a run needs; `run_round` is one round, top to bottom."""
+class Commits:
+    """A round's metrics line is appended (and its scalars logged) only once its checkpoint is
+    on disk: records of trained rounds wait here until the aggregator reports them written."""
+
+    run_dir: Path
+    result: RunResult
+    scalars: Any
+    unwritten: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    def trained(self, record: dict[str, Any], written: list[dict[str, Any]]) -> None:
+        self.unwritten[record["round"]] = record
+        self.written(written)
+
+    def written(self, written: list[dict[str, Any]]) -> None:
+        for done in written:
+            self.commit(self.unwritten.pop(done["round"]), done)
+
+    def lost_after(self, last_on_disk: int) -> None:
+        """The aggregator died: rounds up to `last_on_disk` did land; the others are redone."""
+        for r in sorted(self.unwritten):
+            record = self.unwritten.pop(r)
+            if r <= last_on_disk:
+                self.commit(record, None)
+
+    def commit(self, record: dict[str, Any], done: dict[str, Any] | None) -> None:
+        if done is not None:  # the cost of the round's checkpoint, and how long it held us up
+            record = {
+                **record,
+                "checkpoint_seconds": done["checkpoint_seconds"],
+                "checkpoint_wait_seconds": done["checkpoint_wait_seconds"],
+            }
+        checkpoint.append_metrics(self.run_dir, record)
+        self.scalars.add_all("train", _scalars(record), record["round"])
+        self.scalars.flush()
+        self.result.metrics.append(record)
+        self.result.last_round = record["round"]
+
+
+@dataclass
+class RoundRunner:
+    """What every round of a run needs, and the steps of one round (see `run_rounds`)."""
 
     cfg: ExperimentConfig
     run_dir: Path
     pool: WorkerPool
-    policy: FailurePolicy
+    commits: Commits
     sample_counts: list[int]
     adapter_config: dict[str, Any]
     provenance: dict[str, str]
     log: Log
     show_progress: bool
-    adapter_bytes: int = 0
+    train_settings: TrainSettings
+    shards: ShardBuilder
+    policy: FailurePolicy
     probabilities: list[float] | None = None
     """Per-client availability (selection `availability`)."""
     ranks: list[int | None] | None = None
     """Per-client LoRA rank from the profile (None: the global rank)."""
     system: SystemModel | None = None
-    train_settings: TrainSettings | None = None
-    shards: ShardBuilder | None = None
-    """Builds the shard blocks a round needs (None: they are all on disk already)."""
-    shard_refs: bool = False
-    """Hand each task its shard block through the object store (cluster.data_transport)."""
+    adapter_bytes: int = 0
+
+    # --- the aggregator -------------------------------------------------------------------
 
     def new_aggregator(
         self, last_round: int, state: checkpoint.RoundCheckpoint | None
@@ -513,7 +331,32 @@ class _RoundContext:
         else:
             global_ref = self.pool.first().initial_adapter.remote()
             _aggregator_call(aggregator.set_global.remote(global_ref))
+        self.adapter_bytes = adapter_nbytes(ray.get(global_ref))
         return aggregator, global_ref
+
+    def replace_aggregator(self, lost: Any, round_idx: int, err: Exception) -> tuple[Any, Any, int]:
+        """A fresh aggregator from the newest intact round on disk, and the round to go on with."""
+        with contextlib.suppress(Exception):  # it may be gone already
+            ray.kill(lost, no_restart=True)
+        state = checkpoint.find_resume_point(self.run_dir, self.log)
+        last = state.round_idx if state else 0
+        self.commits.lost_after(last)
+        self.log(
+            f"round {round_idx}: the aggregator failed ({err}); redoing the round"
+            f"{'s' if round_idx > last + 1 else ''} from round {last + 1} on, after the last "
+            f"checkpoint on disk (round {last})"
+        )
+        aggregator, global_ref = self.new_aggregator(last, state)
+        return aggregator, global_ref, last + 1
+
+    def flush_quietly(self, aggregator: Any) -> None:
+        with contextlib.suppress(Exception):
+            ref = aggregator.flush.remote()
+            ready, _ = ray.wait([ref], timeout=INTERRUPT_FLUSH_S)
+            if ready:
+                self.commits.written(ray.get(ref))
+
+    # --- the steps of a round ---------------------------------------------------------------
 
     def select(self, round_idx: int) -> Selection:
         """The clients selected for `round_idx` (a function of the seed and the round)."""
@@ -529,170 +372,117 @@ class _RoundContext:
             self.probabilities,
         )
 
-    def run_round(
-        self, round_idx: int, aggregator: Any, global_ref: Any
-    ) -> tuple[dict[str, Any], Any, list[dict[str, Any]]]:
-        """Select, train and aggregate one round, and start its checkpoint; returns its record,
-        the new global adapter's reference, and the checkpoints that landed meanwhile."""
-        cfg, start = self.cfg, time.perf_counter()
-        # --- select ---
-        selection = self.select(round_idx)
-        selected = selection.clients
-        plan = None
-        if self.system is not None:  # simulated dropouts and stragglers do not train
-            plan = self.system.plan_round(
-                round_idx,
-                selected,
-                lambda c: self.train_settings.num_steps(self.sample_counts[c]),
-                self.adapter_bytes,
-                over_selection(cfg.run.seed, round_idx, cfg.data.num_clients, selected),
-                cfg.server.min_updates or 0,
-            )
-            selected = plan.kept
-        if self.shards is not None:
-            self.shards.ensure(selected)  # built now, unless the previous round prefetched them
-            if self.shard_refs:  # the object store holds the blocks of this round's clients only
-                self.shards.keep_refs(selected)
-            if round_idx < cfg.run.rounds:  # selection is seeded: tokenise the next round's now
-                self.shards.prefetch(self.select(round_idx + 1).clients)
-        tasks = [
+    def plan(self, round_idx: int, selected: list[int]) -> tuple[list[int], RoundPlan | None]:
+        """The clients that will report: all of `selected`, or with the system model those that
+        neither drop out nor miss the deadline (inviting more for `server.min_updates`)."""
+        if self.system is None:
+            return selected, None
+        cfg = self.cfg
+        plan = self.system.plan_round(
+            round_idx,
+            selected,
+            lambda c: self.train_settings.num_steps(self.sample_counts[c]),
+            self.adapter_bytes,
+            over_selection(cfg.run.seed, round_idx, cfg.data.num_clients, selected),
+            cfg.server.min_updates or 0,
+        )
+        return plan.kept, plan
+
+    def shard_tasks(self, round_idx: int, clients: list[int]) -> list[ClientTask]:
+        """The round's tasks, their shard blocks built (and the next round's prefetched)."""
+        by_ref = self.cfg.cluster.data_transport == "object_store"
+        self.shards.ensure(clients)  # built now, unless the previous round prefetched them
+        if by_ref:  # the object store holds the blocks of this round's clients only
+            self.shards.keep_refs(clients)
+        if round_idx < self.cfg.run.rounds:  # selection is seeded: tokenise the next round's now
+            self.shards.prefetch(self.select(round_idx + 1).clients)
+        seed = self.cfg.run.seed
+        return [
             ClientTask(
                 round_idx,
                 c,
-                client_seed(cfg.run.seed, round_idx, c),
-                shard_ref=self.shards.object_ref(c) if self.shards and self.shard_refs else None,
+                client_seed(seed, round_idx, c),
+                shard_ref=self.shards.object_ref(c) if by_ref else None,
             )
-            for c in selected
+            for c in clients
         ]
+
+    def train(
+        self, round_idx: int, tasks: list[ClientTask], aggregator: Any, global_ref: Any
+    ) -> list[ClientOutcome]:
+        """Train the tasks on the pool, streaming each update from its worker straight into the
+        aggregator; returns every client's outcome once all updates are folded in."""
+        clients = [t.client_id for t in tasks]
         _aggregator_call(
-            aggregator.begin_round.remote({c: self.sample_counts[c] for c in selected}, round_idx)
+            aggregator.begin_round.remote({c: self.sample_counts[c] for c in clients}, round_idx)
         )
         # what each client's training needs from the strategy (FedProx mu, SCAFFOLD correction)
         contexts = {
             c: aggregator.client_context.remote(c, self.ranks[c] if self.ranks else None)
-            for c in selected
+            for c in clients
         }
-        # --- train, streaming each update straight from its worker into the aggregator ---
         folds: list[Any] = []
+
+        def fold(task: ClientTask, adapter_ref: Any) -> None:
+            folds.append(aggregator.fold.remote(task.client_id, adapter_ref))
+
         outcomes = self.pool.run(
-            tasks,
-            global_ref,
-            lambda task, adapter_ref: folds.append(
-                aggregator.fold.remote(task.client_id, adapter_ref)
-            ),
-            self.policy,
-            self.log,
-            self.show_progress,
-            contexts,
+            tasks, global_ref, fold, self.policy, self.log, self.show_progress, contexts
         )
-        for fold in folds:
-            _aggregator_call(fold)
-        # --- aggregate and checkpoint ---
-        record = _round_record(round_idx, outcomes, time.perf_counter() - start, self.adapter_bytes)
-        if plan is not None:  # simulated wall-clock next to the real `seconds`
-            record["simulated_seconds"] = round(plan.simulated_seconds, 6)
-        info = {
-            **record,
+        for ref in folds:
+            _aggregator_call(ref)
+        return outcomes
+
+    def measure(
+        self,
+        round_idx: int,
+        outcomes: list[ClientOutcome],
+        started: float,
+        plan: RoundPlan | None,
+    ) -> TrainedRound:
+        ran = [o.peak_rss_mb for o in outcomes if o.peak_rss_mb > 0]
+        resources = {  # see fedsim/resources.py
+            "driver_peak_rss_mb": peak_rss_mb(),
+            "worker_peak_rss_mb": max(ran) if ran else None,
+            "object_store_bytes": round_object_store_bytes(
+                self.adapter_bytes * len(outcomes),
+                sum(o.upload_bytes for o in outcomes),
+                sum(o.context_bytes for o in outcomes),
+            ),
+        }
+        simulated = plan.simulated_seconds if plan is not None else None
+        seconds = time.perf_counter() - started
+        return TrainedRound.measure(round_idx, outcomes, seconds, resources, simulated)
+
+    def details(
+        self, outcomes: list[ClientOutcome], selection: Selection, plan: RoundPlan | None
+    ) -> dict[str, Any]:
+        """round.json's account of the round beyond its record."""
+        details = {
             "client_results": [_client_info(o) for o in outcomes],
-            "bytes_downlink": self.adapter_bytes * len(tasks),
+            "bytes_downlink": self.adapter_bytes * len(outcomes),
             "selection": selection.record(),
         }
         if plan is not None:
-            info["system"] = plan.to_json()
-        summary_ref, new_global_ref = aggregator.finish_round.options(num_returns=2).remote(
-            round_idx, info
+            details["system"] = plan.to_json()
+        return details
+
+    def finish(
+        self, aggregator: Any, trained: TrainedRound, details: dict[str, Any]
+    ) -> tuple[dict[str, Any], Any]:
+        """Apply the strategy and start the checkpoint; (the aggregator's summary, whose
+        `record` is the round's record, and the new global adapter's reference)."""
+        summary_ref, global_ref = aggregator.finish_round.options(num_returns=2).remote(
+            trained.round, details, trained
         )
-        summary = _aggregator_call(summary_ref)
-        # --- report ---
-        record["seconds"] = round(time.perf_counter() - start, 3)
-        record["rejected"] = summary["aggregation"]["rejected"]
-        record["uplink_bytes"] = summary["bytes"]["uplink"]
-        if summary["aggregation"]["kept_previous_adapter"]:
-            record["kept_previous_adapter"] = True
-        if "dp" in summary:
-            record["epsilon"] = summary["dp"]["epsilon"]
-        record["aggregator_peak_rss_mb"] = summary.get("aggregator_peak_rss_mb")
+        return _aggregator_call(summary_ref), global_ref
+
+    def report(self, record: dict[str, Any], outcomes: list[ClientOutcome]) -> None:
         for o in outcomes:
             if o.error:
-                self.log(f"client {o.client_id} failed in round {round_idx}:\n{o.error.rstrip()}")
-        self.log(_round_line(record, cfg.run.rounds, outcomes))
-        return record, new_global_ref, summary["checkpoints_written"]
-
-
-class _RoundLoop:
-    """Rounds start..end, with the checkpoint bookkeeping: a round's metrics line is appended only
-    once the aggregator reports its checkpoint on disk (written in the background while the next
-    round trains), and an aggregator that dies is replaced from the newest round on disk, redoing
-    every round after it."""
-
-    def __init__(self, ctx: _RoundContext, result: RunResult, scalars: Any) -> None:
-        self.ctx, self.result, self.scalars = ctx, result, scalars
-        self.unwritten: dict[int, dict[str, Any]] = {}
-        """Records of trained rounds whose checkpoints are not yet known to be on disk."""
-
-    def run(self, start: int, end: int, aggregator: Any, global_ref: Any) -> None:
-        round_idx, failures = start, 0
-        try:
-            while True:
-                try:
-                    if round_idx > end:  # the last checkpoint still being written
-                        self._written(_aggregator_call(aggregator.flush.remote()))
-                        return
-                    record, global_ref, written = self.ctx.run_round(
-                        round_idx, aggregator, global_ref
-                    )
-                except AggregatorLost as err:
-                    failures += 1
-                    if failures >= MAX_ROUND_ATTEMPTS:
-                        raise RuntimeError(
-                            f"round {round_idx}: the aggregator failed {failures} times"
-                        ) from None
-                    aggregator, global_ref, round_idx = self._replace(aggregator, round_idx, err)
-                    continue
-                failures = 0
-                self.unwritten[round_idx] = record
-                self._written(written)
-                round_idx += 1
-        except KeyboardInterrupt:
-            self._flush_quietly(aggregator)  # keep the round already trained, if it lands quickly
-            raise
-
-    def _replace(self, lost: Any, round_idx: int, err: Exception) -> tuple[Any, Any, int]:
-        """A fresh aggregator from the newest intact round on disk, and the round to go on with."""
-        with contextlib.suppress(Exception):  # it may be gone already
-            ray.kill(lost, no_restart=True)
-        state = checkpoint.find_resume_point(self.ctx.run_dir, self.ctx.log)
-        last = state.round_idx if state else 0
-        for r in sorted(self.unwritten):  # written before the aggregator died, or lost with it
-            record = self.unwritten.pop(r)
-            if r <= last:
-                self._commit(record, None)
-        self.ctx.log(
-            f"round {round_idx}: the aggregator failed ({err}); redoing the round"
-            f"{'s' if round_idx > last + 1 else ''} from round {last + 1} on, after the last "
-            f"checkpoint on disk (round {last})"
-        )
-        aggregator, global_ref = self.ctx.new_aggregator(last, state)
-        return aggregator, global_ref, last + 1
-
-    def _written(self, written: list[dict[str, Any]]) -> None:
-        for done in written:
-            self._commit(self.unwritten.pop(done["round"]), done)
-
-    def _commit(self, record: dict[str, Any], done: dict[str, Any] | None) -> None:
-        if done is not None:  # the cost of the round's checkpoint, and how long it held us up
-            record["checkpoint_seconds"] = done["checkpoint_seconds"]
-            record["checkpoint_wait_seconds"] = done["checkpoint_wait_seconds"]
-        checkpoint.append_metrics(self.ctx.run_dir, record)
-        self.scalars.add_all("train", _scalars(record), record["round"])
-        self.scalars.flush()
-        self.result.metrics.append(record)
-        self.result.last_round = record["round"]
-
-    def _flush_quietly(self, aggregator: Any) -> None:
-        # interrupted anyway: whatever did not land, resume finds out from the disk
-        with contextlib.suppress(Exception):
-            self._written(ray.get(aggregator.flush.remote(), timeout=INTERRUPT_FLUSH_S))
+                self.log(f"client {o.client_id} failed in round {record['round']}:\n"
+                         f"{o.error.rstrip()}")  # fmt: skip
+        self.log(_round_line(record, self.cfg.run.rounds, outcomes))
 
 
 def _system_model(

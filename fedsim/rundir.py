@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from fedsim.errors import FedsimInputError
+
 RUN_MARKER = ".fedsim-run"
 """File whose presence (with the content `MARKER_TEXT`) says that fedsim created the directory."""
 MARKER_TEXT = '{"created_by": "fedsim", "format": 1}\n'
@@ -229,3 +231,54 @@ def location_problem(output_dir: str | Path, name: str) -> str | None:
             "run.output_dir and run.name so that the run lives below where you work"
         )
     return None
+
+
+# ------------------------------------------------------------------------------------------
+# Creating, replacing and recording a run directory
+# ------------------------------------------------------------------------------------------
+
+CONFIGS_DIR = "configs"
+"""Every config a run has used, as `round_NNNN.yaml` (the first round it applied to)."""
+
+
+def config_name(round_idx: int) -> str:
+    """File name, in the run's `configs/` folder, of the config that took effect at a round."""
+    return f"round_{round_idx:04d}.yaml"
+
+
+def check_overwritable(run_dir: Path) -> None:
+    """--overwrite deletes only an empty folder or one that fedsim made (its marker file)."""
+    if not run_dir.is_dir() or run_dir.is_symlink():
+        raise FedsimInputError(f"--overwrite: {run_dir} is not a directory; refusing to replace it")
+    if any(run_dir.iterdir()) and not is_fedsim_dir(run_dir):
+        raise FedsimInputError(
+            f"--overwrite: {run_dir} was not created by fedsim (it has no {RUN_MARKER} "
+            "marker); refusing to delete it: remove it yourself or choose another run.name"
+        )
+
+
+def move_aside(run_dir: Path) -> Path:
+    """Rename the run directory that --overwrite replaces to a hidden sibling (deleted once the
+    new one exists), so that a crash in between leaves it whole rather than half deleted."""
+    aside = run_dir.with_name(f".{run_dir.name}.replaced-{os.getpid()}")
+    os.rename(run_dir, aside)
+    fsync_dir(run_dir.parent)
+    return aside
+
+
+def record_config(run_dir: Path, text: str, first_round: int) -> None:
+    """Write config.yaml, keeping every config the run has used in `configs/round_NNNN.yaml`,
+    named by the first round it applied to. Configs of rounds about to be redone are dropped."""
+    history = make_dir(run_dir / CONFIGS_DIR)
+    current = run_dir / "config.yaml"
+    if current.is_file() and not any(history.iterdir()):  # a run from before the history
+        write_bytes_atomic(history / config_name(1), current.read_bytes())
+    kept = []
+    for path in sorted(history.glob("round_*.yaml")):
+        if int(path.stem[6:]) >= first_round:
+            path.unlink()
+        else:
+            kept.append(path)
+    if not kept or kept[-1].read_text() != text:
+        write_text_atomic(history / config_name(first_round), text)
+    write_text_atomic(current, text)

@@ -55,6 +55,12 @@ class ScalarLog:
             self._writer.close()
             self._writer = None
 
+    def __enter__(self) -> ScalarLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 def train_log(run_dir: Path) -> ScalarLog:
     return ScalarLog(run_dir / TENSORBOARD_DIR / "train")

@@ -1,6 +1,7 @@
 """The run directory a real run leaves: fedsim's marker, the umask's modes on every file, every
 config the run has used, and an --overwrite that replaces only what fedsim made."""
 
+import json
 import os
 import stat
 from pathlib import Path
@@ -12,6 +13,7 @@ from safetensors import safe_open
 from fedsim import rundir
 from fedsim.config import config_from_dict
 from fedsim.driver import RunResult, run_experiment
+from fedsim.round_record import RoundRecord
 from tests.conftest import tiny_experiment
 
 pytestmark = pytest.mark.ray
@@ -77,6 +79,18 @@ def test_the_run_directory_carries_fedsims_marker(resumed_with_a_new_lr):
     assert rundir.is_fedsim_dir(run_dir)
 
 
+def test_round_json_and_metrics_hold_the_same_record(resumed_with_a_new_lr):
+    run_dir, _ = resumed_with_a_new_lr
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [line["round"] for line in lines] == [1, 2, 3]
+    for line in lines:
+        info = json.loads((run_dir / f"rounds/round_{line['round']:04d}/round.json").read_text())
+        record = RoundRecord.from_json(line).to_json()
+        assert {k: info[k] for k in record} == record  # the same figures, `seconds` included
+        assert set(line) - set(record) == {"checkpoint_seconds", "checkpoint_wait_seconds"}
+
+
+# Last: it replaces the module's run.
 def test_overwrite_replaces_a_fedsim_run_and_leaves_nothing_behind(resumed_with_a_new_lr):
     run_dir, raw = resumed_with_a_new_lr
     raw = {**raw, "run": {**raw["run"], "rounds": 1}}

@@ -152,7 +152,7 @@ class ModelPool:
         self._models: dict[str, AnswerModel] = {}
 
     def get(self, cfg: ExperimentConfig) -> AnswerModel:
-        from fedsim.driver import prepare_model
+        from fedsim.prepare import prepare_model
 
         path = prepare_model(cfg, log=lambda _: None)
         lora = cfg.model.lora

@@ -38,6 +38,7 @@ from fedsim.config import ExperimentConfig, clients_per_round
 from fedsim.errors import UpdateRejected
 from fedsim.faults import exit_if_aggregator_fault
 from fedsim.resources import peak_rss_mb
+from fedsim.round_record import RoundRecord, TrainedRound
 from fedsim.server.aggregation import WeightedDeltaSum, check_delta, clip_delta
 from fedsim.server.client_state import ClientStateStore
 from fedsim.server.privacy import dp_epsilon, gaussian_noise
@@ -200,11 +201,12 @@ class Aggregator:
         return {key: d + noise[key] for key, d in self._sum.mean(denominator=k).items()}
 
     def finish_round(
-        self, round_idx: int, info: dict[str, Any]
+        self, round_idx: int, info: dict[str, Any], trained: TrainedRound | None = None
     ) -> tuple[dict[str, Any], TensorDict]:
         """Apply the strategy, start writing the round checkpoint, and return (summary, new
         adapter); `summary["checkpoints_written"]` lists the checkpoints that became durable
-        during this call (see `flush`).
+        during this call (see `flush`). With the driver's part of the round's record, `trained`,
+        the complete `RoundRecord` heads round.json and is returned as `summary["record"]`.
 
         With no accepted update (or too few for a robust rule) the previous global adapter is
         kept, and round.json says so.
@@ -241,25 +243,10 @@ class Aggregator:
             **self.provenance,
         }
         if self.dp.enabled:
-            summary["dp"] = {
-                "epsilon": dp_epsilon(
-                    self.dp.noise_multiplier,
-                    round_idx,
-                    self.dp.delta,
-                    self.num_clients,
-                    self.dp_per_round,
-                ),
-                "delta": self.dp.delta,
-                "noise_multiplier": self.dp.noise_multiplier,
-                "clip_norm": self.dp.clip_norm,
-                "clients_per_round": len(self._weights),
-                "sampling": (
-                    f"{self.dp_per_round} of {self.num_clients} without replacement"
-                    if self.dp_per_round
-                    else "none (every round counted in full)"
-                ),
-                "rounds": round_idx,
-            }
+            summary["dp"] = self._dp_summary(round_idx)
+        record = self._record(trained, summary) if trained is not None else None
+        if record is not None:  # the record heads round.json
+            summary = {**record.to_json(), **summary}
         # a snapshot: the strategy's state tensors change in place as the next round folds in
         state = {k: v.clone() for k, v in self.strategy.state_dict().items()}
         adapter = self.global_adapter  # replaced, never changed in place, by the next round
@@ -271,8 +258,43 @@ class Aggregator:
             done = self._write(round_idx, adapter, state, summary)
             written.append({**done, "checkpoint_wait_seconds": done["checkpoint_seconds"]})
         summary["checkpoints_written"] = written
+        if record is not None:
+            summary["record"] = record.to_json()
         self._sum, self._buffer = None, {}
         return summary, self.global_adapter
+
+    def _dp_summary(self, round_idx: int) -> dict[str, Any]:
+        """The privacy figures of the rounds so far (round.json's `dp`)."""
+        return {
+            "epsilon": dp_epsilon(
+                self.dp.noise_multiplier,
+                round_idx,
+                self.dp.delta,
+                self.num_clients,
+                self.dp_per_round,
+            ),
+            "delta": self.dp.delta,
+            "noise_multiplier": self.dp.noise_multiplier,
+            "clip_norm": self.dp.clip_norm,
+            "clients_per_round": len(self._weights),
+            "sampling": (
+                f"{self.dp_per_round} of {self.num_clients} without replacement"
+                if self.dp_per_round
+                else "none (every round counted in full)"
+            ),
+            "rounds": round_idx,
+        }
+
+    def _record(self, trained: TrainedRound, summary: dict[str, Any]) -> RoundRecord:
+        aggregation = summary["aggregation"]
+        return RoundRecord(
+            **dataclasses.asdict(trained),
+            uplink_bytes=summary["bytes"]["uplink"],
+            rejected=aggregation["rejected"],
+            aggregator_peak_rss_mb=summary["aggregator_peak_rss_mb"],
+            kept_previous_adapter=aggregation["kept_previous_adapter"],
+            epsilon=summary["dp"]["epsilon"] if "dp" in summary else None,
+        )
 
     def flush(self) -> list[dict[str, Any]]:
         """Wait for the checkpoint being written, if any; returns what became durable: a list of
