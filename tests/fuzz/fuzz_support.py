@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import sys
 from collections.abc import Callable, Collection
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
@@ -86,7 +87,10 @@ def fuzz_cli(
     """Run the CLI, check the contract, and check that nothing under `workdir` changed except
     the `inputs` files."""
     before = snapshot(workdir, inputs)
+    ray_before = "ray" in sys.modules
     result = run_cli(argv)
+    # validate and partition never need Ray (importing it is the first step to starting it)
+    assert ray_before or "ray" not in sys.modules, "the command imported ray"
     if currently_in_test_context():  # --hypothesis-show-statistics: how many were valid
         event(f"exit {result.code}")
     check_contract(result, names_input)

@@ -295,3 +295,41 @@ def test_validate_survives_random_config_files_long(workdir: Path, document: byt
 def test_the_base_experiment_is_valid(workdir: Path) -> None:
     # The mutated documents start from it: if it were invalid, validate() would hardly be reached.
     check_validate(workdir, dump(BASE).encode())
+
+
+# --- `fedsim partition` on the built-in data with random data.* settings: the partitioners ------
+
+DATA_LEAVES = sorted(d for d in LEAVES if d.startswith("data.") and d != "data.source")
+data_values = st.sampled_from(DATA_LEAVES).flatmap(
+    lambda d: st.tuples(st.just(d), st.one_of(typed_value(LEAVES[d], d), st.integers(0, 70)))
+)
+
+
+def check_partition_settings(workdir: Path, pairs: list[tuple[str, Any]]) -> None:
+    tree = _with_fields(pairs)
+    records = tree["data"].get("builtin_records")
+    if isinstance(records, int) and not isinstance(records, bool) and records > 400:
+        tree["data"]["builtin_records"] = 400  # generating up to the 10**7 allowed takes minutes
+    path = workdir / "experiment.yaml"
+    path.write_text(dump(tree))
+    names = names_config_input(path)
+
+    def names_input(message: str) -> bool:
+        return names(message) or message.startswith("data.")
+
+    result = fuzz_cli(["partition", str(path)], workdir, [path], names_input)
+    if result.code == 0:
+        assert " clients, " in result.out.splitlines()[0]
+
+
+@settings(FAST, max_examples=150)
+@given(pairs=st.lists(data_values, max_size=4))
+def test_partition_survives_random_data_settings(workdir: Path, pairs: list) -> None:
+    check_partition_settings(workdir, pairs)
+
+
+@pytest.mark.slow
+@settings(LONG, max_examples=3000)
+@given(pairs=st.lists(data_values, max_size=4))
+def test_partition_survives_random_data_settings_long(workdir: Path, pairs: list) -> None:
+    check_partition_settings(workdir, pairs)
