@@ -35,6 +35,7 @@ from fedsim.driver import (
     worker_spec,
 )
 from fedsim.model import attach_lora, get_adapter, load_base_model, load_tokenizer, set_adapter
+from fedsim.seeds import Stream, seed_of
 from fedsim.server.aggregation import WeightedDeltaSum
 from fedsim.server.selection import client_seed, select_clients
 from fedsim.server.strategies import FedAvg
@@ -48,7 +49,9 @@ def floor_loop(cfg, threads: int) -> dict[str, float]:
     shards = materialise(prep, overwrite=False, log=lambda _: None)
     build_shards(prep, shards, log=lambda _: None)  # the loop reads any client's block
     spec = worker_spec(cfg, prep.model_path, shards, load_tokenizer(prep.model_path).pad_token_id)
-    model = attach_lora(load_base_model(spec.model_path), spec.lora, seed=spec.seed)
+    model = attach_lora(
+        load_base_model(spec.model_path), spec.lora, seed=seed_of(spec.seed, Stream.LORA_INIT)
+    )
     store, trainer, strategy = ShardStore(shards), TorchTrainer(spec.settings), FedAvg()
     global_adapter = get_adapter(model)
     sizes = [len(c) for c in prep.data.clients]

@@ -52,6 +52,7 @@ from fedsim.prepare import (  # re-exported: scripts and tests build runs step b
 )
 from fedsim.resources import peak_rss_mb, round_object_store_bytes
 from fedsim.round_record import TrainedRound
+from fedsim.seeds import STREAMS_VERSION
 from fedsim.server.aggregator import AggregatorActor, adapter_nbytes
 from fedsim.server.client_state import ClientStateStore
 from fedsim.server.selection import (
@@ -164,6 +165,7 @@ def run_experiment(
             provenance={
                 "config_hash": cfg.training_hash(),
                 "partition_hash": prep.data.partition_hash(),
+                "random_streams": STREAMS_VERSION,
             },
             log=log,
             show_progress=show_progress,

@@ -34,6 +34,7 @@ from fedsim.model import (
     load_tokenizer,
     resolve_model_path,
 )
+from fedsim.seeds import STREAMS_VERSION
 from fedsim.server.client_state import ClientStateStore
 from fedsim.server.selection import draw_probabilities
 
@@ -99,6 +100,7 @@ def prepare_run(
         resume_from = checkpoint.find_resume_point(run_dir, log)
         if resume_from is None:
             raise FedsimInputError(f"--resume: {run_dir} has no intact round to resume from")
+        _check_streams(resume_from)
         if resume_from.info.get("config_hash") != cfg.training_hash() and not allow_config_change:
             raise FedsimInputError(
                 f"--resume: the config differs from the one that wrote {resume_from.path} "
@@ -129,6 +131,18 @@ def prepare_run(
     lora = cfg.model.lora
     check_model(model_path, LoraSpec(lora.r, lora.alpha, lora.dropout, tuple(lora.target_modules)))
     return PreparedRun(cfg, run_dir, data, model_path, resume_from, profiles)
+
+
+def _check_streams(state: checkpoint.RoundCheckpoint) -> None:
+    """A run written under other random streams would not continue as it began: refuse it."""
+    written = state.info.get("random_streams", 1)  # runs before the version was recorded: 1
+    if written != STREAMS_VERSION:
+        raise FedsimInputError(
+            f"--resume: {state.path} was written by a fedsim whose random streams (version "
+            f"{written}) differ from this one's (version {STREAMS_VERSION}), so its rounds cannot "
+            "be continued as they began; finish it with the fedsim that started it, or start "
+            "again with --overwrite"
+        )
 
 
 def availability_probabilities(

@@ -453,3 +453,19 @@ def test_a_model_without_a_tokenizer_is_named(capsys, tmp_path, experiment_file)
     message = run_fails(capsys, tmp_path, cfg)
 
     assert message.startswith(f"model.name_or_path: {model}: has no loadable tokenizer")
+
+
+def test_resume_of_a_run_under_older_random_streams_is_refused(capsys, tmp_path, experiment_file):
+    """A run whose round.json records no `random_streams` (fedsim before the streams table) would
+    not continue as it began: refused by name, nothing touched."""
+    cfg = experiment_file()
+    run_dir = tmp_path / "runs" / "t"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(cfg.read_text())
+    adapter = {"base_model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.ones(4, 32)}
+    checkpoint.write_round(run_dir, 1, adapter, {"r": 4}, {}, {"config_hash": "x"})
+
+    message = run_fails(capsys, tmp_path, cfg, "--resume")
+
+    assert message.startswith(f"--resume: {run_dir / 'rounds' / 'round_0001'} was written by a "
+                              "fedsim whose random streams (version 1) differ")  # fmt: skip

@@ -35,6 +35,7 @@ from fedsim.model import (
     load_base_model,
 )
 from fedsim.resources import peak_rss_mb
+from fedsim.seeds import Stream, seed_of
 from fedsim.server.strategies import scaffold_client_variate
 from fedsim.uplink import ClientUpload, encode_upload, tensors_nbytes
 
@@ -139,7 +140,7 @@ class ClientWorker:
                 "but torch sees no CUDA device (a CPU-only torch build?)"
             )
         base, self._model_copy = _load_base(spec)
-        self.model = attach_lora(base, spec.lora, seed=spec.seed)
+        self.model = attach_lora(base, spec.lora, seed=seed_of(spec.seed, Stream.LORA_INIT))
         self._initial_adapter = get_adapter(self.model)
         self.store = _open_shards(spec)
         self.trainer = TRAINERS[spec.backend](spec.settings)

@@ -29,11 +29,10 @@ from fedsim.data.records import make_table
 from fedsim.data.sources import FieldMap, load_records
 from fedsim.data.synthetic import generate_instructions
 from fedsim.errors import FedsimInputError
+from fedsim.seeds import Stream, generator
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_DATASETS = ("quickstart",)
-PARTITION_STREAM = 3
-"""Random stream of the test hold-out and the partition (see server.selection.round_rng)."""
 BUILTIN_DATA_SEED = 1234
 """The built-in data does not change with the run seed: runs with other seeds see the same data."""
 
@@ -123,7 +122,7 @@ def prepare_data(cfg: DataConfig, seed: int) -> PreparedData:
         test = positions_for(source_index, test_src, p.path)
         return PreparedData(table, clients, test, fingerprint)
 
-    rng = np.random.default_rng(np.random.SeedSequence([seed, PARTITION_STREAM]))
+    rng = generator(seed, Stream.PARTITION)
     if cfg.test_per_category:
         train, test = hold_out_test(categories, cfg.test_per_category, rng)
     else:

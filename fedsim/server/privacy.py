@@ -17,18 +17,16 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 import torch
 
+from fedsim.seeds import Stream, seed_of
+
 TensorDict = dict[str, torch.Tensor]
-NOISE_STREAM = 3
-"""Distinguishes the DP noise's random stream from selection (1) and training (2)."""
 
 
 def gaussian_noise(reference: TensorDict, std: float, seed: int, round_idx: int) -> TensorDict:
     """Float64 N(0, std^2) noise shaped like `reference`, a pure function of (seed, round)."""
-    state = np.random.SeedSequence([seed, round_idx, NOISE_STREAM]).generate_state(2)
-    gen = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+    gen = torch.Generator().manual_seed(seed_of(seed, Stream.DP_NOISE, round_idx))
     return {
         k: torch.randn(v.shape, generator=gen, dtype=torch.float64) * std
         for k, v in sorted(reference.items())

@@ -13,25 +13,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
-SELECTION_STREAM = 1
-"""Distinguishes the selection's random stream from the training streams of the same round."""
-AVAILABILITY_STREAM = 4
-PROBABILITY_STREAM = 5
-OVERSELECTION_STREAM = 8
-
-
-def round_rng(seed: int, round_idx: int, stream: int) -> np.random.Generator:
-    """An independent generator for one (seed, round, purpose)."""
-    return np.random.default_rng(np.random.SeedSequence([seed, round_idx, stream]))
+from fedsim.seeds import Stream, generator, seed_of
 
 
 def select_clients(seed: int, round_idx: int, num_clients: int, per_round: int) -> list[int]:
     """Sample `per_round` distinct client ids uniformly, returned in ascending order."""
     if not 0 < per_round <= num_clients:
         raise ValueError(f"cannot sample {per_round} of {num_clients} clients")
-    rng = round_rng(seed, round_idx, SELECTION_STREAM)
+    rng = generator(seed, Stream.SELECTION, round_idx)
     return sorted(int(c) for c in rng.choice(num_clients, size=per_round, replace=False))
 
 
@@ -43,7 +32,7 @@ def round_robin(round_idx: int, num_clients: int, per_round: int) -> list[int]:
 
 def available_clients(seed: int, round_idx: int, probabilities: list[float]) -> list[int]:
     """The clients available in this round: client i with probability `probabilities[i]`."""
-    draws = round_rng(seed, round_idx, AVAILABILITY_STREAM).random(len(probabilities))
+    draws = generator(seed, Stream.AVAILABILITY, round_idx).random(len(probabilities))
     return [i for i, p in enumerate(probabilities) if draws[i] < p]
 
 
@@ -58,7 +47,7 @@ def draw_probabilities(
     b: float = 2.0,
 ) -> list[float]:
     """Per-client availability probabilities from a distribution, drawn once per run."""
-    rng = round_rng(seed, 0, PROBABILITY_STREAM)
+    rng = generator(seed, Stream.AVAILABILITY_PROBABILITIES)
     if distribution == "constant":
         return [value] * num_clients
     if distribution == "uniform":
@@ -102,7 +91,7 @@ def select_round(
         assert probabilities is not None and len(probabilities) == num_clients
         available = available_clients(seed, round_idx, probabilities)
         take = min(per_round, len(available))
-        rng = round_rng(seed, round_idx, SELECTION_STREAM)
+        rng = generator(seed, Stream.SELECTION, round_idx)
         chosen = sorted(int(available[i]) for i in rng.choice(len(available), take, replace=False))
         return Selection(chosen, kind, {"requested": per_round, "available": len(available)})
     raise ValueError(f"unknown selection {kind!r}")
@@ -113,7 +102,7 @@ def over_selection(
 ) -> Iterator[int]:
     """Clients not in `selected`, in a seeded random order, drawn lazily: a round that needs two
     extra clients costs two draws (plus rare repeats), not a pass over every registered client."""
-    rng = round_rng(seed, round_idx, OVERSELECTION_STREAM)
+    rng = generator(seed, Stream.OVER_SELECTION, round_idx)
     seen = set(selected)
     while len(seen) < num_clients:
         c = int(rng.integers(num_clients))
@@ -124,4 +113,4 @@ def over_selection(
 
 def client_seed(seed: int, round_idx: int, client_id: int) -> int:
     """The seed of one client's local training in one round (batch order, dropout)."""
-    return int(np.random.SeedSequence([seed, round_idx, client_id, 2]).generate_state(1)[0])
+    return seed_of(seed, Stream.TRAINING, round_idx, client_id)

@@ -22,15 +22,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from fedsim.client.profile import ClientProfile
 from fedsim.config import SystemConfig
-
-PROFILE_STREAM = 7
-"""Random stream of the per-client profiles (distinct from selection and partition streams)."""
-DROPOUT_STREAM = 6
-"""Random stream of each (round, client)'s dropout draw."""
+from fedsim.seeds import Stream, generator
 
 
 @dataclass(frozen=True)
@@ -84,7 +78,7 @@ class SystemModel:
         """The client's device: drawn (log-normal speed and bandwidth around the configured
         medians) from its own random stream, with the fields its `client.profile` entry sets."""
         s = self.settings
-        rng = _client_rng(self.seed, client_id, PROFILE_STREAM, 1)
+        rng = generator(self.seed, Stream.CLIENT_PROFILE, client_id)
         speed, bandwidth = rng.standard_normal(2)
         drawn = DeviceProfile(
             speed=math.exp(s.speed_sigma * speed),
@@ -149,10 +143,5 @@ class SystemModel:
 
     def drops_out(self, round_idx: int, client_id: int) -> bool:
         """Whether the client drops out of this round: its own draw, whoever else was sampled."""
-        draw = _client_rng(self.seed, round_idx, DROPOUT_STREAM, client_id + 1).random()
+        draw = generator(self.seed, Stream.DROPOUT, round_idx, client_id).random()
         return bool(draw < self.profile(client_id).dropout)
-
-
-def _client_rng(seed: int, index: int, stream: int, client: int) -> np.random.Generator:
-    # four words, the last nonzero: never the same sequence as a three-word round_rng stream
-    return np.random.default_rng(np.random.SeedSequence([seed, index, stream, client]))
