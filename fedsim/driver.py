@@ -23,10 +23,10 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from fedsim import checkpoint
-from fedsim.client.profile import ClientProfile
 from fedsim.client.trainer import TrainSettings
 from fedsim.client.worker import ClientOutcome, ClientTask, WorkerSpec
 from fedsim.config import ExperimentConfig
+from fedsim.data.profiles import ClientProfile
 from fedsim.data.shard_builder import ShardBuilder
 from fedsim.execution import (  # WORKER_ENV re-exported for scripts
     WORKER_ENV,  # noqa: F401

@@ -17,9 +17,9 @@ from pathlib import Path
 import ray
 
 from fedsim import checkpoint, ray_auth, rundir
-from fedsim.client.profile import ClientProfile, load_profiles
 from fedsim.config import ExperimentConfig, clients_per_round
 from fedsim.data.pipeline import PreparedData, prepare_data, write_partition
+from fedsim.data.profiles import ClientProfile, load_profiles
 from fedsim.data.shard_builder import ShardBuilder
 from fedsim.data.shards import INDEX_FILE, ShardIndex, remove_blocks, write_index
 from fedsim.data.synthetic import generic_text

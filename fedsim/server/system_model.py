@@ -10,7 +10,7 @@ client), so the same seed drops the same clients, on any machine and on resume.
 
 Profiles cost nothing per registered client: a client's device is drawn from the seed when it is
 sampled, so 10,000 registered clients need no table; the run's `client.profile` file (see
-fedsim.client.profile) overrides speed, bandwidth and dropout for the clients and classes it
+fedsim.data.profiles) overrides speed, bandwidth and dropout for the clients and classes it
 describes. The driver calls `SystemModel.plan_round` once per round and
 trains only `RoundPlan.kept`.
 """
@@ -22,8 +22,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedsim.client.profile import ClientProfile
 from fedsim.config import SystemConfig
+from fedsim.data.profiles import ClientProfile
 from fedsim.seeds import Stream, generator
 
 

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from fedsim.client.profile import ClientProfile
 from fedsim.config import SystemConfig, config_from_dict
+from fedsim.data.profiles import ClientProfile
 from fedsim.errors import ConfigError
 from fedsim.server.selection import over_selection
 from fedsim.server.system_model import DeviceProfile, SystemModel

@@ -1,6 +1,6 @@
 import pytest
 
-from fedsim.client.profile import ClientProfile, load_profiles
+from fedsim.data.profiles import ClientProfile, load_profiles
 from fedsim.errors import FedsimInputError
 
 PROFILE = """
