@@ -1,4 +1,4 @@
-"""The `fedsim` command: a dispatch table of plain functions, one per subcommand.
+"""The `fedsim` command line: one plain function per subcommand, found in a table.
 
 Exit codes: 0 success, 2 bad input (one line per problem on stderr, naming the field or file),
 1 unexpected failure, 130 interrupted.
@@ -12,10 +12,16 @@ import shlex
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NoReturn
 
 from fedsim.checkpoint import CheckpointWriteError
 from fedsim.config import load_config
 from fedsim.errors import FedsimInputError
+
+DESCRIPTION = (
+    "Federated instruction tuning of LLMs, simulated on Ray: virtual clients LoRA-tune a shared "
+    "base model on their own instructions and a server aggregates the adapters, round by round."
+)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -239,11 +245,20 @@ COMMANDS: dict[str, tuple[Handler, str, Callable[[argparse.ArgumentParser], None
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with fedsim's bad-input contract: one `fedsim: error:` line and exit 2 (instead
+    of argparse's usage block), naming the command so `--help` is one step away."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"fedsim: error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedsim", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="fedsim", description=DESCRIPTION)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name, (_, help_text, add_arguments) in COMMANDS.items():
-        add_arguments(sub.add_parser(name, help=help_text))
+        add_arguments(sub.add_parser(name, help=help_text, description=help_text))
     return parser
 
 

@@ -469,3 +469,21 @@ def test_resume_of_a_run_under_older_random_streams_is_refused(capsys, tmp_path,
 
     assert message.startswith(f"--resume: {run_dir / 'rounds' / 'round_0001'} was written by a "
                               "fedsim whose random streams (version 1) differ")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["validate"], "fedsim validate: the following arguments are required: config"),
+        (["run", "x.yaml", "--bogus"], "fedsim: unrecognized arguments: --bogus"),
+        (["run", "x.yaml", "--set"], "fedsim run: argument --set: expected one argument"),
+        (["nonsense"], "fedsim: argument command: invalid choice: 'nonsense'"),
+    ],
+)
+def test_command_line_mistakes_get_one_line_and_exit_2(capsys, argv, expected):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(ERROR + expected), err
