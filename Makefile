@@ -8,7 +8,7 @@ export FEDSIM_CACHE_DIR ?= $(CURDIR)/.cache/fedsim
 # machine (minutes), whichever clone runs.
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/fedsim/torch_extensions
 
-.PHONY: install quickstart test test-all quality format clean
+.PHONY: install quickstart test test-all quality format docs clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ quality: install
 format: install
 	$(VENV)/bin/ruff format fedsim tests benchmarks
 	$(VENV)/bin/ruff check --fix fedsim tests benchmarks
+
+# The documentation site, from docs/ into site/; --strict fails on a broken link or anchor.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
 clean:
 	rm -rf runs .cache .pytest_cache

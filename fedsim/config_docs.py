@@ -19,6 +19,7 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -266,7 +267,19 @@ def all_keys(sections: list[Section] | None = None) -> list[str]:
 
 
 def _cell(text: str) -> str:
-    return text.replace("|", "\\|")
+    """`text` for a table cell: every `|` escaped. Inside a code span an escaped pipe would show
+    its backslash (Python-Markdown), so the span is closed around it: `a | b` -> `a `\\|` b`."""
+    parts = re.split(r"(`+)", text)
+    out, fence = [], None
+    for part in parts:
+        if part.startswith("`"):
+            fence = None if fence == part else (fence or part)
+            out.append(part)
+        elif fence:
+            out.append(part.replace("|", f"{fence}\\|{fence}"))
+        else:
+            out.append(part.replace("|", "\\|"))
+    return "".join(out)
 
 
 def _code(text: str) -> str:
