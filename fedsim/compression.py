@@ -22,7 +22,6 @@ import torch
 from fedsim.errors import UpdateRejected
 
 TensorDict = dict[str, torch.Tensor]
-KINDS = ("none", "fp16", "bf16", "int8", "topk")
 _HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 

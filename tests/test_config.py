@@ -1,10 +1,17 @@
+import dataclasses
 import re
+import typing
 from pathlib import Path
 
 import pytest
 
 from fedsim.config import (
+    CompressionKind,
+    DataFormat,
+    Dtype,
     ExperimentConfig,
+    PartitionKind,
+    TemplateName,
     clients_per_round,
     config_from_dict,
     load_config,
@@ -334,3 +341,125 @@ def test_explicit_tag_on_the_wrong_scalar_is_one_line(tmp_path, value):
         load_config(path)
     with pytest.raises(FedsimInputError, match=r"^--set run\.seed: value .* is not valid YAML"):
         load_config(_empty(tmp_path), [f"run.seed={value}"])
+
+
+# --- config.py is the single schema -----------------------------------------------------------
+
+
+def _leaf_types(cls: type = ExperimentConfig, prefix: str = "") -> dict[str, object]:
+    """Dotted name -> annotation of every leaf field, walked independently of the loader."""
+    hints = typing.get_type_hints(cls)
+    leaves: dict[str, object] = {}
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            leaves |= _leaf_types(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            leaves[f"{prefix}{f.name}"] = hints[f.name]
+    return leaves
+
+
+def _literal(tp: object) -> tuple[str, ...] | None:
+    """The values of a Literal annotation (also inside `X | None`), or None for other types."""
+    if typing.get_origin(tp) is typing.Literal:
+        return typing.get_args(tp)
+    inner = [a for a in typing.get_args(tp) if a is not type(None)]
+    if len(inner) == 1 and typing.get_origin(inner[0]) is typing.Literal:
+        return typing.get_args(inner[0])
+    return None
+
+
+CHOICE_FIELDS = {d: _literal(tp) for d, tp in _leaf_types().items() if _literal(tp)}
+
+
+def _nested(dotted: str, value: object) -> dict:
+    *parents, leaf = dotted.split(".")
+    tree: dict = {leaf: value}
+    for part in reversed(parents):
+        tree = {part: tree}
+    return tree
+
+
+def test_every_closed_choice_is_a_literal():
+    """The fields with a fixed set of values, each typed as one (a plain `str` would let any
+    value through the loader)."""
+    assert set(CHOICE_FIELDS) == {
+        "data.format", "data.template", "data.partition.kind", "model.dtype",
+        "model.quantization", "client.backend", "client.lr_scheduler", "client.compression.kind",
+        "server.strategy", "server.selection", "server.weighting",
+        "server.availability.distribution", "server.robust.rule", "cluster.data_transport",
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("dotted", sorted(CHOICE_FIELDS))
+def test_a_value_outside_a_literal_is_named_with_the_choices(dotted):
+    allowed = ", ".join(CHOICE_FIELDS[dotted])
+    (problem,) = _problems(_nested(dotted, "nope"))
+    null = "null or " if dotted == "model.quantization" else ""
+    assert problem == f"{dotted}: expected {null}one of {allowed}, got 'nope'"
+    (problem,) = _problems(_nested(dotted, 3))  # not a string at all
+    assert problem == f"{dotted}: expected {null}one of {allowed}, got 3"
+
+
+@pytest.mark.parametrize("dotted", sorted(CHOICE_FIELDS))
+def test_every_literal_value_loads(dotted):
+    for value in CHOICE_FIELDS[dotted]:
+        try:
+            cfg = config_from_dict(_nested(dotted, value))
+        except ConfigError as err:  # a cross-field rule may refuse it, never the type check
+            assert not any(p.startswith(f"{dotted}: expected") for p in err.problems), err
+            continue
+        node = cfg
+        for part in dotted.split("."):
+            node = getattr(node, part)
+        assert node == value
+
+
+def test_every_field_has_a_docstring():
+    """The configuration reference lists a field without one as undocumented: there are none."""
+    from fedsim import config_docs
+
+    undocumented = [
+        k.dotted
+        for top in config_docs.build_tree()
+        for section in top.walk()
+        for k in section.keys
+        if not k.doc
+    ]
+    assert undocumented == []
+    assert config_docs.UNDOCUMENTED not in config_docs.render()
+
+
+def test_template_registry_matches_the_schema():
+    from fedsim.data.templates import TEMPLATES
+
+    assert sorted(TEMPLATES) == sorted(typing.get_args(TemplateName))
+
+
+def test_partitioners_implement_exactly_the_schema_kinds():
+    from fedsim.data.partitioners import make_partitioner
+
+    for kind in typing.get_args(PartitionKind):
+        assert make_partitioner(kind, path="split.json").kind == kind
+    with pytest.raises(FedsimInputError, match="expected one of iid, dirichlet"):
+        make_partitioner("random")
+
+
+def test_compression_implements_every_schema_kind():
+    import torch
+
+    from fedsim.compression import compress, decompress
+
+    delta = {"w": torch.tensor([0.5, -1.0, 0.25, 0.0])}
+    for kind in typing.get_args(CompressionKind):
+        if kind == "none":  # sent as it is, never through compress()
+            continue
+        back = decompress(compress(delta, kind, topk_fraction=1.0), delta, kind)
+        assert back["w"].tolist() == pytest.approx(delta["w"].tolist(), abs=0.01), kind
+
+
+def test_loaders_accept_exactly_the_schema_choices():
+    from fedsim.data.sources import FORMATS
+    from fedsim.model import _DTYPES
+
+    assert sorted(FORMATS) == sorted(typing.get_args(DataFormat))
+    assert sorted(_DTYPES) == sorted(typing.get_args(Dtype))

@@ -7,14 +7,14 @@ and no client is left empty; a split that cannot satisfy that raises `FedsimInpu
 """
 
 import json
+import typing
 from abc import ABC, abstractmethod
 from pathlib import Path
 
 import numpy as np
 
+from fedsim.config import PartitionKind
 from fedsim.errors import FedsimInputError
-
-KINDS = ("iid", "dirichlet", "shards", "by_category", "split_file")
 
 
 class Partitioner(ABC):
@@ -289,8 +289,9 @@ def make_partitioner(
         if not path:
             raise FedsimInputError("data.partition.path: required with kind=split_file")
         return SplitFile(path)
+    kinds = typing.get_args(PartitionKind)  # the names live in the config's schema
     raise FedsimInputError(
-        f"data.partition.kind: unknown kind '{kind}'; expected one of {', '.join(KINDS)}"
+        f"data.partition.kind: unknown kind '{kind}'; expected one of {', '.join(kinds)}"
     )
 
 

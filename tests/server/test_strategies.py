@@ -5,11 +5,13 @@ d_1 = [0, 2] (2 samples), d_2 = [3, -2] (1 sample), so the sample-weighted mean 
 (d_0*1 + d_1*2 + d_2*1) / 4 = [1, 0.5] and the uniform one (d_0 + d_1 + d_2) / 3 = [4/3, 0].
 """
 
+import typing
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fedsim.config import ServerConfig
+from fedsim.config import ServerConfig, StrategyName
 from fedsim.errors import FedsimInputError
 from fedsim.server.aggregation import WeightedDeltaSum
 from fedsim.server.strategies import (
@@ -194,3 +196,11 @@ def test_stateless_strategy_refuses_state():
         FedAvg().load_state_dict({"m/w": torch.zeros(1)})
     with pytest.raises(ValueError, match="unexpected"):
         FedAdam().load_state_dict({"momentum/w": torch.zeros(1)})
+
+
+def test_the_registry_implements_exactly_the_config_choices():
+    """server.strategy's Literal is the one list of names; every one has a class, and no class is
+    registered under a name the config would refuse."""
+    assert sorted(STRATEGIES) == sorted(typing.get_args(StrategyName))
+    for name in typing.get_args(StrategyName):
+        assert make_strategy(name).name == name
