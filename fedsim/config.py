@@ -23,6 +23,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from fedsim.deepspeed_config import deepspeed_config_problems
 from fedsim.errors import ConfigError, FedsimInputError
 
 # Every closed set of values a field takes is a Literal here, and only here: the loader checks it
@@ -884,7 +885,8 @@ def _upper_limits(p: list[str], cfg: ExperimentConfig) -> None:
 def validate(cfg: ExperimentConfig) -> list[str]:
     """Range and consistency checks; returns the list of problems (empty when valid)."""
     p: list[str] = []
-    _validate_run_name(p, cfg.run.name)
+    if problem := run_name_problem(cfg.run.name):
+        p.append(f"run.name: {problem}")
     _positive(p, "run.rounds", cfg.run.rounds)
     _positive(p, "run.seed", cfg.run.seed, zero_ok=True)
 
@@ -985,15 +987,24 @@ def validate(cfg: ExperimentConfig) -> list[str]:
     return p
 
 
-def _validate_run_name(p: list[str], name: str) -> None:
-    # The run directory is output_dir/name: "." or ".." would make it output_dir or its parent,
-    # which --overwrite replaces; over 255 bytes no filesystem can create it.
-    if not name or "/" in name or name in (".", ".."):
-        p.append(
-            f"run.name: expected a folder name (not '.' or '..', no '/'), got {_show(name, '')}"
-        )
-    elif len(name.encode("utf-8")) > 255:
-        p.append("run.name: expected a folder name of at most 255 bytes (UTF-8)")
+def run_name_problem(name: str) -> str | None:
+    """Why `name` cannot be a run directory's name, or None: the one rule for `run.name`.
+
+    It must be one plain path component, so that `<output_dir>/<name>` can never point above or
+    beside the output dir: "." or ".." would make it output_dir or its parent, which
+    --overwrite replaces; a leading dot hides it; over 255 bytes no filesystem can create it.
+    """
+    if not name:
+        return "expected a non-empty name"
+    if name.startswith("."):
+        return f"expected a plain folder name, got {_show(name, '')} (no leading dot, '.' or '..')"
+    if any(sep in name for sep in ("/", "\\")) or os.sep in name:
+        return f"expected a single folder name, got {_show(name, '')} (no path separators)"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return f"expected a plain folder name, got {_show(name, '')} (no control characters)"
+    if len(name.encode("utf-8")) > 255:
+        return "expected a folder name of at most 255 bytes"
+    return None
 
 
 def _validate_min_updates(p: list[str], cfg: ExperimentConfig) -> None:
@@ -1039,9 +1050,6 @@ def _quantization_problems(cfg: ExperimentConfig) -> list[str]:
 
 
 def _deepspeed_problems(cfg: ExperimentConfig) -> list[str]:
-    # DeepSpeed is imported only for configs that use it (its import takes seconds).
-    from fedsim.client.deepspeed_trainer import deepspeed_config_problems
-
     c = cfg.client
     return deepspeed_config_problems(
         c.deepspeed,
@@ -1060,8 +1068,6 @@ def _in_unit(p: list[str], dotted: str, value: float, upper_open: bool = False) 
 
 def _validate_algorithms(p: list[str], cfg: ExperimentConfig) -> None:
     """Server strategy parameters, selection, robust rules, DP and compression."""
-    from fedsim.server.robust import min_updates  # the rule's own statement of what it needs
-
     s, c = cfg.server, cfg.client
     av = s.availability
     for name in ("value", "low", "high"):
@@ -1123,6 +1129,27 @@ def _validate_algorithms(p: list[str], cfg: ExperimentConfig) -> None:
     _positive(p, "client.compression.block_size", z.block_size)
     if not 0 < z.topk_fraction <= 1:
         p.append(f"client.compression.topk_fraction: expected (0, 1], got {z.topk_fraction}")
+
+
+def min_updates(rule: str, f: int, beta: float = 0.1, n: int | None = None) -> int:
+    """Fewest updates `rule` needs to tolerate `f` faulty ones.
+
+    median: 2f+1 (a strict majority of honest values around every coordinate's middle);
+    trimmed_mean: floor(beta*n) >= f, i.e. n >= ceil(f / beta) (each end drops at least f);
+    krum, multi_krum: 2f+3 (Blanchard et al. 2017: n > 2f + 2). `n` is unused (kept for callers
+    that state the round size)."""
+    if rule == "mean":
+        return 1
+    if rule == "median":
+        return 2 * f + 1
+    if rule == "trimmed_mean":
+        need = 1
+        while math.floor(beta * need) < f:
+            need += 1
+        return need
+    if rule in ("krum", "multi_krum"):
+        return 2 * f + 3
+    raise ValueError(f"unknown robust rule {rule!r}")
 
 
 def _client_ids(p: list[str], ids: list[int], num_clients: int) -> None:

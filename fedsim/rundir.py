@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from fedsim.config import run_name_problem
 from fedsim.errors import FedsimInputError
 
 RUN_MARKER = ".fedsim-run"
@@ -189,22 +190,6 @@ def is_fedsim_dir(run_dir: Path) -> bool:
 # ------------------------------------------------------------------------------------------
 # Where a run directory may be
 # ------------------------------------------------------------------------------------------
-
-
-def run_name_problem(name: str) -> str | None:
-    """Why `name` cannot be a run directory's name, or None: it must be one plain path
-    component, so that `<output_dir>/<name>` can never point above or beside the output dir."""
-    if not name:
-        return "expected a non-empty name"
-    if name.startswith("."):
-        return f"expected a plain folder name, got {name!r} (no leading dot, '.' or '..')"
-    if any(sep in name for sep in ("/", "\\")) or os.sep in name:
-        return f"expected a single folder name, got {name!r} (no path separators)"
-    if any(ord(c) < 32 or ord(c) == 127 for c in name):
-        return f"expected a plain folder name, got {name!r} (no control characters)"
-    if len(name.encode("utf-8")) > 255:
-        return "expected a folder name of at most 255 bytes"
-    return None
 
 
 def location_problem(output_dir: str | Path, name: str) -> str | None:

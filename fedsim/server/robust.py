@@ -15,28 +15,10 @@ import math
 
 import torch
 
+# The rule's own statement of what it needs lives with the config, which checks it at load time.
+from fedsim.config import min_updates as min_updates
+
 TensorDict = dict[str, torch.Tensor]
-
-
-def min_updates(rule: str, f: int, beta: float = 0.1, n: int | None = None) -> int:
-    """Fewest updates `rule` needs to tolerate `f` faulty ones.
-
-    median: 2f+1 (a strict majority of honest values around every coordinate's middle);
-    trimmed_mean: floor(beta*n) >= f, i.e. n >= ceil(f / beta) (each end drops at least f);
-    krum, multi_krum: 2f+3 (Blanchard et al. 2017: n > 2f + 2). `n` is unused (kept for callers
-    that state the round size)."""
-    if rule == "mean":
-        return 1
-    if rule == "median":
-        return 2 * f + 1
-    if rule == "trimmed_mean":
-        need = 1
-        while math.floor(beta * need) < f:
-            need += 1
-        return need
-    if rule in ("krum", "multi_krum"):
-        return 2 * f + 3
-    raise ValueError(f"unknown robust rule {rule!r}")
 
 
 def _stack(deltas: list[TensorDict], key: str) -> torch.Tensor:
