@@ -1089,9 +1089,7 @@ def _validate_algorithms(p: list[str], cfg: ExperimentConfig) -> None:
     _positive(p, "server.robust.num_byzantine", r.num_byzantine, zero_ok=True)
     _positive(p, "server.robust.multi_krum_m", r.multi_krum_m)
     if r.rule != "mean" and not p:
-        n = cfg.data.num_clients if s.selection == "all" else clients_per_round(cfg)
-        if s.client_ids is not None:
-            n = len(s.client_ids)
+        n = clients_per_round(cfg)
         need = min_updates(r.rule, r.num_byzantine, r.trim_beta, n)
         if need > n:
             p.append(
@@ -1206,9 +1204,14 @@ def _validate_eval(p: list[str], e: EvalConfig) -> None:
 
 
 def clients_per_round(cfg: ExperimentConfig) -> int:
-    """Number of clients trained each round: `client_ids`, `clients_per_round` or `fraction`."""
+    """Clients selected each round, the one definition: every id of `server.client_ids` when
+    set, every client with selection `all`, else `server.clients_per_round` or `server.fraction`
+    of data.num_clients (at least one). With selection `availability` a round may find fewer
+    online; over-selection (`server.min_updates`) may invite more."""
     if cfg.server.client_ids is not None:
         return len(cfg.server.client_ids)
+    if cfg.server.selection == "all":
+        return cfg.data.num_clients
     if cfg.server.clients_per_round is not None:
         return cfg.server.clients_per_round
     assert cfg.server.fraction is not None

@@ -25,7 +25,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from fedsim import checkpoint
 from fedsim.client.trainer import TrainSettings
 from fedsim.client.worker import ClientOutcome, ClientTask, WorkerSpec
-from fedsim.config import ExperimentConfig
+from fedsim.config import ExperimentConfig, clients_per_round
 from fedsim.data.profiles import ClientProfile
 from fedsim.data.shard_builder import ShardBuilder
 from fedsim.execution import (  # WORKER_ENV re-exported for scripts
@@ -36,10 +36,7 @@ from fedsim.execution import (  # WORKER_ENV re-exported for scripts
     worker_pool,
 )
 from fedsim.faults import forwarded_env
-from fedsim.model import (
-    LoraSpec,
-    load_tokenizer,
-)
+from fedsim.model import load_tokenizer
 from fedsim.prepare import (  # re-exported: scripts and tests build runs step by step
     PreparedRun,  # noqa: F401
     availability_probabilities,
@@ -47,7 +44,6 @@ from fedsim.prepare import (  # re-exported: scripts and tests build runs step b
     materialise,
     prepare_model,  # noqa: F401
     prepare_run,
-    selection_size,
     shard_builder,
 )
 from fedsim.resources import peak_rss_mb, round_object_store_bytes
@@ -93,12 +89,12 @@ class RunResult:
 def worker_spec(
     cfg: ExperimentConfig, model_path: str, shards_dir: Path, pad_id: int
 ) -> WorkerSpec:
-    c, lora = cfg.client, cfg.model.lora
+    c = cfg.client
     return WorkerSpec(
         model_path=model_path,
         model_name=cfg.model.name_or_path if cfg.model.name_or_path != "tiny" else model_path,
         dtype=cfg.model.dtype,
-        lora=LoraSpec(lora.r, lora.alpha, lora.dropout, tuple(lora.target_modules)),
+        lora=cfg.model.lora,
         seed=cfg.run.seed,
         shards_dir=str(shards_dir.resolve()),
         backend=c.backend,
@@ -139,7 +135,7 @@ def run_experiment(
         log(f"resuming {prep.run_dir} after round {prep.resume_from.round_idx}")
     pad_id = load_tokenizer(prep.model_path).pad_token_id
     spec = worker_spec(cfg, prep.model_path, shards_dir, pad_id)
-    per_round = selection_size(cfg)
+    per_round = clients_per_round(cfg)
     if prep.resume_from:  # finish a client-state commit that a crash cut short
         ClientStateStore(prep.run_dir).settle(prep.resume_from.round_idx)
 
@@ -358,7 +354,7 @@ class RoundRunner:
             cfg.run.seed,
             round_idx,
             cfg.data.num_clients,
-            selection_size(cfg),
+            clients_per_round(cfg),
             self.probabilities,
         )
 

@@ -24,13 +24,14 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, TaskType, get_peft_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
@@ -45,6 +46,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from fedsim.config import LoraConfig
 from fedsim.errors import FedsimInputError
 
 # Bump when the way the tiny model is built changes, so old cache entries are not reused.
@@ -423,33 +425,20 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class LoraSpec:
-    """LoRA hyper-parameters (``model.lora`` in the config)."""
-
-    r: int = 8
-    """Rank of the low-rank update."""
-    alpha: int = 16
-    """Scaling numerator: the update is scaled by alpha / r."""
-    dropout: float = 0.05
-    """Dropout on the LoRA input during training."""
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
-    """Names (or dotted name suffixes) of the Linear layers that get an adapter."""
-
-
-def attach_lora(model: PreTrainedModel, spec: LoraSpec, seed: int) -> PeftModel:
-    """Wrap `model` (modified in place) with a fresh LoRA adapter named ``default``.
+def attach_lora(model: PreTrainedModel, lora: LoraConfig, seed: int) -> PeftModel:
+    """Wrap `model` (modified in place) with a fresh LoRA adapter named ``default``, shaped by
+    the config's `model.lora` section.
 
     The initial adapter is a pure function of `seed`: LoRA A is drawn under
     ``torch.manual_seed(seed)`` (B starts at zero), without disturbing the caller's RNG state.
     """
-    _check_target_modules(model, spec.target_modules)
-    config = LoraConfig(
+    _check_target_modules(model, lora.target_modules)
+    config = PeftLoraConfig(
         task_type=TaskType.CAUSAL_LM,
-        r=spec.r,
-        lora_alpha=spec.alpha,
-        lora_dropout=spec.dropout,
-        target_modules=list(spec.target_modules),
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
         bias="none",
     )
     # PEFT creates the LoRA layers on the CPU and then moves them to the base layer's device, so
@@ -471,7 +460,7 @@ def linear_module_names(model: torch.nn.Module) -> list[str]:
 
 
 def _check_target_modules(
-    model: torch.nn.Module, targets: tuple[str, ...], rank: int | None = None
+    model: torch.nn.Module, targets: Sequence[str], rank: int | None = None
 ) -> None:
     """Every target names a module (as PEFT matches it: the full name or a dotted suffix); with
     `rank`, no matched Linear layer is narrower than the LoRA rank."""
@@ -491,7 +480,7 @@ def _check_target_modules(
             )
 
 
-def check_model(path: str, spec: LoraSpec) -> None:
+def check_model(path: str, lora: LoraConfig) -> None:
     """Check the base model against the LoRA settings before anything starts: its config loads,
     its weights are safetensors (never pickled .bin files), its tokenizer loads, and the LoRA
     targets exist and are at least as wide as the rank. The model is built on the meta device,
@@ -513,7 +502,7 @@ def check_model(path: str, spec: LoraSpec) -> None:
         ) from None
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
-    _check_target_modules(skeleton, spec.target_modules, spec.r)
+    _check_target_modules(skeleton, lora.target_modules, lora.r)
 
 
 def _first_line(err: Exception) -> str:

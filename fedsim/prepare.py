@@ -17,7 +17,7 @@ from pathlib import Path
 import ray
 
 from fedsim import checkpoint, ray_auth, rundir
-from fedsim.config import ExperimentConfig, clients_per_round
+from fedsim.config import ExperimentConfig
 from fedsim.data.pipeline import PreparedData, prepare_data, write_partition
 from fedsim.data.profiles import ClientProfile, load_profiles
 from fedsim.data.shard_builder import ShardBuilder
@@ -27,7 +27,6 @@ from fedsim.data.templates import get_template, template_text
 from fedsim.errors import FedsimInputError
 from fedsim.execution import cluster_address
 from fedsim.model import (
-    LoraSpec,
     TinyModelSpec,
     check_model,
     ensure_tiny_model,
@@ -128,8 +127,7 @@ def prepare_run(
     if address and not ray.is_initialized():
         ray_auth.check_cluster(address, cfg.cluster.allow_unauthenticated)
     model_path = prepare_model(cfg, log)
-    lora = cfg.model.lora
-    check_model(model_path, LoraSpec(lora.r, lora.alpha, lora.dropout, tuple(lora.target_modules)))
+    check_model(model_path, cfg.model.lora)
     return PreparedRun(cfg, run_dir, data, model_path, resume_from, profiles)
 
 
@@ -159,14 +157,6 @@ def availability_probabilities(
         p.availability if p.availability is not None else d
         for p, d in zip(profiles, drawn, strict=True)
     ]
-
-
-def selection_size(cfg: ExperimentConfig) -> int:
-    """Most clients a round can have: `client_ids`, every client for `all`, else
-    clients_per_round."""
-    if cfg.server.client_ids is not None:
-        return len(cfg.server.client_ids)
-    return cfg.data.num_clients if cfg.server.selection == "all" else clients_per_round(cfg)
 
 
 # ------------------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ def tiny_lora_llama(vocab_size: int, lora_seed: int):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from fedsim.model import LoraSpec, attach_lora
+    from fedsim.config import LoraConfig
+    from fedsim.model import attach_lora
 
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -25,7 +26,7 @@ def tiny_lora_llama(vocab_size: int, lora_seed: int):
         num_key_value_heads=2,
         max_position_embeddings=32,
     )
-    return attach_lora(LlamaForCausalLM(config), LoraSpec(r=4, alpha=8, dropout=0.0), lora_seed)
+    return attach_lora(LlamaForCausalLM(config), LoraConfig(r=4, alpha=8, dropout=0.0), lora_seed)
 
 
 def same_bits(a, b) -> bool:

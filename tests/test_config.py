@@ -118,6 +118,16 @@ def test_clients_per_round_from_fraction():
     assert clients_per_round(cfg) == 5  # of the default 20 clients
 
 
+def test_clients_per_round_is_every_client_with_selection_all():
+    cfg = config_from_dict({"server": {"selection": "all"}, "data": {"num_clients": 7}})
+    assert clients_per_round(cfg) == 7  # server.clients_per_round (5) does not apply
+    # robust rules are checked against the same round size: median with f=3 needs 7
+    raw = {"server": {"selection": "all", "robust": {"rule": "median", "num_byzantine": 3}}}
+    assert config_from_dict({**raw, "data": {"num_clients": 7}})
+    (problem,) = _problems({**raw, "data": {"num_clients": 6}})
+    assert problem.startswith("server.robust.rule: median with num_byzantine=3 needs at least 7")
+
+
 @pytest.mark.parametrize("path", sorted(EXPERIMENTS.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_experiment_validates(path):
     assert isinstance(load_config(path), ExperimentConfig)

@@ -12,9 +12,9 @@ from peft import PeftModel
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
+from fedsim.config import LoraConfig
 from fedsim.errors import FedsimInputError
 from fedsim.model import (
-    LoraSpec,
     TinyModelSpec,
     adapter_config_dict,
     attach_lora,
@@ -68,8 +68,8 @@ def _quiet(_: str) -> None:
     pass
 
 
-def _lora_model(path: Path, seed: int = 0, spec: LoraSpec | None = None) -> PeftModel:
-    return attach_lora(load_base_model(str(path)), spec or LoraSpec(), seed=seed)
+def _lora_model(path: Path, seed: int = 0, spec: LoraConfig | None = None) -> PeftModel:
+    return attach_lora(load_base_model(str(path)), spec or LoraConfig(), seed=seed)
 
 
 # --- tiny model -------------------------------------------------------------------------------
@@ -281,7 +281,7 @@ def test_set_adapter_rejects_wrong_keys(tiny_dir: Path) -> None:
 
 def test_unknown_target_module_names_the_field(tiny_dir: Path) -> None:
     with pytest.raises(FedsimInputError) as err:
-        _lora_model(tiny_dir, spec=LoraSpec(target_modules=("q_proj", "query")))
+        _lora_model(tiny_dir, spec=LoraConfig(target_modules=["q_proj", "query"]))
     message = str(err.value)
     assert message.startswith("model.lora.target_modules:")
     assert "'query'" in message
@@ -290,7 +290,7 @@ def test_unknown_target_module_names_the_field(tiny_dir: Path) -> None:
 
 
 def test_adapter_dir_loads_with_peft_from_pretrained(tiny_dir: Path, tmp_path: Path) -> None:
-    model = _lora_model(tiny_dir, seed=3, spec=LoraSpec(r=4, alpha=8, target_modules=("q_proj",)))
+    model = _lora_model(tiny_dir, seed=3, spec=LoraConfig(r=4, alpha=8, target_modules=["q_proj"]))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:

@@ -11,7 +11,8 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from fedsim.model import LoraSpec, attach_lora, load_base_model
+from fedsim.config import LoraConfig
+from fedsim.model import attach_lora, load_base_model
 from tests.peft_checks import (
     assert_differs_from_a_fresh_adapter,
     assert_model_holds_the_file,
@@ -44,7 +45,7 @@ def base_dir(tmp_path: Path) -> Path:
 
 def _trained_adapter_dir(base_dir: Path, out: Path) -> Path:
     """PEFT's own save of an adapter whose A and B are both away from their initial values."""
-    model = attach_lora(load_base_model(str(base_dir)), LoraSpec(r=4, alpha=8), seed=1)
+    model = attach_lora(load_base_model(str(base_dir)), LoraConfig(r=4, alpha=8), seed=1)
     with torch.no_grad():
         for p in lora_state(model).values():
             p.add_(0.25)
@@ -62,7 +63,7 @@ def test_same_bits_tells_signed_zeros_and_dtypes_apart() -> None:
 
 
 def test_model_key_is_peft_s_mapping(base_dir: Path) -> None:
-    model = attach_lora(load_base_model(str(base_dir)), LoraSpec(r=4, alpha=8), seed=1)
+    model = attach_lora(load_base_model(str(base_dir)), LoraConfig(r=4, alpha=8), seed=1)
     file_keys = set(get_peft_model_state_dict(model))
     assert file_keys and {model_key(k) for k in file_keys} == set(lora_state(model))
 
@@ -88,7 +89,7 @@ def test_a_load_that_kept_the_initial_weights_is_caught(base_dir: Path, tmp_path
 
 def test_an_untrained_adapter_is_caught(base_dir: Path, tmp_path: Path) -> None:
     """A file holding a fresh adapter's zero B would match a load that kept its initial B."""
-    model = attach_lora(load_base_model(str(base_dir)), LoraSpec(r=4, alpha=8), seed=1)
+    model = attach_lora(load_base_model(str(base_dir)), LoraConfig(r=4, alpha=8), seed=1)
     model.save_pretrained(tmp_path / "adapter")
     saved = load_file(tmp_path / "adapter" / ADAPTER_FILE)
     with pytest.raises(AssertionError, match=r"lora_B.*as freshly initialised"):

@@ -23,12 +23,11 @@ import ray
 import torch
 
 from fedsim.client.trainer import TRAINERS, ClientContext, TrainSettings
-from fedsim.config import CompressionConfig
+from fedsim.config import CompressionConfig, LoraConfig
 from fedsim.data.shards import ShardStore
 from fedsim.errors import FedsimInputError
 from fedsim.faults import raise_client_fault
 from fedsim.model import (
-    LoraSpec,
     adapter_config_dict,
     attach_lora,
     get_adapter,
@@ -54,7 +53,7 @@ class WorkerSpec:
     model_path: str
     model_name: str
     dtype: str
-    lora: LoraSpec
+    lora: LoraConfig
     seed: int
     shards_dir: str
     backend: str

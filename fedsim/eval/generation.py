@@ -17,13 +17,13 @@ import torch
 import torch.nn.functional as F
 
 from fedsim.client.trainer import collate
-from fedsim.config import GenerationConfig
+from fedsim.config import GenerationConfig, LoraConfig
 from fedsim.data.records import make_table
 from fedsim.data.shards import IGNORE_INDEX, tokenize_records
 from fedsim.data.templates import PromptTemplate
 from fedsim.errors import FedsimInputError
 from fedsim.eval.questions import Question
-from fedsim.model import LoraSpec, attach_lora, load_base_model, load_tokenizer, set_adapter
+from fedsim.model import attach_lora, load_base_model, load_tokenizer, set_adapter
 
 TensorDict = dict[str, torch.Tensor]
 TURN_SEPARATOR = "\n\n"
@@ -66,7 +66,7 @@ class AnswerModel:
     """A frozen base model with LoRA attached, whose adapter is swapped per round."""
 
     def __init__(
-        self, model_path: str, dtype: str, lora: LoraSpec, device: str | None = None
+        self, model_path: str, dtype: str, lora: LoraConfig, device: str | None = None
     ) -> None:
         self.device = device or default_device()
         self.tokenizer = load_tokenizer(model_path)

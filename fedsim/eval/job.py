@@ -46,7 +46,6 @@ from fedsim.eval import judge as judging
 from fedsim.eval.generation import Answer, AnswerModel
 from fedsim.eval.metrics import exact_match, perplexity, rouge_l, summarize
 from fedsim.eval.questions import Question, QuestionSet, load_question_sets
-from fedsim.model import LoraSpec
 from fedsim.tb import eval_log
 
 Log = Callable[[str], None]
@@ -156,10 +155,9 @@ class ModelPool:
 
         path = prepare_model(cfg, log=lambda _: None)
         lora = cfg.model.lora
-        spec = LoraSpec(lora.r, lora.alpha, lora.dropout, tuple(lora.target_modules))
-        key = json.dumps([path, cfg.model.dtype, asdict(spec)], sort_keys=True)
+        key = json.dumps([path, cfg.model.dtype, asdict(lora)], sort_keys=True)
         if key not in self._models:
-            self._models[key] = AnswerModel(path, cfg.model.dtype, spec)
+            self._models[key] = AnswerModel(path, cfg.model.dtype, lora)
         return self._models[key]
 
 
