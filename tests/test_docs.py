@@ -155,6 +155,16 @@ def test_every_docs_page_is_in_the_nav():
     assert on_disk - in_nav == set(), "pages missing from mkdocs.yml's nav"
 
 
+def test_readme_is_a_front_door_whose_links_resolve():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert len(readme.splitlines()) <= 200, "the README is the front door: move details to docs/"
+    assert readme.count("\nmake quickstart\nmake test\n") == 1
+    targets = re.findall(r"\]\(((?:docs/)[^)#]*)", readme)
+    assert targets, "the README links to the docs"
+    missing = [t for t in targets if not (ROOT / t).exists()]
+    assert not missing, f"README links to missing files: {missing}"
+
+
 # --- getting started: every command runs ------------------------------------------------------
 
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```\n", re.S | re.M)
