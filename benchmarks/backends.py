@@ -79,7 +79,7 @@ def _worker(spec, name: str):
 
 def run_memory(name: str, config: str, clients: int, steps: int) -> dict[str, float]:
     """One variant alone in this process: its peak memory and engine build time."""
-    from fedsim.client.worker import ClientTask
+    from fedsim.protocol import ClientTask
 
     with tempfile.TemporaryDirectory() as out:
         spec, _ = _workload(config, steps, out)
@@ -97,7 +97,7 @@ def run_memory(name: str, config: str, clients: int, steps: int) -> dict[str, fl
 
 def run_timing(names: list[str], config: str, clients: int, steps: int, repeats: int):
     """Seconds per step of every variant, the variants taking turns client by client."""
-    from fedsim.client.worker import ClientTask
+    from fedsim.protocol import ClientTask
 
     with tempfile.TemporaryDirectory() as out:
         spec, _ = _workload(config, steps, out)
@@ -118,7 +118,7 @@ def run_timing(names: list[str], config: str, clients: int, steps: int, repeats:
 def run_reuse(config: str, clients: int, steps: int, repeats: int) -> dict[str, list[float]]:
     """Seconds per client: one ZeRO-2 engine reset per client vs a new engine for each client."""
     from fedsim.client.deepspeed_trainer import DeepSpeedTrainer
-    from fedsim.client.worker import ClientTask
+    from fedsim.protocol import ClientTask
 
     with tempfile.TemporaryDirectory() as out:
         spec, _ = _workload(config, steps, out)

@@ -24,7 +24,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from fedsim import checkpoint
 from fedsim.client.trainer import TrainSettings
-from fedsim.client.worker import ClientOutcome, ClientTask, WorkerSpec
+from fedsim.client.worker import WorkerSpec
 from fedsim.config import ExperimentConfig, clients_per_round
 from fedsim.data.profiles import ClientProfile
 from fedsim.data.shard_builder import ShardBuilder
@@ -46,6 +46,7 @@ from fedsim.prepare import (  # re-exported: scripts and tests build runs step b
     prepare_run,
     shard_builder,
 )
+from fedsim.protocol import ClientOutcome, ClientTask
 from fedsim.resources import peak_rss_mb, round_object_store_bytes
 from fedsim.round_record import TrainedRound
 from fedsim.seeds import STREAMS_VERSION

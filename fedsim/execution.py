@@ -27,16 +27,11 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from tqdm import tqdm
 
 from fedsim import ray_auth
-from fedsim.client.worker import (
-    ClientOutcome,
-    ClientTask,
-    ClientWorkerActor,
-    WorkerSpec,
-    pack_directory,
-)
+from fedsim.client.worker import ClientWorkerActor, WorkerSpec, pack_directory
 from fedsim.config import ClusterConfig, ExperimentConfig
 from fedsim.data.shards import INDEX_FILE
 from fedsim.errors import FedsimInputError
+from fedsim.protocol import ClientOutcome, ClientTask
 
 Log = Callable[[str], None]
 WORKER_ENV = {
@@ -184,13 +179,16 @@ class WorkerPool:
         except ray.exceptions.ActorDiedError:  # restarts used up: the worker is gone for good
             self.alive.remove(w)
             log(f"worker {w} is gone for good; {len(self.alive)} left")
-            outcome = ClientOutcome(task.client_id, ok=False, worker_lost=True)
-            outcome.error = "its worker died and cannot be restarted"
+            outcome = ClientOutcome(
+                task.client_id, ok=False, worker_lost=True,
+                error="its worker died and cannot be restarted",
+            )  # fmt: skip
         except ray.exceptions.RayActorError as err:  # died mid-task; Ray restarts the worker
-            outcome = ClientOutcome(task.client_id, ok=False, worker_lost=True)
-            outcome.error = f"its worker died ({type(err).__name__})"
-        outcome.attempts = attempt
-        return outcome
+            outcome = ClientOutcome(
+                task.client_id, ok=False, worker_lost=True,
+                error=f"its worker died ({type(err).__name__})",
+            )  # fmt: skip
+        return dataclasses.replace(outcome, attempts=attempt)
 
 
 # ------------------------------------------------------------------------------------------

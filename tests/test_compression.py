@@ -5,7 +5,8 @@ import torch
 
 from fedsim.compression import compress, decompress, dequantize_int8, quantize_int8, topk_entries
 from fedsim.errors import UpdateRejected
-from fedsim.uplink import ClientUpload, decode_upload, encode_upload
+from fedsim.protocol import ClientUpload, encode_upload
+from fedsim.server.aggregation import decode_upload
 
 X = torch.tensor([0.5, -1.0, 0.25, 0.0])
 

@@ -5,8 +5,8 @@ import torch
 
 from fedsim.errors import UpdateRejected
 from fedsim.lora_ranks import pad_adapter, rank_mask, truncate_adapter
-from fedsim.server.aggregation import WeightedDeltaSum
-from fedsim.uplink import decode_upload, encode_upload
+from fedsim.protocol import encode_upload
+from fedsim.server.aggregation import WeightedDeltaSum, decode_upload
 
 A, B = "q_proj.lora_A.weight", "q_proj.lora_B.weight"
 # rank 3: A is 3 x 2 (component j = row j), B is 2 x 3 (component j = column j)

@@ -7,7 +7,6 @@ supplies the parameters and a way to rewrite its weights (`Trainer.update_weight
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
@@ -16,24 +15,6 @@ from fedsim.lora_ranks import rank_mask
 TensorDict = dict[str, torch.Tensor]
 WeightUpdate = Callable[[str, torch.Tensor], torch.Tensor]
 """`update(key, weight) -> new weight`, applied by a backend to every LoRA parameter."""
-
-
-@dataclass(frozen=True)
-class ClientContext:
-    """What a server strategy or the client's profile changes about local training; the default
-    changes nothing. Tensors are keyed by PEFT adapter names (`model.adapter_parameters`)."""
-
-    prox_mu: float = 0.0
-    """FedProx: adds (mu/2)*||w - w_global||^2 over the trainable parameters to each step's loss."""
-    correction: TensorDict | None = None
-    """SCAFFOLD: c - c_i; after every optimizer step w <- w - lr_t * (c - c_i)."""
-    lora_rank: int | None = None
-    """Heterogeneous ranks: train only the first `lora_rank` LoRA components (see lora_ranks)."""
-
-    @property
-    def is_plain(self) -> bool:
-        """True when it changes nothing about local training."""
-        return not self.prox_mu and self.correction is None and self.lora_rank is None
 
 
 class ProximalTerm:
@@ -96,3 +77,20 @@ def corrected(correction: TensorDict, lr: float) -> WeightUpdate:
     """SCAFFOLD's drift correction as a separate step after the optimizer's: w <- w - lr*(c - c_i)
     (decoupled from AdamW's normalisation, as OpenFedLLM applies it)."""
     return lambda key, w: w - lr * correction[key].to(w.device, w.dtype)
+
+
+def scaffold_client_variate(
+    correction: TensorDict, global_adapter: TensorDict, local_adapter: TensorDict, lr_sum: float
+) -> TensorDict:
+    """A client's new control variate, option II: c_i+ = c_i - c + (x - y_i) / (K * lr).
+
+    `correction` is c - c_i as the client got it; `lr_sum` is the sum of the learning rates of its
+    K local steps (K * lr for a constant rate). Returned as float32.
+    """
+    return {
+        k: (
+            -correction[k].double()
+            + (global_adapter[k].double() - local_adapter[k].double()) / lr_sum
+        ).float()
+        for k in global_adapter
+    }

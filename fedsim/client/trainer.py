@@ -26,7 +26,6 @@ import numpy as np
 import torch
 
 from fedsim.client.context import (
-    ClientContext,
     ProximalTerm,
     WeightUpdate,
     corrected,
@@ -35,6 +34,7 @@ from fedsim.client.context import (
 )
 from fedsim.config import ClientConfig
 from fedsim.model import adapter_parameters, get_adapter, set_adapter
+from fedsim.protocol import ClientContext
 
 IGNORE_INDEX = -100
 TensorDict = dict[str, torch.Tensor]

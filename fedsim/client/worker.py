@@ -8,6 +8,7 @@ across the actor boundary, so the driver's failure policy decides what a failed 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import tempfile
@@ -22,7 +23,8 @@ import numpy as np
 import ray
 import torch
 
-from fedsim.client.trainer import TRAINERS, ClientContext, TrainSettings
+from fedsim.client.context import scaffold_client_variate
+from fedsim.client.trainer import TRAINERS, TrainResult, TrainSettings
 from fedsim.config import CompressionConfig, LoraConfig
 from fedsim.data.shards import ShardStore
 from fedsim.errors import FedsimInputError
@@ -33,10 +35,16 @@ from fedsim.model import (
     get_adapter,
     load_base_model,
 )
+from fedsim.protocol import (
+    ClientContext,
+    ClientOutcome,
+    ClientTask,
+    ClientUpload,
+    encode_upload,
+    tensors_nbytes,
+)
 from fedsim.resources import peak_rss_mb
 from fedsim.seeds import Stream, seed_of
-from fedsim.server.strategies import scaffold_client_variate
-from fedsim.uplink import ClientUpload, encode_upload, tensors_nbytes
 
 TensorDict = dict[str, torch.Tensor]
 
@@ -69,48 +77,6 @@ class WorkerSpec:
     """ObjectRef of `pack_directory(model_path)`; when set, `model_path` is not read."""
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     """Uplink compression of the client's delta (`client.compression`)."""
-
-
-@dataclass(frozen=True)
-class ClientTask:
-    round_idx: int
-    client_id: int
-    seed: int
-    shard_ref: Any = None
-    """ObjectRef of the bytes of the shard block holding the client (object-store transport);
-    fetched only when the worker does not have that block open already."""
-
-
-@dataclass
-class ClientOutcome:
-    """The result of one client's turn, successful or not (the adapter travels separately)."""
-
-    client_id: int
-    ok: bool
-    num_samples: int = 0
-    losses: list[float] = field(default_factory=list)
-    examples: int = 0
-    tokens: int = 0
-    train_seconds: float = 0.0
-    total_seconds: float = 0.0
-    worker: str = ""
-    node: str = ""
-    """Ray node id of the worker."""
-    error: str | None = None
-    attempts: int = 1
-    """Which try this outcome is from (a client whose worker died is retried)."""
-    worker_lost: bool = False
-    """The worker process died during this client's turn (as opposed to training raising)."""
-    peak_rss_mb: float = 0.0
-    """Peak RSS of the worker's process at the end of this turn, MiB (0: the turn never ran)."""
-    upload_bytes: int = 0
-    """Bytes of the upload the worker returned (`ClientUpload.nbytes`; 0 when the turn failed)."""
-    context_bytes: int = 0
-    """Tensor bytes of the `ClientContext` the worker received (SCAFFOLD's correction)."""
-
-    @property
-    def mean_loss(self) -> float:
-        return sum(self.losses) / len(self.losses) if self.losses else float("nan")
 
 
 def raise_injected_fault(task: ClientTask) -> None:
@@ -164,46 +130,60 @@ class ClientWorker:
         """Run one client's local training from `global_adapter`; returns (outcome, its upload:
         the adapter, or its compressed delta, plus any client state the strategy keeps)."""
         start = time.perf_counter()
-        outcome = ClientOutcome(
-            client_id=task.client_id, ok=False, worker=self.name, node=self.node_id
-        )
         ctx = context or ClientContext()
-        outcome.context_bytes = tensors_nbytes(ctx.correction or {})
+        turn = {
+            "client_id": task.client_id,
+            "worker": self.name,
+            "node": self.node_id,
+            "context_bytes": tensors_nbytes(ctx.correction or {}),
+        }
         try:
-            raise_injected_fault(task)
-            self.trainer.load_adapter(self.model, global_adapter)
-            if task.shard_ref is not None:
-                block = self.store.block_of(task.client_id)
-                if not self.store.has_block(block):
-                    self.store.add_block(block, ray.get(task.shard_ref))
-            input_ids, labels = self.store.client_examples(task.client_id).to_lists()
-            outcome.num_samples = len(input_ids)
-            # a plain context is not passed, so trainers without the `context` parameter still run
-            extra = {} if ctx.is_plain else {"context": ctx}
-            result = self.trainer.train(self.model, input_ids, labels, task.seed, **extra)
-            local = self.trainer.read_adapter(self.model)
-            z = self.spec.compression
-            adapter = encode_upload(
-                local, global_adapter, z.kind, z.block_size, z.topk_fraction, ctx.lora_rank
-            )
-            if ctx.correction is not None:
-                adapter.client_state = scaffold_client_variate(
-                    ctx.correction, global_adapter, local, result.lr_sum
-                )
+            samples, result, upload = self._train(task, global_adapter, ctx)
         except Exception:
-            outcome.error = traceback.format_exc()
-            outcome.total_seconds = time.perf_counter() - start
-            outcome.peak_rss_mb = peak_rss_mb()
-            return outcome, ClientUpload({})
-        outcome.ok = True
-        outcome.losses = result.losses
-        outcome.examples = result.examples
-        outcome.tokens = result.tokens
-        outcome.train_seconds = result.seconds
-        outcome.total_seconds = time.perf_counter() - start
-        outcome.upload_bytes = adapter.nbytes()
-        outcome.peak_rss_mb = peak_rss_mb()
-        return outcome, adapter
+            failed = ClientOutcome(
+                ok=False,
+                error=traceback.format_exc(),
+                total_seconds=time.perf_counter() - start,
+                peak_rss_mb=peak_rss_mb(),
+                **turn,
+            )
+            return failed, ClientUpload({})
+        outcome = ClientOutcome(
+            ok=True,
+            num_samples=samples,
+            losses=result.losses,
+            examples=result.examples,
+            tokens=result.tokens,
+            train_seconds=result.seconds,
+            total_seconds=time.perf_counter() - start,
+            upload_bytes=upload.nbytes(),
+            peak_rss_mb=peak_rss_mb(),
+            **turn,
+        )
+        return outcome, upload
+
+    def _train(
+        self, task: ClientTask, global_adapter: TensorDict, ctx: ClientContext
+    ) -> tuple[int, TrainResult, ClientUpload]:
+        raise_injected_fault(task)
+        self.trainer.load_adapter(self.model, global_adapter)
+        if task.shard_ref is not None:
+            block = self.store.block_of(task.client_id)
+            if not self.store.has_block(block):
+                self.store.add_block(block, ray.get(task.shard_ref))
+        input_ids, labels = self.store.client_examples(task.client_id).to_lists()
+        # a plain context is not passed, so trainers without the `context` parameter still run
+        extra = {} if ctx.is_plain else {"context": ctx}
+        result = self.trainer.train(self.model, input_ids, labels, task.seed, **extra)
+        local = self.trainer.read_adapter(self.model)
+        z = self.spec.compression
+        upload = encode_upload(
+            local, global_adapter, z.kind, z.block_size, z.topk_fraction, ctx.lora_rank
+        )
+        if ctx.correction is not None:
+            state = scaffold_client_variate(ctx.correction, global_adapter, local, result.lr_sum)
+            upload = dataclasses.replace(upload, client_state=state)
+        return len(input_ids), result, upload
 
 
 def pack_directory(path: str | Path) -> dict[str, np.ndarray]:

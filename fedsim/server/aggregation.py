@@ -13,7 +13,10 @@ import math
 
 import torch
 
+from fedsim.compression import decompress
 from fedsim.errors import UpdateRejected
+from fedsim.lora_ranks import pad_adapter, truncate_adapter
+from fedsim.protocol import ClientUpload
 
 TensorDict = dict[str, torch.Tensor]
 
@@ -183,3 +186,34 @@ def weighted_mean(
         / total
         for k in reference
     }
+
+
+def decode_upload(
+    upload: ClientUpload, global_adapter: TensorDict, block_size: int | None = None
+) -> TensorDict:
+    """The full-rank float64 delta `upload` stands for; raises UpdateRejected when malformed."""
+    if upload.rank is not None:
+        full = _full_rank(global_adapter)
+        if not 1 <= upload.rank <= full:
+            raise UpdateRejected(f"LoRA rank {upload.rank} outside 1..{full}")
+    reference = (
+        truncate_adapter(global_adapter, upload.rank) if upload.rank is not None else global_adapter
+    )
+    if upload.encoding == "raw":
+        check_update(upload.tensors, reference)
+        local = {k: v.double() for k, v in upload.tensors.items()}
+    else:
+        delta = decompress(upload.tensors, reference, upload.encoding, block_size)
+        local = {k: reference[k].double() + d for k, d in delta.items()}
+    if upload.rank is not None:
+        local = pad_adapter(local, global_adapter)
+    delta = {k: local[k] - g.double() for k, g in global_adapter.items()}
+    check_delta(delta, global_adapter)
+    return delta
+
+
+def _full_rank(adapter: TensorDict) -> int:
+    for key, value in adapter.items():
+        if "lora_A" in key:
+            return value.shape[0]
+    return 0

@@ -33,18 +33,17 @@ import ray
 import torch
 
 from fedsim import checkpoint, faults
-from fedsim.client.trainer import ClientContext
 from fedsim.config import ExperimentConfig, clients_per_round
 from fedsim.errors import UpdateRejected
 from fedsim.faults import exit_if_aggregator_fault
+from fedsim.protocol import ClientContext, ClientUpload, tensors_nbytes
 from fedsim.resources import peak_rss_mb
 from fedsim.round_record import RoundRecord, TrainedRound
-from fedsim.server.aggregation import WeightedDeltaSum, check_delta, clip_delta
+from fedsim.server.aggregation import WeightedDeltaSum, check_delta, clip_delta, decode_upload
 from fedsim.server.client_state import ClientStateStore
 from fedsim.server.privacy import dp_epsilon, gaussian_noise
 from fedsim.server.robust import min_updates, robust_aggregate
 from fedsim.server.strategies import make_strategy
-from fedsim.uplink import ClientUpload, decode_upload, tensors_nbytes
 
 TensorDict = dict[str, torch.Tensor]
 

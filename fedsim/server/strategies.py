@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from fedsim.client.trainer import ClientContext
 from fedsim.errors import FedsimInputError
+from fedsim.protocol import ClientContext
 from fedsim.server.aggregation import WeightedDeltaSum
 
 if TYPE_CHECKING:
@@ -251,23 +251,6 @@ class FedAdam(_Adaptive):
 # ---------------------------------------------------------------------------------------------
 # SCAFFOLD (Karimireddy et al. 2020, option II)
 # ---------------------------------------------------------------------------------------------
-
-
-def scaffold_client_variate(
-    correction: TensorDict, global_adapter: TensorDict, local_adapter: TensorDict, lr_sum: float
-) -> TensorDict:
-    """A client's new control variate, option II: c_i+ = c_i - c + (x - y_i) / (K * lr).
-
-    `correction` is c - c_i as the client got it; `lr_sum` is the sum of the learning rates of its
-    K local steps (K * lr for a constant rate). Returned as float32.
-    """
-    return {
-        k: (
-            -correction[k].double()
-            + (global_adapter[k].double() - local_adapter[k].double()) / lr_sum
-        ).float()
-        for k in global_adapter
-    }
 
 
 def scaffold_server_variate(

@@ -9,10 +9,11 @@ from typing import Any
 import pytest
 import torch
 
-from fedsim.client.trainer import TRAINERS, ClientContext, TrainResult, TrainSettings
+from fedsim.client.trainer import TRAINERS, TrainResult, TrainSettings
 from fedsim.config import ClientConfig, config_from_dict
 from fedsim.driver import build_shards, materialise, prepare_run, worker_spec
 from fedsim.model import load_tokenizer
+from fedsim.protocol import ClientContext
 from tests.conftest import tiny_experiment, tiny_lora_llama
 
 BACKENDS = {

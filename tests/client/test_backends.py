@@ -17,11 +17,10 @@ import numpy as np
 import pytest
 import torch
 
-from fedsim.client.context import ClientContext
 from fedsim.client.trainer import IGNORE_INDEX, batch_order
-from fedsim.client.worker import ClientTask, ClientWorker
+from fedsim.client.worker import ClientWorker
 from fedsim.config import CompressionConfig
-from fedsim.uplink import ClientUpload
+from fedsim.protocol import ClientContext, ClientTask, ClientUpload
 from tests.client.conftest import BACKENDS
 from tests.conftest import same_bits
 

@@ -5,8 +5,9 @@ heterogeneous clients."""
 import pytest
 import torch
 
-from fedsim.client.context import ClientContext
+from fedsim.client.context import scaffold_client_variate
 from fedsim.model import adapter_parameters, get_adapter
+from fedsim.protocol import ClientContext
 from tests.client.conftest import settings
 from tests.conftest import same_bits
 
@@ -70,3 +71,15 @@ def test_rank_mask_trains_only_the_first_components(model, start):
             assert torch.all(value[2:] == 0) and not torch.equal(value[:2], start[key][:2])
         elif "lora_B" in key:
             assert torch.all(value[:, 2:] == 0) and not torch.equal(value[:, :2], start[key][:, :2])
+
+
+def test_scaffold_client_variate_option_two():
+    # c_i+ = c_i - c + (x - y) / (K*lr) with c - c_i = [0.5, -1], x - y = [0.2, -0.2], K*lr = 0.1
+    new = scaffold_client_variate(
+        {"w": torch.tensor([0.5, -1.0])},
+        {"w": torch.tensor([1.0, 2.0])},
+        {"w": torch.tensor([0.8, 2.2])},
+        lr_sum=0.1,
+    )
+    assert new["w"].tolist() == pytest.approx([-0.5 + 2.0, 1.0 - 2.0])
+    assert new["w"].dtype == torch.float32

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from fedsim.client.deepspeed_trainer import DeepSpeedTrainer
-from fedsim.client.worker import ClientTask, ClientWorker
+from fedsim.client.worker import ClientWorker
+from fedsim.protocol import ClientTask
 from tests.client.conftest import BACKENDS
 
 BF16_RTOL = 2e-2

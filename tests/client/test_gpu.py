@@ -7,10 +7,11 @@ import importlib.util
 import pytest
 import torch
 
-from fedsim.client.worker import ClientTask, ClientWorker
+from fedsim.client.worker import ClientWorker
 from fedsim.config import config_from_dict
 from fedsim.driver import build_shards, materialise, prepare_run, worker_spec
 from fedsim.model import load_tokenizer
+from fedsim.protocol import ClientTask
 from tests.conftest import tiny_experiment
 
 pytestmark = [
