@@ -71,7 +71,7 @@ def write_round(
     server_state: TensorDict,
     info: dict[str, Any],
 ) -> Path:
-    """Write `rounds/round_NNNN/` atomically, then advance `latest` and append to metrics.jsonl.
+    """Write `rounds/round_NNNN/` atomically, then point `latest` at it.
 
     `info` becomes round.json, with the sha256 of each file added under `files`. On a failed
     write (disk full, permission denied) the partial temporary directory is removed and
@@ -79,7 +79,13 @@ def write_round(
     """
     tmp = run_dir / ROUNDS_DIR / f".{round_name(round_idx)}.tmp"
     try:
-        return _write_round(run_dir, round_idx, adapter, adapter_config, server_state, info)
+        _write_round_files(tmp, adapter, adapter_config, server_state, info, round_idx)
+        # A redone round (resume fell back past it) replaces the old one without a moment in
+        # which neither is complete on disk.
+        final = tmp.with_name(round_name(round_idx))
+        rundir.replace_dir(tmp, final)
+        point_latest(run_dir, round_idx)
+        return final
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
         where = err.filename or tmp
@@ -88,32 +94,24 @@ def write_round(
         ) from err
 
 
-def _write_round(
-    run_dir: Path,
-    round_idx: int,
+def _write_round_files(
+    tmp: Path,
     adapter: TensorDict,
     adapter_config: dict[str, Any],
     server_state: TensorDict,
     info: dict[str, Any],
-) -> Path:
-    rounds = rundir.make_dir(run_dir / ROUNDS_DIR)
-    final = rounds / round_name(round_idx)
-    tmp = rounds / f".{round_name(round_idx)}.tmp"
+    round_idx: int,
+) -> None:
+    rundir.make_dir(tmp.parent)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-
     rundir.save_tensors(tmp / ADAPTER_FILE, adapter)
     rundir.write_json_atomic(tmp / ADAPTER_CONFIG_FILE, adapter_config)
     if server_state:
         rundir.save_tensors(tmp / SERVER_STATE_FILE, server_state)
     files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
     rundir.write_json_atomic(tmp / ROUND_INFO_FILE, {**info, "round": round_idx, "files": files})
-    # A redone round (resume fell back past it) replaces the old one without a moment in which
-    # neither is complete on disk.
-    rundir.replace_dir(tmp, final)
-    point_latest(run_dir, round_idx)
-    return final
 
 
 def point_latest(run_dir: Path, round_idx: int) -> None:

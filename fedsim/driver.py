@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,8 +36,10 @@ from fedsim.execution import (  # WORKER_ENV re-exported for scripts
 )
 from fedsim.faults import forwarded_env
 from fedsim.model import load_tokenizer
-from fedsim.prepare import (  # re-exported: scripts and tests build runs step by step
-    PreparedRun,  # noqa: F401
+from fedsim.prepare import (  # some re-exported: scripts and tests build runs step by step
+    Log,
+    PreparedRun,
+    _print,
     availability_probabilities,
     build_shards,  # noqa: F401
     materialise,
@@ -61,15 +62,10 @@ from fedsim.server.selection import (
 from fedsim.server.system_model import RoundPlan, SystemModel
 from fedsim.tb import train_log
 
-Log = Callable[[str], None]
 MAX_ROUND_ATTEMPTS = 3
 """How often a round is redone after its aggregator died before the run gives up."""
 INTERRUPT_FLUSH_S = 5.0
 """On Ctrl-C, how long to wait for the checkpoint being written in the background."""
-
-
-def _print(message: str) -> None:
-    print(message, flush=True)
 
 
 @dataclass
@@ -152,33 +148,48 @@ def run_experiment(
         shard_builder(prep, shards_dir, log) as shards,
         train_log(prep.run_dir) as scalars,  # TensorBoard, if installed
     ):
-        rounds = RoundRunner(
-            cfg=cfg,
-            run_dir=prep.run_dir,
-            pool=pool,
-            commits=Commits(prep.run_dir, result, scalars),
-            sample_counts=[len(c) for c in prep.data.clients],
-            adapter_config=ray.get(pool.first().adapter_config.remote()),
-            provenance={
-                "config_hash": cfg.training_hash(),
-                "partition_hash": prep.data.partition_hash(),
-                "random_streams": STREAMS_VERSION,
-            },
-            log=log,
-            show_progress=show_progress,
-            train_settings=spec.settings,
-            shards=shards,
-            policy=FailurePolicy(cfg.cluster.max_client_retries),
-            probabilities=availability_probabilities(cfg, prep.profiles),
-            ranks=[p.lora_rank for p in prep.profiles] if prep.profiles else None,
-            system=_system_model(cfg, prep.profiles),
-        )
+        commits = Commits(prep.run_dir, result, scalars)
+        rounds = _round_runner(prep, spec, pool, shards, commits, log, show_progress)
         log(
             f"run {prep.run_dir}: {cfg.data.num_clients} clients, {per_round} per round, "
             f"{len(pool.actors)} workers, rounds {start_round}..{cfg.run.rounds}"
         )
         run_rounds(rounds, start_round, cfg.run.rounds, prep.resume_from)
     return result
+
+
+def _round_runner(
+    prep: PreparedRun,
+    spec: WorkerSpec,
+    pool: WorkerPool,
+    shards: ShardBuilder,
+    commits: Commits,
+    log: Log,
+    show_progress: bool,
+) -> RoundRunner:
+    """The run's fixed parts, gathered for `run_rounds`."""
+    cfg = prep.cfg
+    return RoundRunner(
+        cfg=cfg,
+        run_dir=prep.run_dir,
+        pool=pool,
+        commits=commits,
+        sample_counts=[len(c) for c in prep.data.clients],
+        adapter_config=ray.get(pool.first().adapter_config.remote()),
+        provenance={
+            "config_hash": cfg.training_hash(),
+            "partition_hash": prep.data.partition_hash(),
+            "random_streams": STREAMS_VERSION,
+        },
+        train_settings=spec.settings,
+        shards=shards,
+        policy=FailurePolicy(cfg.cluster.max_client_retries),
+        probabilities=availability_probabilities(cfg, prep.profiles),
+        ranks=[p.lora_rank for p in prep.profiles] if prep.profiles else None,
+        system=_system_model(cfg, prep.profiles),
+        log=log,
+        show_progress=show_progress,
+    )
 
 
 class AggregatorLost(Exception):
@@ -284,8 +295,6 @@ class RoundRunner:
     sample_counts: list[int]
     adapter_config: dict[str, Any]
     provenance: dict[str, str]
-    log: Log
-    show_progress: bool
     train_settings: TrainSettings
     shards: ShardBuilder
     policy: FailurePolicy
@@ -294,6 +303,8 @@ class RoundRunner:
     ranks: list[int | None] | None = None
     """Per-client LoRA rank from the profile (None: the global rank)."""
     system: SystemModel | None = None
+    log: Log = _print
+    show_progress: bool = False
     adapter_bytes: int = 0
 
     # --- the aggregator -------------------------------------------------------------------

@@ -216,31 +216,7 @@ class Aggregator:
         delta = self._round_delta(notes)
         if delta is not None:
             self.global_adapter = self.strategy.apply(self.global_adapter, delta)
-        aggregation: dict[str, Any] = {
-            "strategy": self.strategy.name,
-            "weighting": self.weighting,
-            "weights": {str(c): self._weights[c] for c in sorted(self._accepted)},
-            "accepted": sorted(self._accepted),
-            "rejected": {str(c): why for c, why in sorted(self._rejected.items())},
-            "kept_previous_adapter": delta is None,
-            "fold_seconds": round(self._fold_seconds, 6),
-            **notes,
-        }
-        if self.clip_norm is not None:
-            aggregation["clip_norm"] = self.clip_norm
-            aggregation["update_norms"] = {str(c): n for c, n in sorted(self._norms.items())}
-        summary = {
-            **info,
-            "aggregation": aggregation,
-            "aggregator": f"{socket.gethostname()}:{os.getpid()}",
-            "aggregator_peak_rss_mb": peak_rss_mb(),
-            "bytes": {
-                "adapter": adapter_nbytes(self.global_adapter),
-                "uplink": sum(self._bytes.values()),
-                "uplink_by_client": {str(c): b for c, b in sorted(self._bytes.items())},
-            },
-            **self.provenance,
-        }
+        summary = {**info, **self._summary(delta is not None, notes), **self.provenance}
         if self.dp.enabled:
             summary["dp"] = self._dp_summary(round_idx)
         record = self._record(trained, summary) if trained is not None else None
@@ -261,6 +237,32 @@ class Aggregator:
             summary["record"] = record.to_json()
         self._sum, self._buffer = None, {}
         return summary, self.global_adapter
+
+    def _summary(self, applied: bool, notes: dict[str, Any]) -> dict[str, Any]:
+        """round.json's account of the aggregation: weights, rejections, bytes, where it ran."""
+        aggregation: dict[str, Any] = {
+            "strategy": self.strategy.name,
+            "weighting": self.weighting,
+            "weights": {str(c): self._weights[c] for c in sorted(self._accepted)},
+            "accepted": sorted(self._accepted),
+            "rejected": {str(c): why for c, why in sorted(self._rejected.items())},
+            "kept_previous_adapter": not applied,
+            "fold_seconds": round(self._fold_seconds, 6),
+            **notes,
+        }
+        if self.clip_norm is not None:
+            aggregation["clip_norm"] = self.clip_norm
+            aggregation["update_norms"] = {str(c): n for c, n in sorted(self._norms.items())}
+        return {
+            "aggregation": aggregation,
+            "aggregator": f"{socket.gethostname()}:{os.getpid()}",
+            "aggregator_peak_rss_mb": peak_rss_mb(),
+            "bytes": {
+                "adapter": adapter_nbytes(self.global_adapter),
+                "uplink": sum(self._bytes.values()),
+                "uplink_by_client": {str(c): b for c, b in sorted(self._bytes.items())},
+            },
+        }
 
     def _dp_summary(self, round_idx: int) -> dict[str, Any]:
         """The privacy figures of the rounds so far (round.json's `dp`)."""
