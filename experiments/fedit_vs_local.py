@@ -3,7 +3,9 @@
     python experiments/fedit_vs_local.py [--config experiments/fedit_vs_local.yaml]
         [--clients 3] [--same-compute] [--eval-every 5] [--reuse] [--set KEY=VALUE ...] [--judge]
 
-1. Train the federated model of the config (FedAvg over all clients' data).
+1. Train the centralized baseline (the upper bound: one client holds every training record, and
+   takes as many optimizer steps as the federated run's clients together) and the federated model
+   of the config (FedAvg over all clients' data).
 2. Train local-only models for a few clients (the largest, the median and the smallest by record
    count) with `server.client_ids: [k]`, on the same partition:
    - `local_cK`: the same rounds and local steps as the federated model, i.e. the same number of
@@ -38,11 +40,29 @@ from fedsim.eval.job import Evaluator, SetResult, evaluate_rounds, latest_round,
 from fedsim.report import write_report
 
 
+def centralized(raw: dict[str, Any], per_round: int) -> dict[str, Any]:
+    """The centralized baseline: the same pipeline with one client holding every training record
+    (`data.num_clients: 1`, iid), trained every round for `per_round` times the local steps, so it
+    takes as many optimizer steps in all as the federated run's clients together."""
+    central = copy.deepcopy(raw)
+    central["run"]["name"] = "centralized"
+    central["data"]["num_clients"] = 1
+    central["data"]["partition"] = {"kind": "iid"}
+    for key in ("clients_per_round", "fraction", "client_ids"):
+        central["server"].pop(key, None)
+    central["server"]["clients_per_round"] = 1
+    central["client"]["local_steps"] = raw["client"]["local_steps"] * per_round
+    return central
+
+
 def variants(
-    raw: dict[str, Any], clients: list[int], factors: tuple[int, ...]
+    raw: dict[str, Any], clients: list[int], factors: tuple[int, ...], per_round: int
 ) -> list[tuple[str, dict]]:
-    """(description, raw config) of the federated run and each local-only run."""
-    out = [("FedAvg over all clients", raw)]
+    """(description, raw config) of the centralized, the federated and each local-only run."""
+    out = [
+        ("all records on one client (upper bound)", centralized(raw, per_round)),
+        ("FedAvg over all clients", raw),
+    ]
     steps = raw["client"]["local_steps"]
     for k in clients:
         for factor in factors:
@@ -97,7 +117,7 @@ def main() -> None:
     categories = data.summary()["clients"]
     clients = pick_clients(sizes, args.clients)
     per_round = clients_per_round(fed_cfg)
-    runs = variants(raw, clients, (1, per_round) if args.same_compute else (1,))
+    runs = variants(raw, clients, (1, per_round) if args.same_compute else (1,), per_round)
 
     # --- train (one local Ray instance for every run) ---
     start = time.perf_counter()
@@ -132,8 +152,8 @@ def main() -> None:
         evaluator.close()
         results[run.cfg.run.name] = scored[-1]
     if args.judge:  # the federated model against each local-only one, both orders
-        fed_dir = run_dirs[0]
-        for local_dir in run_dirs[1:]:
+        fed_dir = run_dirs[1]  # after the centralized run
+        for local_dir in run_dirs[2:]:
             run = open_run(fed_dir, [*judge, f"eval.judge.baseline={local_dir}"])
             evaluator = Evaluator(run, log=lambda _: None)
             (scored,) = evaluate_rounds(evaluator, [run.cfg.run.rounds])
@@ -158,7 +178,7 @@ def main() -> None:
         ids = run_raw["server"].get("client_ids")
         local_steps = run_raw["client"]["local_steps"]
         records = sum(sizes[c] for c in ids) if ids else sum(sizes)
-        total = rounds * local_steps * (len(ids) if ids else per_round)
+        total = rounds * local_steps * clients_per_round(config_from_dict(run_raw))
         row = (
             f"| {name} | {description} | {records} | {rounds * local_steps} | {total} | "
             f"{fmt(s['loss'])} | {fmt(s['perplexity'], 2)} | {fmt(s['rouge_l']['mean'])} | "
@@ -168,7 +188,7 @@ def main() -> None:
             row += f" {fmt(s['judge']['single']['mean'], 2)} |"
         lines.append(row)
     fed = results["federated"].summary
-    lines += ["", "Exact match per category:", ""]
+    lines += ["", "Exact match per category (held-out records):", ""]
     cats = sorted(fed["exact_match"]["by_category"])
     lines.append("| model | " + " | ".join(cats) + " |")
     lines.append("|---|" + "---|" * len(cats))
@@ -179,8 +199,10 @@ def main() -> None:
     for k in clients:
         mix = ", ".join(f"{c} {n}" for c, n in sorted(categories[str(k)]["categories"].items()))
         lines.append(f"- client {k}: {sizes[k]} records ({mix})")
-    lines += ["", "Federated minus local-only:", ""]
-    for name, result in list(results.items())[1:]:
+    lines += ["", "Federated minus centralized and local-only:", ""]
+    for name, result in results.items():
+        if name == "federated":
+            continue
         s = result.summary
         em = fed["exact_match"]["mean"] - s["exact_match"]["mean"]
         lines.append(

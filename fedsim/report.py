@@ -1,12 +1,13 @@
 """`fedsim report`: report.md and PNG plots from one or more run directories.
 
 For one run: the training curve, each question set's metrics and judge scores per round, the
-per-category breakdown of the newest evaluated round, and which clients took part in which
-round. For several runs: one comparison table (each run's newest evaluated round) and the same
-curves overlaid; when the runs differ in registered clients and/or clients per round (a
-scalability sweep), also a table and a plot of round time, peak memory and object-store traffic
-against the number of clients. Everything is read from files the trainer and evaluation jobs wrote
-(metrics.jsonl, eval.jsonl, config.yaml, rounds/*/eval/summary.json); nothing is recomputed.
+per-category breakdown of the newest evaluated round, a heat map of exact match per category and
+round, and which clients took part in which round. For several runs: one comparison table (each
+run's newest evaluated round), the same curves overlaid and the heat maps stacked; when the runs
+differ in registered clients and/or clients per round (a scalability sweep), also a table and a
+plot of round time, peak memory and object-store traffic against the number of clients. Everything
+is read from files the trainer and evaluation jobs wrote (metrics.jsonl, eval.jsonl, config.yaml,
+rounds/*/eval/summary.json); nothing is recomputed.
 """
 
 from __future__ import annotations
@@ -277,6 +278,89 @@ def plot_participation(runs: list[RunData], out: Path) -> Path | None:
     return _save(fig, out / "participation.png")
 
 
+HEATMAP_FILE = "exact_match_heatmap.png"
+TRAIN_EXACT_KEY = "exact_match_by_category"
+"""Training-line field with a round's held-out exact match per category ({category: value}),
+for drivers that score a few held-out records every round (`fedsim.eval.metrics`)."""
+
+CategorySeries = dict[int, dict[str, float]]
+"""Round -> category -> exact match."""
+
+
+def category_exact_match(run: RunData, name: str) -> CategorySeries:
+    """Exact match per category of every evaluated round of question set `name`, read from
+    each round's eval/summary.json; rounds without one or without exact-match rows are left out."""
+    series: CategorySeries = {}
+    for r in sorted(run.evals.get(name, {})):
+        path = run.path / "rounds" / checkpoint.round_name(r) / "eval" / "summary.json"
+        try:
+            cats = json.loads(path.read_text())["sets"][name]["exact_match"]["by_category"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        row = {c: float(v["mean"]) for c, v in cats.items() if v.get("n")}
+        if row:
+            series[r] = row
+    return series
+
+
+def train_exact_match(run: RunData) -> CategorySeries:
+    """The per-round held-out exact match per category that training lines carry, if any."""
+    series: CategorySeries = {}
+    for m in run.train:
+        cats = m.get(TRAIN_EXACT_KEY)
+        if isinstance(cats, dict) and cats and isinstance(m.get("round"), int):
+            series[m["round"]] = {str(c): float(v) for c, v in cats.items() if v is not None}
+    return series
+
+
+def heatmap_panels(runs: list[RunData]) -> list[tuple[str, CategorySeries]]:
+    """(title, series) of every run and source that has per-category exact match per round:
+    the training lines' per-round figure, then each question set's evaluations."""
+    panels = []
+    for run in runs:
+        sources = [("held-out, per round", train_exact_match(run))]
+        sources += [(f"eval '{name}'", category_exact_match(run, name)) for name in run.evals]
+        panels += [(f"{run.label}: {what}", series) for what, series in sources if series]
+    return panels
+
+
+def plot_category_heatmap(runs: list[RunData], out: Path) -> Path | None:
+    """Category x round heat map of exact match (0 to 1), one panel per run and source."""
+    panels = heatmap_panels(runs)
+    if not panels:
+        return None
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7.5, 0.5 + 2.6 * len(panels)), squeeze=False)
+    for ax, (title, series) in zip(axes[:, 0], panels, strict=True):
+        image = _draw_heatmap(ax, series)
+        ax.set_title(title, fontsize=10)
+    fig.colorbar(image, ax=list(axes[:, 0]), label="exact match", shrink=0.8)
+    # tight_layout cannot place a colorbar shared by several panels: saved as drawn
+    path = out / HEATMAP_FILE
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _draw_heatmap(ax: Any, series: CategorySeries) -> Any:
+    rounds = sorted(series)
+    cats = sorted({c for row in series.values() for c in row})
+    grid = np.full((len(cats), len(rounds)), np.nan)
+    for j, r in enumerate(rounds):
+        for i, c in enumerate(cats):
+            grid[i, j] = series[r].get(c, np.nan)
+    image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+    ticks = np.linspace(0, len(rounds) - 1, min(len(rounds), 12)).round().astype(int)
+    ax.set_xticks(ticks, [str(rounds[t]) for t in ticks])
+    ax.set_yticks(range(len(cats)), cats, fontsize=8)
+    ax.set_xlabel("round")
+    if len(rounds) <= 12:  # the numbers themselves while they fit in the cells
+        for (i, j), value in np.ndenumerate(grid):
+            if not np.isnan(value):
+                colour = "black" if value > 0.6 else "white"
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color=colour)
+    return image
+
+
 # ------------------------------------------------------------------------------------------
 # Scalability sweep
 # ------------------------------------------------------------------------------------------
@@ -529,6 +613,13 @@ def _single_run_markdown(run: RunData, plots: dict[str, Path | None]) -> list[st
         lines += _category_section(run, name)
         if plots.get(name):
             lines += [f"![{name}](eval_{name}.png)", ""]
+    if plots.get("heatmap"):
+        lines += [
+            "### Exact match per category and round",
+            "",
+            f"![exact match per category]({HEATMAP_FILE})",
+            "",
+        ]
     lines += ["## Client participation", ""]
     if plots.get("participation"):
         counts = np.zeros(run.num_clients, dtype=int)
@@ -591,6 +682,13 @@ def _comparison_markdown(runs: list[RunData], plots: dict[str, Path | None]) -> 
         lines += _category_comparison(runs, name)
         if plots.get(name):
             lines += [f"![{name}](eval_{name}.png)", ""]
+    if plots.get("heatmap"):
+        lines += [
+            "## Exact match per category and round",
+            "",
+            f"![exact match per category]({HEATMAP_FILE})",
+            "",
+        ]
     if plots.get("participation"):
         lines += ["## Client participation", "", "![participation](participation.png)", ""]
     return lines
@@ -631,6 +729,7 @@ def write_report(run_dirs: list[Path], out: Path | None = None) -> Path:
     plots: dict[str, Path | None] = {"train": plot_train_loss(runs, out)}
     for name in _set_names(runs):
         plots[name] = plot_eval(runs, name, out)
+    plots["heatmap"] = plot_category_heatmap(runs, out)
     points = sweep_points(runs)
     # a client x round grid says nothing at thousands of clients: a sweep gets its own plot
     plots["participation"] = plot_participation(runs, out) if points is None else None

@@ -105,6 +105,17 @@ def test_tiny_tokenizer_is_fast_and_round_trips(tiny_dir: Path) -> None:
     assert tok.decode(ids, skip_special_tokens=True) == text
 
 
+def test_tiny_tokenizer_splits_digits_and_keeps_words_whole(tiny_dir: Path) -> None:
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    # Every digit is a token of its own, whatever numbers the corpus held.
+    digits = [t for t in tok.tokenize("the 2025 cats saw 47") if any(c.isdigit() for c in t)]
+    assert digits == ["2", "0", "2", "5", "4", "7"]
+    # A space is its own token, so a word has the same ids at a line's start and after a space.
+    word = tok("cat", add_special_tokens=False)["input_ids"]
+    assert tok("the cat", add_special_tokens=False)["input_ids"][-len(word) :] == word
+    assert tok("the\ncat", add_special_tokens=False)["input_ids"][-len(word) :] == word
+
+
 def test_tiny_model_config_matches_tokenizer(tiny_dir: Path) -> None:
     tok = AutoTokenizer.from_pretrained(tiny_dir)
     config = json.loads((tiny_dir / "config.json").read_text())

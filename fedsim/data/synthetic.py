@@ -1,9 +1,15 @@
 """Built-in instruction data, generated from a seed: no network, no download.
 
-Eight categories of short string tasks that a tiny 2-layer transformer can learn, so that federated
-LoRA tuning visibly lowers the loss on a laptop. The categories give partitioners a real label to
-skew on. `generic_text` provides plain sentences over the same words for pretraining the tiny base
-model; it never contains prompt templates or task phrasing.
+Eight categories of short string tasks whose answers are deterministic functions of the input,
+so that exact match is a meaningful score and a tiny transformer can reach it. The categories give
+partitioners a real label to skew on.
+
+`generic_text` is the tiny base model's pretraining text: plain sentences over the same words
+and, as a real LLM has seen in its pretraining, the *skills* the tasks call for, written in a
+terse notation of their own (``flip: cat dog = dog cat``). It never holds a prompt template, an
+instruction's wording or a task record, so instruction tuning has a real job: to learn which
+instruction asks for which skill, and to answer in the template's format. A model tuned on some
+categories only has no way to know what the other instructions ask for.
 """
 
 import json
@@ -47,75 +53,115 @@ WORDS = NOUNS + ADJECTIVES + VERBS
 VOCABULARY = tuple(sorted(set(WORDS) | set(_OPPOSITE)))
 
 Record = dict[str, str]
+Skill = tuple[str, str, str]
+"""(category, input, answer) of one task instance, before any wording."""
 
 
 def _words(rng: random.Random, low: int, high: int) -> list[str]:
     return [rng.choice(WORDS) for _ in range(rng.randint(low, high))]
 
 
-def _uppercase(rng: random.Random) -> Record:
-    words = _words(rng, 2, 4)
-    return _record(
-        "Write these words in capital letters.", " ".join(words), " ".join(words).upper()
-    )
+# --- skills: (input, answer) pairs, shared by the instructions and the pretraining text ---------
 
 
-def _reverse_words(rng: random.Random) -> Record:
-    words = _words(rng, 2, 4)
-    return _record("Reverse the order of these words.", " ".join(words), " ".join(reversed(words)))
+def _uppercase(rng: random.Random) -> tuple[str, str]:
+    word = rng.choice(WORDS)
+    return word, word.upper()
 
 
-def _sort_numbers(rng: random.Random) -> Record:
-    numbers = [rng.randint(0, 20) for _ in range(rng.randint(3, 5))]
-    return _record(
-        "Sort these numbers from smallest to largest.",
-        " ".join(map(str, numbers)),
-        " ".join(map(str, sorted(numbers))),
-    )
+def _first_letter(rng: random.Random) -> tuple[str, str]:
+    word = rng.choice(WORDS)
+    return word, word[0]
 
 
-def _add(rng: random.Random) -> Record:
-    a, b = rng.randint(0, 49), rng.randint(0, 49)
-    return _record(f"What is {a} plus {b}?", "", str(a + b))
+def _sort_numbers(rng: random.Random) -> tuple[str, str]:
+    numbers = [rng.randint(0, 9) for _ in range(3)]
+    return " ".join(map(str, numbers)), " ".join(map(str, sorted(numbers)))
 
 
-def _count_words(rng: random.Random) -> Record:
+def _add(rng: random.Random) -> tuple[str, str]:
+    a, b = rng.randint(0, 9), rng.randint(0, 9)
+    return f"{a} {b}", str(a + b)
+
+
+def _next_number(rng: random.Random) -> tuple[str, str]:
+    n = rng.randint(0, 98)
+    return str(n), str(n + 1)
+
+
+def _count_words(rng: random.Random) -> tuple[str, str]:
     words = _words(rng, 1, 6)
-    return _record("How many words are in this text?", " ".join(words), str(len(words)))
+    return " ".join(words), str(len(words))
 
 
-def _first_letters(rng: random.Random) -> Record:
-    words = _words(rng, 2, 5)
-    return _record(
-        "Write the first letter of each word.", " ".join(words), " ".join(w[0] for w in words)
-    )
-
-
-def _opposite(rng: random.Random) -> Record:
+def _opposite(rng: random.Random) -> tuple[str, str]:
     word = rng.choice(sorted(_OPPOSITE))
-    return _record(f"What is the opposite of {word}?", "", _OPPOSITE[word])
+    return word, _OPPOSITE[word]
 
 
-def _parity(rng: random.Random) -> Record:
+def _parity(rng: random.Random) -> tuple[str, str]:
     n = rng.randint(0, 99)
-    return _record(f"Is {n} even or odd?", "", "even" if n % 2 == 0 else "odd")
+    return str(n), "even" if n % 2 == 0 else "odd"
+
+
+SKILLS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
+    "uppercase": _uppercase,
+    "first_letter": _first_letter,
+    "sort_numbers": _sort_numbers,
+    "add": _add,
+    "next_number": _next_number,
+    "count_words": _count_words,
+    "opposite": _opposite,
+    "parity": _parity,
+}
+CATEGORIES = tuple(SKILLS)
+
+
+# --- instructions: how each skill is asked for in the instruction data -------------------------
 
 
 def _record(instruction: str, context: str, response: str) -> Record:
     return {"instruction": instruction, "context": context, "response": response}
 
 
-TASKS: dict[str, Callable[[random.Random], Record]] = {
-    "uppercase": _uppercase,
-    "reverse_words": _reverse_words,
-    "sort_numbers": _sort_numbers,
-    "add": _add,
-    "count_words": _count_words,
-    "first_letters": _first_letters,
-    "opposite": _opposite,
-    "parity": _parity,
+# The instruction of each category: `{x}` is the input; categories without `{x}` take the input
+# in the context field.
+INSTRUCTIONS = {
+    "uppercase": "Write this word in capital letters.",
+    "first_letter": "What is the first letter of this word?",
+    "sort_numbers": "Sort these numbers from smallest to largest.",
+    "add": "What is {a} plus {b}?",
+    "next_number": "Which number comes after {x}?",
+    "count_words": "How many words are in this text?",
+    "opposite": "What is the opposite of {x}?",
+    "parity": "Is {x} even or odd?",
 }
-CATEGORIES = tuple(TASKS)
+
+# How the pretraining text states each skill: plain statements, never a question, an instruction
+# or a template, so the tiny model knows the facts but not the instruction format.
+STATEMENTS = {
+    "uppercase": "{x} in capitals is {y}.",
+    "first_letter": "{x} starts with {y}.",
+    "sort_numbers": "{x} in order is {y}.",
+    "add": "{a} and {b} make {y}.",
+    "next_number": "after {x} comes {y}.",
+    "count_words": "{x} has {y} words.",
+    "opposite": "the opposite of {x} is {y}.",
+    "parity": "{x} is {y}.",
+}
+
+
+def _fill(pattern: str, text: str, answer: str) -> str:
+    a, _, b = text.partition(" ")
+    return pattern.format(x=text, y=answer, a=a, b=b)
+
+
+def _instruction(category: str, text: str, answer: str) -> Record:
+    """The instruction record asking for `category` on `text`."""
+    pattern = INSTRUCTIONS[category]
+    if "{" in pattern:
+        return _record(_fill(pattern, text, answer), "", answer)
+    return _record(pattern, text, answer)
 
 
 def generate_instructions(num_records: int, seed: int) -> list[Record]:
@@ -128,17 +174,30 @@ def generate_instructions(num_records: int, seed: int) -> list[Record]:
     rng = random.Random(seed)
     categories = [CATEGORIES[i % len(CATEGORIES)] for i in range(num_records)]
     rng.shuffle(categories)
-    return [TASKS[c](rng) | {"category": c} for c in categories]
+    return [_instruction(c, *SKILLS[c](rng)) | {"category": c} for c in categories]
+
+
+# --- pretraining text ---------------------------------------------------------------------------
 
 
 def generic_text(num_lines: int, seed: int) -> list[str]:
-    """`num_lines` plain English-like lines over the task vocabulary and small numbers.
+    """`num_lines` lines of pretraining text for the tiny base model, the same for a seed.
 
-    Pretraining text for the tiny base model: it teaches words, numbers and capitals, but holds
-    no instructions, templates or task answers.
+    A quarter are plain English-like sentences over the task vocabulary and small numbers; the
+    rest each state a few facts of the tasks' skills (`STATEMENTS`: ``cat in capitals is CAT.``),
+    drawn from their own random stream: never a question, an instruction or a template.
     """
     rng = random.Random(seed)
-    return [_generic_line(rng) for _ in range(num_lines)]
+    return [_generic_line(rng) if i % 4 == 0 else _skill_line(rng) for i in range(num_lines)]
+
+
+def skill_statement(category: str, rng: random.Random) -> str:
+    """One fact of `category`'s skill, stated as the pretraining text states it."""
+    return _fill(STATEMENTS[category], *SKILLS[category](rng))
+
+
+def _skill_line(rng: random.Random) -> str:
+    return " ".join(skill_statement(rng.choice(CATEGORIES), rng) for _ in range(rng.randint(2, 4)))
 
 
 def _generic_line(rng: random.Random) -> str:
