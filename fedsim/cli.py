@@ -274,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointWriteError as err:
         print(f"fedsim: error: {err}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `fedsim partition ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

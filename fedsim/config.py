@@ -201,7 +201,7 @@ class ClientConfig:
     profile: str | None = None
     """Per-client profile file (YAML/JSON: `default`, `classes`, `clients`) giving each client's
     `availability` probability, `lora_rank`, and the simulated device's `speed`,
-    `bandwidth_mbps` and `dropout` (used when system.enabled); see the README's "Client
+    `bandwidth_mbps` and `dropout` (used when system.enabled); see docs/algorithms.md, "Client
     profiles"."""
     compression: CompressionConfig = field(default_factory=CompressionConfig)
 
