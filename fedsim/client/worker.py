@@ -84,7 +84,13 @@ def raise_injected_fault(task: ClientTask) -> None:
 
 
 def quiet_libraries() -> None:
-    """Silence per-load progress bars and deprecation chatter that would flood the driver's log."""
+    """Silence per-load progress bars and deprecation chatter that would flood the driver's log.
+
+    On a machine without CUDA, DeepSpeed (which transformers and accelerate import on their own,
+    e.g. while saving a model, even for the torch backend) is told it runs on the CPU instead of
+    warning that it found no GPU."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import transformers
 
     transformers.logging.set_verbosity_error()
