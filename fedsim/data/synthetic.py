@@ -5,11 +5,10 @@ so that exact match is a meaningful score and a tiny transformer can reach it. T
 partitioners a real label to skew on.
 
 `generic_text` is the tiny base model's pretraining text: plain sentences over the same words
-and, as a real LLM has seen in its pretraining, the *skills* the tasks call for, written in a
-terse notation of their own (``flip: cat dog = dog cat``). It never holds a prompt template, an
-instruction's wording or a task record, so instruction tuning has a real job: to learn which
-instruction asks for which skill, and to answer in the template's format. A model tuned on some
-categories only has no way to know what the other instructions ask for.
+and, as a real LLM has met tasks like these before any instruction tuning, task instances written
+as plain text (``Write this word in capital letters. green -> GREEN``), drawn from the text's own
+random stream. It never holds a prompt template: instruction tuning still has to teach the model
+to answer inside the template, stop after the answer, and which categories it is asked about.
 """
 
 import json
@@ -65,13 +64,16 @@ def _words(rng: random.Random, low: int, high: int) -> list[str]:
 
 
 def _uppercase(rng: random.Random) -> tuple[str, str]:
-    word = rng.choice(WORDS)
+    # Adjectives and verbs only: 30 words whose capitals the tiny model learns in pretraining
+    # (over all 190 words it had not, after 1500 steps).
+    word = rng.choice(ADJECTIVES + VERBS)
     return word, word.upper()
 
 
-def _first_letter(rng: random.Random) -> tuple[str, str]:
-    word = rng.choice(WORDS)
-    return word, word[0]
+def _subtract(rng: random.Random) -> tuple[str, str]:
+    a = rng.randint(0, 9)
+    b = rng.randint(0, a)
+    return f"{a} {b}", str(a - b)
 
 
 def _sort_numbers(rng: random.Random) -> tuple[str, str]:
@@ -106,7 +108,7 @@ def _parity(rng: random.Random) -> tuple[str, str]:
 
 SKILLS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
     "uppercase": _uppercase,
-    "first_letter": _first_letter,
+    "subtract": _subtract,
     "sort_numbers": _sort_numbers,
     "add": _add,
     "next_number": _next_number,
@@ -128,26 +130,13 @@ def _record(instruction: str, context: str, response: str) -> Record:
 # in the context field.
 INSTRUCTIONS = {
     "uppercase": "Write this word in capital letters.",
-    "first_letter": "What is the first letter of this word?",
+    "subtract": "What is {a} minus {b}?",
     "sort_numbers": "Sort these numbers from smallest to largest.",
     "add": "What is {a} plus {b}?",
     "next_number": "Which number comes after {x}?",
     "count_words": "How many words are in this text?",
     "opposite": "What is the opposite of {x}?",
     "parity": "Is {x} even or odd?",
-}
-
-# How the pretraining text states each skill: plain statements, never a question, an instruction
-# or a template, so the tiny model knows the facts but not the instruction format.
-STATEMENTS = {
-    "uppercase": "{x} in capitals is {y}.",
-    "first_letter": "{x} starts with {y}.",
-    "sort_numbers": "{x} in order is {y}.",
-    "add": "{a} and {b} make {y}.",
-    "next_number": "after {x} comes {y}.",
-    "count_words": "{x} has {y} words.",
-    "opposite": "the opposite of {x} is {y}.",
-    "parity": "{x} is {y}.",
 }
 
 
@@ -184,20 +173,24 @@ def generic_text(num_lines: int, seed: int) -> list[str]:
     """`num_lines` lines of pretraining text for the tiny base model, the same for a seed.
 
     A quarter are plain English-like sentences over the task vocabulary and small numbers; the
-    rest each state a few facts of the tasks' skills (`STATEMENTS`: ``cat in capitals is CAT.``),
-    drawn from their own random stream: never a question, an instruction or a template.
+    rest each hold a few task instances written as `skill_statement` writes them, drawn from the
+    text's own random stream: never a prompt template, never the instruction data's records.
     """
     rng = random.Random(seed)
     return [_generic_line(rng) if i % 4 == 0 else _skill_line(rng) for i in range(num_lines)]
 
 
 def skill_statement(category: str, rng: random.Random) -> str:
-    """One fact of `category`'s skill, stated as the pretraining text states it."""
-    return _fill(STATEMENTS[category], *SKILLS[category](rng))
+    """One task instance as the pretraining text writes it: the instruction's wording and input,
+    then ``->`` and the answer (``Write this word in capital letters. moon -> MOON``)."""
+    record = _instruction(category, *SKILLS[category](rng))
+    question = f"{record['instruction']} {record['context']}".rstrip()
+    return f"{question} -> {record['response']}"
 
 
 def _skill_line(rng: random.Random) -> str:
-    return " ".join(skill_statement(rng.choice(CATEGORIES), rng) for _ in range(rng.randint(2, 4)))
+    count = rng.randint(2, 4)
+    return " | ".join(skill_statement(rng.choice(CATEGORIES), rng) for _ in range(count))
 
 
 def _generic_line(rng: random.Random) -> str:

@@ -2,6 +2,7 @@
 pretraining text states the skills but holds no instruction or template."""
 
 import json
+import random
 import re
 from collections import Counter
 from pathlib import Path
@@ -11,10 +12,9 @@ from fedsim.data.synthetic import (
     CATEGORIES,
     INSTRUCTIONS,
     OPPOSITES,
-    STATEMENTS,
-    VOCABULARY,
     generate_instructions,
     generic_text,
+    skill_statement,
     write_jsonl,
 )
 from fedsim.data.templates import TEMPLATES
@@ -44,9 +44,10 @@ def test_some_categories_use_the_input_field_and_some_do_not() -> None:
     uses_context = {r["category"]: bool(r["context"]) for r in generate_instructions(80, seed=0)}
 
     assert uses_context["uppercase"] and uses_context["sort_numbers"]
-    assert uses_context["first_letter"] and uses_context["count_words"]
+    assert uses_context["count_words"]
     assert not uses_context["add"] and not uses_context["parity"]
     assert not uses_context["next_number"] and not uses_context["opposite"]
+    assert not uses_context["subtract"]
 
 
 def test_answers_are_correct() -> None:
@@ -57,8 +58,8 @@ def test_answers_are_correct() -> None:
         match r["category"]:
             case "uppercase":
                 assert response == context.upper() and len(context.split()) == 1
-            case "first_letter":
-                assert response == context[0] and len(context.split()) == 1
+            case "subtract":
+                assert response == str(numbers[0] - numbers[1]) and int(response) >= 0
             case "sort_numbers":
                 assert response.split() == [str(n) for n in sorted(map(int, context.split()))]
             case "add":
@@ -82,7 +83,7 @@ def test_opposites_table_is_a_bijection() -> None:
     assert len(set(words)) == len(words)
 
 
-def test_generic_text_is_deterministic_and_free_of_templates_and_instructions() -> None:
+def test_generic_text_is_deterministic_and_free_of_templates() -> None:
     lines = generic_text(300, seed=0)
 
     assert lines == generic_text(300, seed=0)
@@ -90,47 +91,53 @@ def test_generic_text_is_deterministic_and_free_of_templates_and_instructions() 
     text = "\n".join(lines)
     for template in TEMPLATES.values():
         assert template.render("x", "").split("x")[0].strip() not in text
-    for marker in ("###", "Instruction", "Response", "Question", "Answer", "?"):
+    for marker in ("###", "Instruction", "Response", "Question", "Answer", "Input"):
         assert marker not in text
-    for instruction in INSTRUCTIONS.values():  # no instruction's fixed wording either
-        assert instruction.split("{")[0].rstrip(".?") not in text
 
 
-def test_generic_text_states_every_skill_correctly() -> None:
-    text = " ".join(generic_text(400, seed=0))
-    opposite = dict(OPPOSITES) | {b: a for a, b in OPPOSITES}
-
-    capitals = re.findall(r"(\w+) in capitals is (\w+)\.", text)
-    sums = re.findall(r"(\d) and (\d) make (\d+)\.", text)
-    successors = re.findall(r"after (\d+) comes (\d+)\.", text)
-    antonyms = re.findall(r"the opposite of (\w+) is (\w+)\.", text)
-
-    assert capitals and all(b == a.upper() for a, b in capitals)
-    assert sums and all(int(a) + int(b) == int(c) for a, b, c in sums)
-    assert successors and all(int(a) + 1 == int(b) for a, b in successors)
-    assert antonyms and all(opposite[a] == b for a, b in antonyms)
-    parities = re.findall(r"(?<![\d ] )\b(\d+) is (even|odd)\.", text)
-    assert parities and all(("odd", "even")[int(n) % 2 == 0] == p for n, p in parities)
-    orders = re.findall(r"(\d) (\d) (\d) in order is (\d) (\d) (\d)\.", text)
-    assert orders and all(sorted(o[:3]) == list(o[3:]) for o in orders)
+def test_generic_text_holds_correct_task_instances_of_every_category() -> None:
+    text = " | ".join(generic_text(400, seed=0))
+    demos = [d for d in text.split(" | ") if " -> " in d]
+    assert len(demos) > 600
+    seen = set()
+    for demo in demos:
+        question, answer = demo.rsplit(" -> ", 1)
+        (category,) = [c for c in CATEGORIES if _asks(c, question)]
+        assert answer == _answer(category, question), demo
+        seen.add(category)
+    assert seen == set(CATEGORIES)
 
 
-def test_generic_text_uses_the_task_vocabulary() -> None:
-    function_words = {"the", "a", "my", "we", "and", "are", "is", "can", "sees"}
-    statement_words = {w for s in STATEMENTS.values() for w in s.split() if "{" not in w}
-    known = (
-        set(VOCABULARY)
-        | {w + "s" for w in VOCABULARY}
-        | {w.upper() for w in VOCABULARY}
-        | function_words
-        | {w.strip(".") for w in statement_words}
-        | {"even", "odd"}
-        | set("abcdefghijklmnopqrstuvwxyz")
-    )
+def test_a_task_instance_reads_as_its_instruction_record() -> None:
+    rng = random.Random(3)
+    for category in CATEGORIES:
+        question, answer = skill_statement(category, rng).rsplit(" -> ", 1)
+        assert _asks(category, question)
+        assert answer == _answer(category, question)
 
-    words = {w.strip(".") for line in generic_text(300, seed=0) for w in line.split()}
 
-    assert {w for w in words if not w.isdigit() and w.lower() not in known} == set()
+def _asks(category: str, question: str) -> bool:
+    """Whether `question` is `category`'s instruction (then its input, if it takes one)."""
+    pattern = re.sub(r"\\\{\w+\\\}", r"\\S+", re.escape(INSTRUCTIONS[category]))
+    return re.fullmatch(pattern + r"( .+)?", question) is not None
+
+
+def _answer(category: str, question: str) -> str:
+    """The correct answer, computed here from the question text alone."""
+    numbers = [int(w) for w in re.findall(r"\d+", question)]
+    words = question.split(". ", 1)[-1].split() if ". " in question else []
+    return {
+        "uppercase": lambda: words[-1].upper() if words else "",
+        "subtract": lambda: str(numbers[0] - numbers[1]),
+        "sort_numbers": lambda: " ".join(map(str, sorted(numbers))),
+        "add": lambda: str(sum(numbers)),
+        "next_number": lambda: str(numbers[0] + 1),
+        "count_words": lambda: str(len(question.split("? ", 1)[1].split())),
+        "opposite": lambda: dict(OPPOSITES + tuple((b, a) for a, b in OPPOSITES))[
+            question.split()[-1].strip("?")
+        ],
+        "parity": lambda: ("even", "odd")[numbers[0] % 2],
+    }[category]()
 
 
 def test_write_jsonl_loads_back(tmp_path: Path) -> None:
