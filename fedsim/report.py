@@ -349,7 +349,7 @@ def _draw_heatmap(ax: Any, series: CategorySeries) -> Any:
         for i, c in enumerate(cats):
             grid[i, j] = series[r].get(c, np.nan)
     image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
-    ticks = np.linspace(0, len(rounds) - 1, min(len(rounds), 12)).round().astype(int)
+    ticks = np.linspace(0, len(rounds) - 1, min(len(rounds), 20)).round().astype(int)
     ax.set_xticks(ticks, [str(rounds[t]) for t in ticks])
     ax.set_yticks(range(len(cats)), cats, fontsize=8)
     ax.set_xlabel("round")

@@ -51,6 +51,10 @@ _OPPOSITE = {a: b for a, b in OPPOSITES} | {b: a for a, b in OPPOSITES}
 WORDS = NOUNS + ADJECTIVES + VERBS
 VOCABULARY = tuple(sorted(set(WORDS) | set(_OPPOSITE)))
 
+BUILTIN_VERSION = 2
+"""Version of the generated tasks and pretraining text; 2 since issue #13 (the miniature). Data
+fingerprints should include it: records of another version are other data."""
+
 Record = dict[str, str]
 Skill = tuple[str, str, str]
 """(category, input, answer) of one task instance, before any wording."""
