@@ -333,6 +333,7 @@ def plot_category_heatmap(runs: list[RunData], out: Path) -> Path | None:
     for ax, (title, series) in zip(axes[:, 0], panels, strict=True):
         image = _draw_heatmap(ax, series)
         ax.set_title(title, fontsize=10)
+    axes[-1, 0].set_xlabel("round")  # on the last panel only: it would cover the next title
     fig.colorbar(image, ax=list(axes[:, 0]), label="exact match", shrink=0.8)
     # tight_layout cannot place a colorbar shared by several panels: saved as drawn
     path = out / HEATMAP_FILE
@@ -352,7 +353,6 @@ def _draw_heatmap(ax: Any, series: CategorySeries) -> Any:
     ticks = np.linspace(0, len(rounds) - 1, min(len(rounds), 20)).round().astype(int)
     ax.set_xticks(ticks, [str(rounds[t]) for t in ticks])
     ax.set_yticks(range(len(cats)), cats, fontsize=8)
-    ax.set_xlabel("round")
     if len(rounds) <= 12:  # the numbers themselves while they fit in the cells
         for (i, j), value in np.ndenumerate(grid):
             if not np.isnan(value):
