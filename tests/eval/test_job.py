@@ -393,6 +393,7 @@ def test_report_for_one_run_and_a_comparison(runs, tmp_path, capsys):
         "train_loss.png",
         "eval_test.png",
         "participation.png",
+        "exact_match_heatmap.png",  # exact match per category and round
     }
     for png in (fed / "report").glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
