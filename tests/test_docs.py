@@ -200,6 +200,7 @@ def test_getting_started_blocks_are_commands_or_output():
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # builds the default tiny model (1,500 pretraining steps): 1-3 minutes
 def test_getting_started_commands_run(tmp_path):
     """Run each ```bash block of the page, in order, in a scratch copy of the repository's
     experiments (the run directory lands in tmp_path/runs); a ```text block that follows one is
