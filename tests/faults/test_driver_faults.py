@@ -31,7 +31,14 @@ def _start_cli(config: Path, ray_tmp: str, hold: Path, *extra: str) -> subproces
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_TMPDIR": ray_tmp, FAULTS_ENV: faults}
     cmd = [sys.executable, "-m", "fedsim.cli", "run", str(config), *extra]
     return subprocess.Popen(
-        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        cmd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        # A shell that runs the tests in the background ignores SIGINT, and the child would
+        # inherit that: give it Ctrl-C's default behaviour, as in a terminal.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
