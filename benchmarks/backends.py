@@ -48,8 +48,9 @@ VARIANTS: dict[str, tuple[str, dict | None]] = {
 def _workload(config: str, steps: int, out: str):
     """A WorkerSpec for `config` (shards written under `out`) with `steps` local steps."""
     from fedsim.config import load_config
-    from fedsim.driver import materialise, prepare_run, worker_spec
+    from fedsim.driver import worker_spec
     from fedsim.model import load_tokenizer
+    from fedsim.prepare import materialise, prepare_run
 
     cfg = load_config(config, [f"run.output_dir={out}", f"client.local_steps={steps}"])
     if torch.cuda.is_available():

@@ -26,15 +26,9 @@ from safetensors.torch import load_file
 from fedsim.client.trainer import TorchTrainer
 from fedsim.config import clients_per_round, load_config
 from fedsim.data.shards import ShardStore
-from fedsim.driver import (
-    build_shards,
-    materialise,
-    prepare_model,
-    prepare_run,
-    run_experiment,
-    worker_spec,
-)
+from fedsim.driver import run_experiment, worker_spec
 from fedsim.model import attach_lora, get_adapter, load_base_model, load_tokenizer, set_adapter
+from fedsim.prepare import build_shards, materialise, prepare_model, prepare_run
 from fedsim.seeds import Stream, seed_of
 from fedsim.server.aggregation import WeightedDeltaSum
 from fedsim.server.selection import client_seed, select_clients

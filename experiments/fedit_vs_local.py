@@ -35,8 +35,9 @@ import yaml
 from fedsim import checkpoint
 from fedsim.config import apply_override, clients_per_round, config_from_dict
 from fedsim.data.pipeline import prepare_data
-from fedsim.driver import WORKER_ENV, run_experiment
+from fedsim.driver import run_experiment
 from fedsim.eval.job import Evaluator, SetResult, evaluate_rounds, latest_round, open_run
+from fedsim.execution import WORKER_ENV
 from fedsim.report import write_report
 
 

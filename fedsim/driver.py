@@ -27,8 +27,7 @@ from fedsim.client.worker import WorkerSpec
 from fedsim.config import ExperimentConfig, clients_per_round
 from fedsim.data.profiles import ClientProfile
 from fedsim.data.shard_builder import ShardBuilder
-from fedsim.execution import (  # WORKER_ENV re-exported for scripts
-    WORKER_ENV,  # noqa: F401
+from fedsim.execution import (
     FailurePolicy,
     WorkerPool,
     ray_session,
@@ -36,14 +35,12 @@ from fedsim.execution import (  # WORKER_ENV re-exported for scripts
 )
 from fedsim.faults import forwarded_env
 from fedsim.model import load_tokenizer
-from fedsim.prepare import (  # some re-exported: scripts and tests build runs step by step
+from fedsim.prepare import (
     Log,
     PreparedRun,
     _print,
     availability_probabilities,
-    build_shards,  # noqa: F401
     materialise,
-    prepare_model,  # noqa: F401
     prepare_run,
     shard_builder,
 )

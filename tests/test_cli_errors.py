@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import fedsim.driver
+import fedsim.prepare
 from fedsim import checkpoint
 from fedsim.cli import main
 
@@ -424,7 +425,7 @@ def _model_copy(tmp_path: Path, cfg: Path, keep) -> Path:
 
     from fedsim.config import config_from_dict
 
-    source = Path(fedsim.driver.prepare_model(config_from_dict(yaml.safe_load(cfg.read_text()))))
+    source = Path(fedsim.prepare.prepare_model(config_from_dict(yaml.safe_load(cfg.read_text()))))
     target = tmp_path / "model"
     target.mkdir()
     for f in source.iterdir():

@@ -11,8 +11,9 @@ import torch
 
 from fedsim.client.trainer import TRAINERS, TrainResult, TrainSettings
 from fedsim.config import ClientConfig, config_from_dict
-from fedsim.driver import build_shards, materialise, prepare_run, worker_spec
+from fedsim.driver import worker_spec
 from fedsim.model import load_tokenizer
+from fedsim.prepare import build_shards, materialise, prepare_run
 from fedsim.protocol import ClientContext
 from tests.conftest import tiny_experiment, tiny_lora_llama
 

@@ -9,8 +9,9 @@ import torch
 
 from fedsim.client.worker import ClientWorker
 from fedsim.config import config_from_dict
-from fedsim.driver import build_shards, materialise, prepare_run, worker_spec
+from fedsim.driver import worker_spec
 from fedsim.model import load_tokenizer
+from fedsim.prepare import build_shards, materialise, prepare_run
 from fedsim.protocol import ClientTask
 from tests.conftest import tiny_experiment
 
