@@ -106,18 +106,12 @@ def _write_round_files(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    contents = {
-        ADAPTER_FILE: rundir.tensor_bytes(adapter, {"format": "pt"}),
-        ADAPTER_CONFIG_FILE: rundir.json_text(adapter_config).encode(),
-    }
+    rundir.save_tensors(tmp / ADAPTER_FILE, adapter)
+    rundir.write_json_atomic(tmp / ADAPTER_CONFIG_FILE, adapter_config)
     if server_state:
-        contents[SERVER_STATE_FILE] = rundir.tensor_bytes(server_state, {"format": "pt"})
-    for name, data in contents.items():
-        rundir.write_new_file(tmp / name, data)
-    files = {name: hashlib.sha256(data).hexdigest() for name, data in sorted(contents.items())}
-    info = {**info, "round": round_idx, "files": files}
-    rundir.write_new_file(tmp / ROUND_INFO_FILE, rundir.json_text(info).encode())
-    rundir.fsync_dir(tmp)
+        rundir.save_tensors(tmp / SERVER_STATE_FILE, server_state)
+    files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
+    rundir.write_json_atomic(tmp / ROUND_INFO_FILE, {**info, "round": round_idx, "files": files})
 
 
 def point_latest(run_dir: Path, round_idx: int) -> None:

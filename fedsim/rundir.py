@@ -62,17 +62,6 @@ def _temporary(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
-def write_new_file(path: str | Path, data: bytes) -> None:
-    """Create `path` with `data`, flushed to disk; not atomic on its own. For files inside a
-    temporary folder that is itself renamed into place (a round checkpoint): the folder's rename
-    is the atomic step, so each file needs no rename of its own. fsync the folder afterwards."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0666 less the umask
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     """Replace `path` with `data`: readers see the old or the new content, never a mix."""
     path = Path(path)

@@ -100,10 +100,10 @@ def test_failed_write_keeps_the_previous_round_and_names_the_path(
     _write(tmp_path, 1, 1.0)
     before = (tmp_path / "rounds/round_0001/adapter_model.safetensors").read_bytes()
 
-    def failing_write(path, data):
+    def failing_save(path, tensors, metadata=None):
         raise OSError(code, words, str(path))  # the disk, as a full or read-only one answers
 
-    monkeypatch.setattr(rundir, "write_new_file", failing_write)  # what checkpoint writes with
+    monkeypatch.setattr(rundir, "save_tensors", failing_save)  # what checkpoint writes with
     with pytest.raises(CheckpointWriteError) as info:
         _write(tmp_path, 2, 2.0)
     message = str(info.value)

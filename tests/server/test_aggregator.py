@@ -54,14 +54,14 @@ def test_each_round_reports_the_previous_checkpoint_once_it_is_on_disk(tmp_path)
 
 def test_the_next_round_trains_while_the_checkpoint_is_still_being_written(tmp_path, monkeypatch):
     release, writing = threading.Event(), threading.Event()
-    real_write = rundir.write_new_file
+    real_save = rundir.save_tensors
 
-    def slow_disk(path, data):
+    def slow_disk(path, tensors, metadata=None):
         writing.set()
         assert release.wait(10), "never released"
-        real_write(path, data)
+        real_save(path, tensors, metadata)
 
-    monkeypatch.setattr(rundir, "write_new_file", slow_disk)
+    monkeypatch.setattr(rundir, "save_tensors", slow_disk)
     agg = _aggregator(tmp_path)
     _round(agg, 1, 0.4)  # returns although the disk has not finished round 1
     assert writing.wait(10)
@@ -88,14 +88,14 @@ def test_without_overlap_the_round_is_on_disk_when_finish_round_returns(tmp_path
 
 
 def test_a_failed_background_write_surfaces_at_the_next_call(tmp_path, monkeypatch):
-    def full_disk(path, data):
+    def full_disk(path, tensors, metadata=None):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
     agg = _aggregator(tmp_path)
     _round(agg, 1, 0.4)
     _round(agg, 2, 0.8)
     agg.flush()
-    monkeypatch.setattr(rundir, "write_new_file", full_disk)
+    monkeypatch.setattr(rundir, "save_tensors", full_disk)
     _round(agg, 3, 0.2)  # the write fails in the background ...
     with pytest.raises(CheckpointWriteError, match=r"round 3: .*round_0003\.tmp"):
         agg.flush()  # ... and is reported here, naming the round and the path
