@@ -1,0 +1,142 @@
+"""LoRA-native aggregation against closed forms worked out by hand.
+
+Two clients of one target matrix (out = in = 2):
+  client 1: rank 1, A1 = [[1, 2]], B1 = [[1], [3]], weight p1 = 1/4, scaling s1 = 2
+            p1 s1 B1 A1 = 0.5 * [[1, 2], [3, 6]] = [[0.5, 1], [1.5, 3]]
+  client 2: rank 2, A2 = I, B2 = diag(2, 4), weight p2 = 3/4, scaling s2 = 1
+            p2 s2 B2 A2 = [[1.5, 0], [0, 3]]
+  sum_i p_i s_i B_i A_i = [[2, 1], [1.5, 6]].
+Every value is a small dyadic rational, so float arithmetic is exact and equality is asserted
+bit for bit; on random factors the sums run in another order and agree to 1e-12 (float64).
+"""
+
+import pytest
+import torch
+
+from fedsim.server.lora_native import (
+    ClientFactors,
+    flexlora_factors,
+    flexlora_round,
+    flora_merged_delta,
+    flora_stack,
+    lora_pairs,
+    split_lora,
+    weighted_product,
+)
+
+C1 = ClientFactors(torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0], [3.0]]), 0.25, 2.0)
+C2 = ClientFactors(torch.eye(2), torch.diag(torch.tensor([2.0, 4.0])), 0.75, 1.0)
+EXPECTED = torch.tensor([[2.0, 1.0], [1.5, 6.0]], dtype=torch.float64)
+
+
+def test_closed_form_by_hand():
+    assert torch.equal(weighted_product([C1, C2]), EXPECTED)
+
+
+def test_flora_stack_is_the_weighted_sum_of_products_exactly_for_mixed_ranks():
+    a, b = flora_stack([C1, C2])
+    # rank 1 + 2 = 3: A's rows scaled by p_i s_i, B's columns as they are
+    assert torch.equal(a, torch.tensor([[0.5, 1.0], [0.75, 0.0], [0.0, 0.75]], dtype=a.dtype))
+    assert torch.equal(b, torch.tensor([[1.0, 2.0, 0.0], [3.0, 0.0, 4.0]], dtype=b.dtype))
+    assert torch.equal(b @ a, EXPECTED)
+    assert torch.equal(flora_merged_delta([C1, C2]), EXPECTED)
+
+
+def test_flora_stack_differs_from_averaging_factors():
+    """The point of stacking: mean(B) @ mean(A) is another matrix (here with equal ranks)."""
+    c2 = ClientFactors(torch.tensor([[0.0, 1.0]]), torch.tensor([[2.0], [0.0]]), 0.75, 2.0)
+    stacked = flora_merged_delta([C1, c2])
+    mean_b = 0.25 * C1.b + 0.75 * c2.b
+    mean_a = 0.25 * C1.a + 0.75 * c2.a
+    assert not torch.allclose(stacked, 2.0 * (mean_b @ mean_a).double())
+
+
+def test_flora_stack_on_random_factors_of_many_ranks():
+    gen = torch.Generator().manual_seed(0)
+    clients = [
+        ClientFactors(torch.randn(r, 6, generator=gen), torch.randn(5, r, generator=gen), w, 16 / r)
+        for r, w in ((1, 0.1), (4, 0.3), (8, 0.6))
+    ]
+    a, b = flora_stack(clients)
+    assert a.shape == (13, 6) and b.shape == (5, 13)
+    # float64 sums in another order: equal to rounding (1e-12 on values of order 10)
+    torch.testing.assert_close(b @ a, weighted_product(clients), rtol=0, atol=1e-12)
+
+
+# diag(3, 2, 1) with its singular vectors permuted: dW = [[3,0,0],[0,0,2],[0,1,0]]
+DW = torch.tensor([[3.0, 0.0, 0.0], [0.0, 0.0, 2.0], [0.0, 1.0, 0.0]], dtype=torch.float64)
+
+
+def test_flexlora_factors_are_the_truncated_svd():
+    a, b = flexlora_factors(DW, rank=2, scaling=2.0)
+    assert a.shape == (2, 3) and b.shape == (3, 2)
+    # the best rank-2 approximation keeps the singular values 3 and 2 (SVD in float64: 1e-12)
+    best = torch.tensor([[3.0, 0, 0], [0, 0, 2.0], [0, 0, 0]], dtype=torch.float64)
+    torch.testing.assert_close(2.0 * b @ a, best, rtol=0, atol=1e-12)
+    # sqrt(S/s) on both sides: column norms of B and row norms of A are sqrt(3/2), sqrt(2/2)
+    expected = torch.tensor([1.5, 1.0], dtype=torch.float64).sqrt()
+    torch.testing.assert_close(b.norm(dim=0), expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(a.norm(dim=1), expected, rtol=0, atol=1e-12)
+
+
+def test_flexlora_rank_above_the_matrix_rank_pads_zero_components():
+    a, b = flexlora_factors(DW, rank=5)
+    assert a.shape == (5, 3) and b.shape == (3, 5)
+    assert torch.equal(a[3:], torch.zeros(2, 3, dtype=a.dtype))
+    torch.testing.assert_close(b @ a, DW, rtol=0, atol=1e-12)
+
+
+def test_flexlora_on_random_matrices_matches_eckart_young():
+    gen = torch.Generator().manual_seed(1)
+    dw = torch.randn(7, 5, generator=gen, dtype=torch.float64)
+    s = torch.linalg.svdvals(dw)
+    for rank in (1, 3):
+        a, b = flexlora_factors(dw, rank, scaling=0.5)
+        err = (dw - 0.5 * b @ a).norm() ** 2
+        torch.testing.assert_close(err, (s[rank:] ** 2).sum(), rtol=1e-10, atol=0)
+
+
+def test_flexlora_round_hands_each_client_its_rank():
+    # a rank-1 and a rank-2 client of the hand-worked pair: sum = [[2, 1], [1.5, 6]]
+    factors = flexlora_round([C1, C2], ranks=[1, 2], scalings=[2.0, 1.0])
+    (a1, b1), (a2, b2) = factors
+    assert (a1.shape, b1.shape, a2.shape, b2.shape) == ((1, 2), (2, 1), (2, 2), (2, 2))
+    torch.testing.assert_close(b2 @ a2, EXPECTED, rtol=0, atol=1e-12)  # full rank: the sum
+    u, s, vh = torch.linalg.svd(EXPECTED)
+    top = s[0] * torch.outer(u[:, 0], vh[0])
+    torch.testing.assert_close(2.0 * b1 @ a1, top, rtol=0, atol=1e-12)
+
+
+def test_flexlora_refuses_rank_zero():
+    with pytest.raises(ValueError, match="rank"):
+        flexlora_factors(DW, 0)
+
+
+def test_ffa_average_of_b_with_a_shared_is_the_average_of_products():
+    """FFA-LoRA: A frozen and shared, so sum p_i B_i @ A = (sum p_i B_i) @ A; exact here."""
+    a = torch.tensor([[1.0, 2.0], [0.5, -1.0]])
+    bs = [torch.tensor([[1.0, 0.0], [2.0, 1.0]]), torch.tensor([[0.0, 4.0], [-2.0, 0.5]])]
+    weights = [0.25, 0.75]
+    mean_of_products = sum(w * (b @ a) for w, b in zip(weights, bs, strict=True))
+    product_of_mean = sum(w * b for w, b in zip(weights, bs, strict=True)) @ a
+    assert torch.equal(mean_of_products, product_of_mean)
+
+
+KEYS = {
+    "base_model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(2, 4),
+    "base_model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(4, 2),
+    "base_model.model.layers.0.self_attn.v_proj.lora_A.weight": torch.zeros(2, 4),
+    "base_model.model.layers.0.self_attn.v_proj.lora_B.weight": torch.zeros(4, 2),
+}
+
+
+def test_lora_pairs_and_split():
+    pairs = lora_pairs(KEYS)
+    assert list(pairs) == [
+        "base_model.model.layers.0.self_attn.q_proj",
+        "base_model.model.layers.0.self_attn.v_proj",
+    ]
+    assert pairs["base_model.model.layers.0.self_attn.v_proj"][1].endswith("v_proj.lora_B.weight")
+    a, rest = split_lora(KEYS)
+    assert sorted(a) == sorted(k for k in KEYS if "lora_A" in k)
+    assert sorted(rest) == sorted(k for k in KEYS if "lora_B" in k)
