@@ -401,6 +401,10 @@ class EvalConfig:
     """torch threads of the evaluation process (keep it small beside a training run)."""
     poll_seconds: float = 5.0
     """How often `fedsim eval --watch` looks for new rounds."""
+    probe_per_category: int = 0
+    """During `fedsim run`: after each round, exact match of the new global adapter on this many
+    held-out records per category (greedy, on a worker; the round line and metrics.jsonl show
+    it). 0: off. Needs answers with one right form (built-in data, or `exact_match: true`)."""
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
 
@@ -861,6 +865,7 @@ UPPER_LIMITS: dict[str, float] = {
     "eval.max_questions": 10**9,
     "eval.num_threads": 4096,
     "eval.poll_seconds": 1e9,
+    "eval.probe_per_category": 1_000_000,
     "eval.generation.max_new_tokens": 1_048_576,
     "eval.generation.batch_size": 1_048_576,
     "eval.judge.max_tokens": 1_048_576,
@@ -975,6 +980,7 @@ def validate(cfg: ExperimentConfig) -> list[str]:
     _positive(p, "cluster.max_client_retries", k.max_client_retries, zero_ok=True)
     _positive(p, "cluster.max_worker_restarts", k.max_worker_restarts, zero_ok=True)
     _validate_eval(p, cfg.eval)
+    _validate_probe(p, cfg)
     y = cfg.system
     _positive(p, "system.step_seconds", y.step_seconds)
     _positive(p, "system.speed_sigma", y.speed_sigma, zero_ok=True)
@@ -1166,6 +1172,23 @@ def _client_ids(p: list[str], ids: list[int], num_clients: int) -> None:
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _BASELINE_ROUND = re.compile(r"^round:\d+$")
+
+
+def _validate_probe(p: list[str], cfg: ExperimentConfig) -> None:
+    n = cfg.eval.probe_per_category
+    _positive(p, "eval.probe_per_category", n, zero_ok=True)
+    if n <= 0:
+        return
+    exact = cfg.eval.exact_match
+    if exact is False or (exact is None and not cfg.data.source.startswith("builtin:")):
+        p.append(
+            "eval.probe_per_category: exact match needs answers with one right form "
+            "(built-in data, or eval.exact_match: true)"
+        )
+    if cfg.data.test_per_category == 0 and cfg.data.partition.kind != "split_file":
+        p.append(
+            "eval.probe_per_category: the probe reads the test split; data.test_per_category is 0"
+        )
 
 
 def _validate_eval(p: list[str], e: EvalConfig) -> None:

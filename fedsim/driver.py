@@ -27,6 +27,7 @@ from fedsim.client.worker import WorkerSpec
 from fedsim.config import ExperimentConfig, clients_per_round
 from fedsim.data.profiles import ClientProfile
 from fedsim.data.shard_builder import ShardBuilder
+from fedsim.eval.probe import HeldoutProbe
 from fedsim.execution import (
     FailurePolicy,
     WorkerPool,
@@ -184,6 +185,7 @@ def _round_runner(
         probabilities=availability_probabilities(cfg, prep.profiles),
         ranks=[p.lora_rank for p in prep.profiles] if prep.profiles else None,
         system=_system_model(cfg, prep.profiles),
+        probe=HeldoutProbe.of_run(cfg, prep.data.table, prep.data.test),
         log=log,
         show_progress=show_progress,
     )
@@ -233,8 +235,9 @@ def run_rounds(rounds: RoundRunner, start: int, end: int, state: Any) -> None:
                 )
                 continue
             failures = 0
-            rounds.report(summary["record"], outcomes)
-            rounds.commits.trained(summary["record"], summary["checkpoints_written"])
+            record = {**summary["record"], **rounds.probe_round(round_idx, global_ref)}
+            rounds.report(record, outcomes)
+            rounds.commits.trained(record, summary["checkpoints_written"])
             round_idx += 1
         rounds.commits.written(_aggregator_call(aggregator.flush.remote()))
     except KeyboardInterrupt:
@@ -300,6 +303,8 @@ class RoundRunner:
     ranks: list[int | None] | None = None
     """Per-client LoRA rank from the profile (None: the global rank)."""
     system: SystemModel | None = None
+    probe: HeldoutProbe | None = None
+    """Held-out exact match after each round (`eval.probe_per_category`)."""
     log: Log = _print
     show_progress: bool = False
     adapter_bytes: int = 0
@@ -472,6 +477,19 @@ class RoundRunner:
         )
         return _aggregator_call(summary_ref), global_ref
 
+    def probe_round(self, round_idx: int, global_ref: Any) -> dict[str, Any]:
+        """The held-out probe's fields for the round's new global adapter ({} when off). A
+        probe that cannot run costs the round line its figure, never the run."""
+        if self.probe is None:
+            return {}
+        prompts, limit = list(self.probe.prompts), self.probe.max_new_tokens
+        try:
+            answers = ray.get(self.pool.first().generate.remote(global_ref, prompts, limit))
+        except ray.exceptions.RayError as err:
+            self.log(f"round {round_idx}: held-out probe skipped ({type(err).__name__})")
+            return {}
+        return self.probe.score(answers)
+
     def report(self, record: dict[str, Any], outcomes: list[ClientOutcome]) -> None:
         for o in outcomes:
             if o.error:
@@ -517,6 +535,8 @@ def _round_line(record: dict[str, Any], rounds: int, outcomes: list[ClientOutcom
         f"samples {record['samples']} | train loss {record['train_loss']:.4f} | "
         f"{record['seconds']:.1f} s"
     )
+    if "heldout_exact_match" in record:
+        line += f" | held-out exact match {record['heldout_exact_match']:.2f}"
     failed = [o for o in outcomes if not o.ok]
     if failed:
         first = failed[0].error.strip().splitlines()[-1] if failed[0].error else "?"

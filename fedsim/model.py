@@ -631,3 +631,42 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_jsonable(v) for v in value]
     return value
+
+
+def greedy_generate(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    max_new_tokens: int,
+) -> list[str]:
+    """Greedy continuations of `prompts`, decoded and stripped, each cut at end-of-sequence.
+
+    Prompts are left-padded so that every row continues its own prompt; the caller puts the
+    model in eval mode. Decoding draws no random numbers, so it leaves training's streams as
+    they were."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    encoded = [bos + tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    width = max(len(e) for e in encoded)
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, seq in enumerate(encoded):
+        ids[row, width - len(seq) :] = torch.tensor(seq)
+        mask[row, width - len(seq) :] = 1
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=eos,
+        )
+    texts = []
+    for row in range(len(encoded)):
+        new = out[row, width:].tolist()
+        if eos in new:
+            new = new[: new.index(eos)]
+        texts.append(tokenizer.decode(new, skip_special_tokens=True).strip())
+    return texts

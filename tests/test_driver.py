@@ -38,11 +38,17 @@ def _assert_same_adapter(a: dict, b: dict) -> None:
         assert same_bits(a[key], b[key]), key
 
 
+def _experiment(tmp_path: Path, **sections: dict) -> dict:
+    """`tiny_experiment` with a small held-out test split, which the held-out probe reads."""
+    data = {"test_per_category": 2, **sections.pop("data", {})}
+    return tiny_experiment(tmp_path, data=data, **sections)
+
+
 @pytest.fixture(scope="module")
 def reference_run(ray_local, tmp_path_factory):
     """Three uninterrupted rounds with two workers; other tests compare against it."""
     tmp = tmp_path_factory.mktemp("reference")
-    cfg = config_from_dict(tiny_experiment(tmp, run={"rounds": 3}))
+    cfg = config_from_dict(_experiment(tmp, run={"rounds": 3}))
     result = run_experiment(cfg, log=lambda _: None, show_progress=False)
     return cfg, result
 
@@ -119,7 +125,7 @@ def test_report_over_two_sizes_is_a_sweep(reference_run, tmp_path):
     from fedsim.report import write_report
 
     _, small = reference_run  # 6 clients, 3 per round
-    raw = tiny_experiment(
+    raw = _experiment(
         tmp_path,
         run={"name": "twelve", "rounds": 1},
         data={"num_clients": 12, "partition": {"kind": "iid"}},
@@ -148,23 +154,38 @@ def test_global_adapter_changes_every_round(reference_run):
 
 def test_resume_with_other_worker_count_equals_uninterrupted_run(reference_run, tmp_path):
     """Two rounds on one worker, then resume to three on two workers: bitwise the same adapters
-    as three uninterrupted rounds on two workers, whatever order the updates arrived in."""
+    as three uninterrupted rounds on two workers, whatever order the updates arrived in. This
+    run also probes held-out exact match after every round, which must change no bit either."""
     _, reference = reference_run
-    raw = tiny_experiment(tmp_path, run={"rounds": 2}, cluster={"num_workers": 1})
-    first = run_experiment(config_from_dict(raw), log=lambda _: None, show_progress=False)
+    raw = _experiment(
+        tmp_path, run={"rounds": 2}, cluster={"num_workers": 1}, eval={"probe_per_category": 2}
+    )
+    lines: list[str] = []
+    first = run_experiment(config_from_dict(raw), log=lines.append, show_progress=False)
     assert first.last_round == 2
     raw["run"]["rounds"], raw["cluster"]["num_workers"] = 3, 2
-    resumed = run_experiment(
-        config_from_dict(raw), resume=True, log=lambda _: None, show_progress=False
-    )
+    resumed = run_experiment(config_from_dict(raw), resume=True, log=lines.append)
     assert (resumed.first_round, resumed.last_round) == (3, 3)
     for r in (1, 2, 3):
         _assert_same_adapter(_adapter(reference.run_dir, r), _adapter(first.run_dir, r))
 
+    metrics = [json.loads(m) for m in (first.run_dir / "metrics.jsonl").read_text().splitlines()]
+    test_categories = json.loads((first.run_dir / "partition.json").read_text())["test"]
+    for m in metrics:
+        by_category = m["exact_match_by_category"]
+        assert by_category.keys() == test_categories["categories"].keys()
+        assert 0 <= m["heldout_exact_match"] <= 1
+        assert all(0 <= v <= 1 for v in by_category.values())
+        round_json = first.run_dir / "rounds" / checkpoint.round_name(m["round"]) / "round.json"
+        assert "heldout_exact_match" not in json.loads(round_json.read_text())
+    round_lines = [line for line in lines if line.startswith("round ")]
+    assert len(round_lines) == 3 and all("held-out exact match" in x for x in round_lines)
+    assert all("heldout_exact_match" not in m for m in reference.metrics)  # off by default
+
 
 def test_resume_falls_back_past_a_damaged_round(reference_run, tmp_path):
     _, reference = reference_run
-    raw = tiny_experiment(tmp_path, run={"rounds": 3})
+    raw = _experiment(tmp_path, run={"rounds": 3})
     cfg = config_from_dict(raw)
     run_experiment(cfg, log=lambda _: None, show_progress=False)
     damaged = cfg.run_dir / "rounds/round_0003/adapter_model.safetensors"
@@ -203,7 +224,7 @@ def test_round_checkpoint_loads_with_peft(reference_run):
 def test_resume_refuses_a_changed_config(reference_run, tmp_path):
     from fedsim.errors import FedsimInputError
 
-    raw = tiny_experiment(tmp_path, run={"rounds": 1})
+    raw = _experiment(tmp_path, run={"rounds": 1})
     run_experiment(config_from_dict(raw), log=lambda _: None, show_progress=False)
     raw["client"]["lr"] = 0.5
     with pytest.raises(FedsimInputError, match="config differs"):

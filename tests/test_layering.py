@@ -24,6 +24,7 @@ LAYERS = {
     "ray_auth": 3,
     "round_record": 3,
     "checkpoint": 4,
+    "tracking": 4,
     "protocol": 4,
     "model": 4,
     "data": 4,
@@ -43,6 +44,10 @@ ALLOWED_SIDEWAYS = {
     ("data", "checkpoint"),
     ("protocol", "compression"),
     ("protocol", "lora_ranks"),
+    (
+        "driver",
+        "eval",
+    ),  # the per-round held-out probe (fedsim.eval.probe); eval never imports driver
 }
 
 

@@ -33,7 +33,9 @@ from fedsim.model import (
     adapter_config_dict,
     attach_lora,
     get_adapter,
+    greedy_generate,
     load_base_model,
+    load_tokenizer,
 )
 from fedsim.protocol import (
     ClientContext,
@@ -113,6 +115,7 @@ class ClientWorker:
         base, self._model_copy = _load_base(spec)
         self.model = attach_lora(base, spec.lora, seed=seed_of(spec.seed, Stream.LORA_INIT))
         self._initial_adapter = get_adapter(self.model)
+        self._tokenizer: Any = None  # loaded on the first probe only
         self.store = _open_shards(spec)
         self.trainer = TRAINERS[spec.backend](spec.settings)
         self.trainer.prepare(self.model)  # e.g. the DeepSpeed engine, built once per worker
@@ -129,6 +132,19 @@ class ClientWorker:
 
     def info(self) -> dict[str, Any]:
         return {"worker": self.name, "node_id": self.node_id}
+
+    def generate(
+        self, global_adapter: TensorDict, prompts: list[str], max_new_tokens: int
+    ) -> list[str]:
+        """Greedy answers to `prompts` with `global_adapter` loaded: the driver's per-round
+        held-out probe (`eval.probe_per_category`). Decoding draws no random numbers and the
+        next client loads its own adapter, so training results do not change."""
+        self.trainer.load_adapter(self.model, global_adapter)
+        if self._tokenizer is None:
+            model_dir = self._model_copy.name if self._model_copy else self.spec.model_path
+            self._tokenizer = load_tokenizer(model_dir)
+        self.model.eval()
+        return greedy_generate(self.model, self._tokenizer, prompts, max_new_tokens)
 
     def train(
         self, task: ClientTask, global_adapter: TensorDict, context: ClientContext | None = None

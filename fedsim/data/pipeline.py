@@ -27,7 +27,7 @@ from fedsim.data.partitioners import (
 )
 from fedsim.data.records import make_table
 from fedsim.data.sources import FieldMap, load_records
-from fedsim.data.synthetic import generate_instructions
+from fedsim.data.synthetic import BUILTIN_VERSION, generate_instructions
 from fedsim.errors import FedsimInputError
 from fedsim.seeds import Stream, generator
 
@@ -77,6 +77,14 @@ class PreparedData:
         }
 
 
+def builtin_fingerprint(source: str, num_records: int, version: int = BUILTIN_VERSION) -> str:
+    """The fingerprint of generated data. Version 2 was the first to be versioned and wrote no
+    version into it; later versions do, so that their runs and version 2's tell each other apart
+    (and runs of version 2 stay resumable)."""
+    fingerprint = f"{source}:{num_records}:{BUILTIN_DATA_SEED}"
+    return fingerprint if version <= 2 else f"{fingerprint}:v{version}"
+
+
 def load_source(cfg: DataConfig) -> tuple[pa.Table, str]:
     """The record table named by `data.source`, and a fingerprint of its content."""
     if cfg.source.startswith(BUILTIN_PREFIX):
@@ -86,7 +94,7 @@ def load_source(cfg: DataConfig) -> tuple[pa.Table, str]:
                 f"data.source: unknown built-in dataset {name!r}; expected builtin:quickstart"
             )
         records = generate_instructions(cfg.builtin_records, seed=BUILTIN_DATA_SEED)
-        return make_table(records), f"{cfg.source}:{cfg.builtin_records}:{BUILTIN_DATA_SEED}"
+        return make_table(records), builtin_fingerprint(cfg.source, cfg.builtin_records)
     fields = FieldMap(**vars(cfg.fields))
     table = load_records(cfg.source, fields, cfg.format)
     path = Path(cfg.source).expanduser()

@@ -52,8 +52,9 @@ WORDS = NOUNS + ADJECTIVES + VERBS
 VOCABULARY = tuple(sorted(set(WORDS) | set(_OPPOSITE)))
 
 BUILTIN_VERSION = 2
-"""Version of the generated tasks and pretraining text; 2 since issue #13 (the miniature). Data
-fingerprints should include it: records of another version are other data."""
+"""Version of the generated tasks and pretraining text (2: the miniature's eight tasks). Bump it
+with any change to what `generate_instructions` returns: the data fingerprint names versions
+above 2, so a run made with other records refuses `--resume` instead of silently diverging."""
 
 Record = dict[str, str]
 Skill = tuple[str, str, str]

@@ -152,40 +152,13 @@ def heldout_exact_match(
     with `fedsim eval`'s exact match of the same adapter. Prompts are left-padded so that every
     row continues its own prompt; the model is left in eval mode.
     """
+    from fedsim.model import greedy_generate  # torch and transformers only when a model runs
+
     prompts = [template.render(r["instruction"], r.get("context") or "") for r in records]
     predictions: list[str] = []
     model.eval()
     for lo in range(0, len(prompts), batch_size):
-        predictions += _greedy(model, tokenizer, prompts[lo : lo + batch_size], max_new_tokens)
-    return exact_match_by_category(predictions, records)
-
-
-def _greedy(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int) -> list[str]:
-    import torch
-
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    encoded = [bos + tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    width = max(len(e) for e in encoded)
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    ids = torch.full((len(encoded), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, seq in enumerate(encoded):
-        ids[row, width - len(seq) :] = torch.tensor(seq)
-        mask[row, width - len(seq) :] = 1
-    device = next(model.parameters()).device
-    with torch.inference_mode():
-        out = model.generate(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=pad,
-            eos_token_id=eos,
+        predictions += greedy_generate(
+            model, tokenizer, prompts[lo : lo + batch_size], max_new_tokens
         )
-    texts = []
-    for row in range(len(encoded)):
-        new = out[row, width:].tolist()
-        if eos in new:
-            new = new[: new.index(eos)]
-        texts.append(tokenizer.decode(new, skip_special_tokens=True).strip())
-    return texts
+    return exact_match_by_category(predictions, records)
