@@ -38,13 +38,22 @@ Backend = Literal["torch", "deepspeed"]
 LrScheduler = Literal["constant", "linear", "cosine"]
 CompressionKind = Literal["none", "fp16", "bf16", "int8", "topk"]
 StrategyName = Literal[
-    "fedavg", "fedprox", "fedavgm", "fedadagrad", "fedyogi", "fedadam", "scaffold"
+    "fedavg",
+    "fedprox",
+    "fedavgm",
+    "fedadagrad",
+    "fedyogi",
+    "fedadam",
+    "scaffold",
+    "ffa_lora",
+    "fedsa_lora",
 ]
 SelectionKind = Literal["uniform", "round_robin", "all", "availability"]
 Weighting = Literal["samples", "uniform"]
 AvailabilityDistribution = Literal["constant", "uniform", "beta"]
 RobustRule = Literal["mean", "median", "trimmed_mean", "krum", "multi_krum"]
 DataTransport = Literal["object_store", "filesystem"]
+WandbMode = Literal["offline", "online"]
 
 
 @dataclass
@@ -276,8 +285,8 @@ class ServerConfig:
     weighting: Weighting = "samples"
     """Weights of the average: samples (n_i / sum n, as FedIT) or uniform (1 / k)."""
     lr: float | None = None
-    """Server learning rate (eta); null: 1.0 for fedavg, fedprox, fedavgm and scaffold,
-    0.01 for fedadagrad, fedyogi and fedadam."""
+    """Server learning rate (eta); null: 1.0 for fedavg, fedprox, fedavgm, scaffold, ffa_lora
+    and fedsa_lora, 0.01 for fedadagrad, fedyogi and fedadam."""
     momentum: float = 0.9
     """fedavgm: server momentum (beta)."""
     beta1: float = 0.9
@@ -1129,6 +1138,13 @@ def _validate_algorithms(p: list[str], cfg: ExperimentConfig) -> None:
             )
         if s.strategy == "scaffold":
             p.append("server.strategy: scaffold's control variates are not covered by server.dp")
+        if s.strategy == "fedsa_lora":
+            p.append("server.strategy: fedsa_lora's client-kept B factors are not covered by DP")
+    if s.strategy == "fedsa_lora" and c.compression.kind != "none":
+        p.append(
+            "client.compression.kind: fedsa_lora keeps each client's B exactly as trained; "
+            "set it to none"
+        )
 
     z = c.compression
     _positive(p, "client.compression.block_size", z.block_size)

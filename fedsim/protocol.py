@@ -42,11 +42,27 @@ class ClientContext:
     """SCAFFOLD: c - c_i; after every optimizer step w <- w - lr_t * (c - c_i)."""
     lora_rank: int | None = None
     """Heterogeneous ranks: train only the first `lora_rank` LoRA components (see lora_ranks)."""
+    freeze_lora_a: bool = False
+    """FFA-LoRA: every `lora_A` stays at the value it starts from (no gradient, no decay)."""
+    start: TensorDict | None = None
+    """FedSA-LoRA: tensors that replace the global adapter's as local training starts (the
+    client's own `lora_B`, kept between its rounds), at the global adapter's shapes."""
 
     @property
     def is_plain(self) -> bool:
         """True when it changes nothing about local training."""
-        return not self.prox_mu and self.correction is None and self.lora_rank is None
+        return (
+            not self.prox_mu
+            and self.correction is None
+            and self.lora_rank is None
+            and not self.freeze_lora_a
+            and self.start is None
+        )
+
+    def nbytes(self) -> int:
+        """Tensor bytes sent to the worker with the context (SCAFFOLD's correction, FedSA-LoRA's
+        own B)."""
+        return tensors_nbytes(self.correction or {}) + tensors_nbytes(self.start or {})
 
 
 @dataclass(frozen=True)
@@ -95,7 +111,8 @@ class ClientUpload:
     rank: int | None = None
     """LoRA rank the client trained (None: the global rank)."""
     client_state: TensorDict = field(default_factory=dict)
-    """SCAFFOLD: the client's new control variate."""
+    """SCAFFOLD: the client's new control variate. (FedSA-LoRA's kept B is read from `tensors`
+    by the strategy, so it is not sent twice.)"""
 
     def nbytes(self) -> int:
         """Bytes sent on the uplink: the update's tensors and the client state."""

@@ -1,16 +1,18 @@
 """What a server strategy or the client's profile changes about local training, written once for
-every backend: FedProx's proximal term, SCAFFOLD's correction step and the rank masks of
-heterogeneous LoRA ranks. The loop in `fedsim.client.trainer` applies them; a backend only
-supplies the parameters and a way to rewrite its weights (`Trainer.update_weights`).
+every backend: FedProx's proximal term, SCAFFOLD's correction step, the rank masks of
+heterogeneous LoRA ranks and FFA-LoRA's frozen A. The loop in `fedsim.client.trainer` applies
+them; a backend only supplies the parameters and a way to rewrite its weights
+(`Trainer.update_weights`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from fedsim.lora_ranks import rank_mask
+from fedsim.lora_ranks import rank_axis, rank_mask
 
 TensorDict = dict[str, torch.Tensor]
 WeightUpdate = Callable[[str, torch.Tensor], torch.Tensor]
@@ -71,6 +73,24 @@ def masked(masks: TensorDict) -> WeightUpdate:
     """Zero the LoRA components a lower-rank client does not own (0/1 masks: exact in any
     dtype)."""
     return lambda key, w: w * masks[key] if key in masks else w
+
+
+def frozen_lora_a(params: dict[str, torch.nn.Parameter]) -> TensorDict:
+    """FFA-LoRA: the starting value of every `lora_A` parameter, to hold it at."""
+    return {k: p.detach().clone() for k, p in params.items() if rank_axis(k) == 0}
+
+
+def zero_gradients_of(params: dict[str, torch.nn.Parameter], keys: list[str]) -> list[Any]:
+    """Hooks that zero the gradient of each parameter in `keys` as autograd computes it, before
+    any backend accumulates, clips or steps it: a frozen A then adds nothing to the clipped
+    gradient norm, on every backend. Remove them with `.remove()`."""
+    return [params[k].register_hook(torch.zeros_like) for k in keys]
+
+
+def held(anchors: TensorDict) -> WeightUpdate:
+    """Put the parameters in `anchors` back to their anchored values (AdamW's decoupled weight
+    decay still shrinks a weight whose gradient is zero)."""
+    return lambda key, w: anchors[key].to(w.device, w.dtype) if key in anchors else w
 
 
 def corrected(correction: TensorDict, lr: float) -> WeightUpdate:

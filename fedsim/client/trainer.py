@@ -29,8 +29,11 @@ from fedsim.client.context import (
     ProximalTerm,
     WeightUpdate,
     corrected,
+    frozen_lora_a,
+    held,
     masked,
     rank_masks,
+    zero_gradients_of,
 )
 from fedsim.config import ClientConfig
 from fedsim.model import adapter_parameters, get_adapter, set_adapter
@@ -215,8 +218,9 @@ class Trainer(ABC):
         context: ClientContext | None = None,
     ) -> TrainResult:
         """Tune the trainable (LoRA) parameters of `model` in place on the given examples,
-        honouring `context` (FedProx term, SCAFFOLD correction, LoRA rank) when given."""
-        s, c, ctx = self.settings, self.settings.client, context or ClientContext()
+        honouring `context` (FedProx term, SCAFFOLD correction, LoRA rank, FFA-LoRA's frozen A)
+        when given."""
+        ctx = context or ClientContext()
         start = time.perf_counter()
         params = self.begin(model)
         torch.manual_seed(seed)  # dropout masks
@@ -224,6 +228,31 @@ class Trainer(ABC):
         masks = rank_masks(params, ctx.lora_rank)
         if masks:  # components a lower-rank client does not own start at zero
             self.update_weights(masked(masks))
+        # FFA-LoRA: A gets no gradient (so it adds nothing to the clipped norm) and is put back
+        # after every step (decoupled weight decay would still shrink it)
+        anchors = frozen_lora_a(params) if ctx.freeze_lora_a else {}
+        hooks = zero_gradients_of(params, list(anchors))
+        try:
+            result = self._loop(params, input_ids, labels, rng, ctx, masks, anchors)
+        finally:  # the worker's next client may not freeze A
+            for hook in hooks:
+                hook.remove()
+        self.end(model)
+        result.seconds = time.perf_counter() - start
+        return result
+
+    def _loop(
+        self,
+        params: dict[str, torch.nn.Parameter],
+        input_ids: Sequence[Sequence[int]],
+        labels: Sequence[Sequence[int]],
+        rng: np.random.Generator,
+        ctx: ClientContext,
+        masks: TensorDict,
+        anchors: TensorDict,
+    ) -> TrainResult:
+        """The optimizer steps of `train`, after its set-up."""
+        s, c = self.settings, self.settings.client
         prox = ProximalTerm(params, ctx.prox_mu) if ctx.prox_mu else None
         extra = prox.loss if prox is not None and self.owns_gradients else None
         total_steps = s.num_steps(len(input_ids))
@@ -247,11 +276,11 @@ class Trainer(ABC):
                 self.update_weights(corrected(ctx.correction, lr))
             if masks:
                 self.update_weights(masked(masks))
+            if anchors:
+                self.update_weights(held(anchors))
             result.lr_sum += lr
             result.losses.append(step_loss)
-        self.end(model)
         result.examples = len(order)
-        result.seconds = time.perf_counter() - start
         return result
 
 

@@ -43,7 +43,6 @@ from fedsim.protocol import (
     ClientTask,
     ClientUpload,
     encode_upload,
-    tensors_nbytes,
 )
 from fedsim.resources import peak_rss_mb
 from fedsim.seeds import Stream, seed_of
@@ -157,7 +156,7 @@ class ClientWorker:
             "client_id": task.client_id,
             "worker": self.name,
             "node": self.node_id,
-            "context_bytes": tensors_nbytes(ctx.correction or {}),
+            "context_bytes": ctx.nbytes(),
         }
         try:
             samples, result, upload = self._train(task, global_adapter, ctx)
@@ -188,7 +187,10 @@ class ClientWorker:
         self, task: ClientTask, global_adapter: TensorDict, ctx: ClientContext
     ) -> tuple[int, TrainResult, ClientUpload]:
         raise_injected_fault(task)
-        self.trainer.load_adapter(self.model, global_adapter)
+        # FedSA-LoRA: the client's own B replaces the global one; the upload stays a delta from
+        # the global adapter, so the server averages B like any tensor
+        start = global_adapter if ctx.start is None else {**global_adapter, **ctx.start}
+        self.trainer.load_adapter(self.model, start)
         if task.shard_ref is not None:
             block = self.store.block_of(task.client_id)
             if not self.store.has_block(block):

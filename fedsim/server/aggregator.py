@@ -39,7 +39,7 @@ from fedsim.faults import exit_if_aggregator_fault
 from fedsim.protocol import ClientContext, ClientUpload, tensors_nbytes
 from fedsim.resources import peak_rss_mb
 from fedsim.round_record import RoundRecord, TrainedRound
-from fedsim.server.aggregation import WeightedDeltaSum, check_delta, clip_delta, decode_upload
+from fedsim.server.aggregation import WeightedDeltaSum, clip_delta, decode_upload
 from fedsim.server.client_state import ClientStateStore
 from fedsim.server.privacy import dp_epsilon, gaussian_noise
 from fedsim.server.robust import min_updates, robust_aggregate
@@ -153,19 +153,18 @@ class Aggregator:
         delta = decode_upload(upload, self.global_adapter, self.block_size)
         if self.clip_norm is not None:
             delta, self._norms[client_id] = clip_delta(delta, self.clip_norm)
+        state: TensorDict = {}
         if self.client_states is not None:
-            if not upload.client_state:
-                raise UpdateRejected(f"{self.strategy.name}: the upload carries no client state")
-            check_delta(upload.client_state, self.global_adapter)
+            state = self.strategy.client_state_of(upload, self.global_adapter)
             # folds the state's change first: it validates before it accumulates anything
             old = self.client_states.load(client_id)
-            self.strategy.fold_client_state(old, upload.client_state)
+            self.strategy.fold_client_state(old, state)
         if self.buffered:
             self._buffer[client_id] = delta
         else:
             self._sum.add_delta(delta, self._weights[client_id])  # type: ignore[union-attr]
         if self.client_states is not None:
-            self.client_states.stage(client_id, self._round, upload.client_state)
+            self.client_states.stage(client_id, self._round, state)
 
     def _round_delta(self, notes: dict[str, Any]) -> TensorDict | None:
         """The round's aggregated delta, or None when nothing may be applied."""

@@ -19,9 +19,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from fedsim.errors import FedsimInputError
-from fedsim.protocol import ClientContext
-from fedsim.server.aggregation import WeightedDeltaSum
+from fedsim.errors import FedsimInputError, UpdateRejected
+from fedsim.lora_ranks import pad_adapter
+from fedsim.protocol import ClientContext, ClientUpload
+from fedsim.server.aggregation import WeightedDeltaSum, check_delta
+from fedsim.server.lora_native import is_lora_a, is_lora_b
 
 if TYPE_CHECKING:
     from fedsim.config import ServerConfig
@@ -48,6 +50,15 @@ class Strategy(ABC):
     def fold_client_state(self, old: TensorDict | None, new: TensorDict) -> None:
         """Fold one accepted client's new state in (`old` is None before its first round)."""
         raise NotImplementedError(f"{self.name} keeps no client state")
+
+    def client_state_of(self, upload: ClientUpload, global_adapter: TensorDict) -> TensorDict:
+        """The client state carried by `upload` (already decoded and checked as an update), to
+        keep for the client's next round; raises UpdateRejected when malformed. By default the
+        upload's own `client_state` (SCAFFOLD's variate), checked like a delta."""
+        if not upload.client_state:
+            raise UpdateRejected(f"{self.name}: the upload carries no client state")
+        check_delta(upload.client_state, global_adapter)
+        return upload.client_state
 
     @abstractmethod
     def apply(self, global_adapter: TensorDict, mean_delta: TensorDict) -> TensorDict:
@@ -317,11 +328,75 @@ class Scaffold(Strategy):
 
 
 # ---------------------------------------------------------------------------------------------
+# FFA-LoRA (Sun et al. 2024) and FedSA-LoRA (Guo et al. 2025): see fedsim/server/lora_native.py
+# ---------------------------------------------------------------------------------------------
+
+
+class FFALoRA(FedAvg):
+    """FFA-LoRA: every client keeps A at the shared seeded initialisation and trains only B, so
+    the average of B is the average of the updates B_i @ A. The server moves B by lr * mean delta
+    and never A: A stays bitwise its initial value, even when DP noise lands on its coordinates
+    (that noise is discarded, which is post-processing of the private mean)."""
+
+    name = "ffa_lora"
+
+    def client_context(
+        self, global_adapter: TensorDict, client_state: TensorDict | None
+    ) -> ClientContext:
+        return ClientContext(freeze_lora_a=True)
+
+    def apply(self, global_adapter: TensorDict, mean_delta: TensorDict) -> TensorDict:
+        stepped = super().apply(global_adapter, mean_delta)
+        return {k: global_adapter[k] if is_lora_a(k) else v for k, v in stepped.items()}
+
+
+class FedSALoRA(FedAvg):
+    """FedSA-LoRA: A is shared and averaged; each client keeps its own B between its rounds
+    (`clients/<id>.safetensors`) and starts local training from it. The global adapter (what
+    `fedsim eval` scores, and what a client without a B of its own starts from) is the averaged
+    A with the round's averaged B: with the default lr 1, the weighted mean of the B's the round's
+    clients trained."""
+
+    name = "fedsa_lora"
+    uses_client_state = True
+
+    def client_context(
+        self, global_adapter: TensorDict, client_state: TensorDict | None
+    ) -> ClientContext:
+        if not client_state:
+            return ClientContext()
+        # a lower-rank client kept only its own components: pad back to the global shapes
+        reference = {k: global_adapter[k] for k in client_state}
+        return ClientContext(start=pad_adapter(client_state, reference))
+
+    def fold_client_state(self, old: TensorDict | None, new: TensorDict) -> None:
+        return None  # each B stays with its client; the server aggregates none of them
+
+    def client_state_of(self, upload: ClientUpload, global_adapter: TensorDict) -> TensorDict:
+        # The trained B itself, bit for bit (uplink compression is refused for this strategy by
+        # the config check, so `tensors` is the adapter as trained, already checked).
+        if upload.encoding != "raw":
+            raise UpdateRejected(f"{self.name}: needs the adapter itself, got {upload.encoding}")
+        return {k: v for k, v in upload.tensors.items() if is_lora_b(k)}
+
+
+# ---------------------------------------------------------------------------------------------
 # Registry
 # ---------------------------------------------------------------------------------------------
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    s.name: s for s in (FedAvg, FedProx, FedAvgM, FedAdagrad, FedYogi, FedAdam, Scaffold)
+    s.name: s
+    for s in (
+        FedAvg,
+        FedProx,
+        FedAvgM,
+        FedAdagrad,
+        FedYogi,
+        FedAdam,
+        Scaffold,
+        FFALoRA,
+        FedSALoRA,
+    )
 }
 ADAPTIVE = ("fedadagrad", "fedyogi", "fedadam")
 
@@ -341,8 +416,8 @@ def make_strategy(name: str, server: ServerConfig | None = None, num_clients: in
 
         server = ServerConfig(strategy=name)
     lr = server.lr if server.lr is not None else default_server_lr(name)
-    if name == "fedavg":
-        return FedAvg(lr)
+    if name in ("fedavg", "ffa_lora", "fedsa_lora"):
+        return STRATEGIES[name](lr)  # type: ignore[call-arg]
     if name == "fedprox":
         return FedProx(lr, server.prox_mu)
     if name == "fedavgm":

@@ -30,6 +30,12 @@ def _correction(start: dict) -> dict:
     return {k: 0.01 * torch.randn(v.shape, generator=gen) for k, v in start.items()}
 
 
+def _own_b(start: dict) -> dict:
+    """FedSA-LoRA: a client's own B, other than the global one."""
+    gen = torch.Generator().manual_seed(1)
+    return {k: 0.1 * torch.randn(v.shape, generator=gen) for k, v in start.items() if "lora_B" in k}
+
+
 # name -> (the context from the starting adapter, client.compression, bitwise across backends)
 ALGORITHMS = {
     "plain": (lambda start: None, "none", True),
@@ -37,6 +43,8 @@ ALGORITHMS = {
     "hetlora-rank": (lambda start: ClientContext(lora_rank=2), "none", True),
     "int8-upload": (lambda start: None, "int8", True),
     "topk-upload": (lambda start: None, "topk", True),
+    "ffa-lora": (lambda start: ClientContext(freeze_lora_a=True), "none", True),
+    "fedsa-lora-own-b": (lambda start: ClientContext(start=_own_b(start)), "none", True),
     "fedprox": (lambda start: ClientContext(prox_mu=0.5), "none", False),
     "all-at-once": (
         lambda start: ClientContext(prox_mu=0.5, correction=_correction(start), lora_rank=2),

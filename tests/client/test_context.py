@@ -1,11 +1,11 @@
 """What a ClientContext changes about local training, through every backend, on a small real
-LLaMA model with LoRA: FedProx's proximal term, SCAFFOLD's correction, and rank masks for
-heterogeneous clients."""
+LLaMA model with LoRA: FedProx's proximal term, SCAFFOLD's correction, rank masks for
+heterogeneous clients, FFA-LoRA's frozen A and FedSA-LoRA's own B."""
 
 import pytest
 import torch
 
-from fedsim.client.context import scaffold_client_variate
+from fedsim.client.context import frozen_lora_a, held, scaffold_client_variate, zero_gradients_of
 from fedsim.model import adapter_parameters, get_adapter
 from fedsim.protocol import ClientContext
 from tests.client.conftest import settings
@@ -83,3 +83,43 @@ def test_scaffold_client_variate_option_two():
     )
     assert new["w"].tolist() == pytest.approx([-0.5 + 2.0, 1.0 - 2.0])
     assert new["w"].dtype == torch.float32
+
+
+def test_ffa_lora_keeps_a_bitwise_and_the_next_client_trains_it_again(model, start):
+    """A comes back bit for bit as it went in, B moves; the frozen-A gradient hooks are gone
+    for the worker's next client."""
+    a_keys = [k for k in start if "lora_A" in k]
+    assert a_keys and len(a_keys) < len(start)
+    adapter, _ = _train(model, start, ClientContext(freeze_lora_a=True))
+    for key, value in adapter.items():
+        if key in a_keys:
+            assert same_bits(value, start[key]), key
+        else:
+            assert not torch.equal(value, start[key]), key
+    plain, _ = _train(model, start)
+    assert all(not torch.equal(plain[k], start[k]) for k in a_keys)
+
+
+def test_frozen_a_survives_adamw_weight_decay_and_adds_nothing_to_the_gradient():
+    """Pure torch: a zero gradient alone would not hold A (AdamW's decoupled decay shrinks it);
+    the hook zeroes A's gradient before clipping sees it, `held` puts the decayed value back."""
+    params = {
+        "m.lora_A.weight": torch.nn.Parameter(torch.tensor([[1.0, -2.0]])),
+        "m.lora_B.weight": torch.nn.Parameter(torch.tensor([[0.5], [0.25]])),
+    }
+    anchors = frozen_lora_a(params)
+    assert list(anchors) == ["m.lora_A.weight"]
+    hooks = zero_gradients_of(params, list(anchors))
+    opt = torch.optim.AdamW(list(params.values()), lr=0.1, weight_decay=0.5)
+    x = torch.tensor([3.0, 1.0])
+    (params["m.lora_B.weight"] @ (params["m.lora_A.weight"] @ x)).sum().backward()
+    assert torch.equal(params["m.lora_A.weight"].grad, torch.zeros(1, 2))
+    assert params["m.lora_B.weight"].grad.abs().sum() > 0
+    opt.step()
+    assert not torch.equal(params["m.lora_A.weight"].detach(), anchors["m.lora_A.weight"])
+    with torch.no_grad():
+        for key, p in params.items():
+            p.copy_(held(anchors)(key, p.detach()))
+    assert torch.equal(params["m.lora_A.weight"].detach(), torch.tensor([[1.0, -2.0]]))
+    for hook in hooks:
+        hook.remove()

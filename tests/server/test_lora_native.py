@@ -13,6 +13,10 @@ bit for bit; on random factors the sums run in another order and agree to 1e-12 
 import pytest
 import torch
 
+from fedsim.config import DPConfig, ExperimentConfig, ServerConfig, config_from_dict
+from fedsim.errors import ConfigError
+from fedsim.protocol import ClientUpload
+from fedsim.server.aggregator import Aggregator
 from fedsim.server.lora_native import (
     ClientFactors,
     flexlora_factors,
@@ -23,6 +27,8 @@ from fedsim.server.lora_native import (
     split_lora,
     weighted_product,
 )
+from fedsim.server.strategies import FFALoRA, make_strategy
+from tests.conftest import tiny_experiment
 
 C1 = ClientFactors(torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0], [3.0]]), 0.25, 2.0)
 C2 = ClientFactors(torch.eye(2), torch.diag(torch.tensor([2.0, 4.0])), 0.75, 1.0)
@@ -140,3 +146,113 @@ def test_lora_pairs_and_split():
     a, rest = split_lora(KEYS)
     assert sorted(a) == sorted(k for k in KEYS if "lora_A" in k)
     assert sorted(rest) == sorted(k for k in KEYS if "lora_B" in k)
+
+
+# --- FFA-LoRA and FedSA-LoRA as strategies, and through the aggregator ----------------------
+
+A_KEY, B_KEY = "m.lora_A.weight", "m.lora_B.weight"
+G2 = {A_KEY: torch.tensor([[1.0, 2.0]]), B_KEY: torch.tensor([[0.0], [0.0]])}
+
+
+def _adapter(a: list[float], b: list[float]) -> dict[str, torch.Tensor]:
+    return {A_KEY: torch.tensor([a]), B_KEY: torch.tensor(b).reshape(2, 1)}
+
+
+def test_ffa_lora_moves_b_and_never_a():
+    strategy = make_strategy("ffa_lora")
+    assert isinstance(strategy, FFALoRA) and strategy.client_context(G2, None).freeze_lora_a
+    delta = {A_KEY: torch.tensor([[0.5, 0.5]], dtype=torch.float64), B_KEY: torch.ones(2, 1)}
+    new = strategy.apply(G2, delta)
+    assert new[A_KEY] is G2[A_KEY]  # bitwise the shared initial A
+    assert torch.equal(new[B_KEY], torch.ones(2, 1))
+
+
+def test_ffa_lora_with_dp_noise_leaves_a_exactly_at_its_initial_value(tmp_path):
+    cfg = ExperimentConfig(
+        server=ServerConfig(
+            strategy="ffa_lora",
+            clients_per_round=2,
+            weighting="uniform",
+            dp=DPConfig(enabled=True, clip_norm=1.0, noise_multiplier=1.0),
+        )
+    )
+    agg = Aggregator(str(tmp_path), cfg, {}, {})
+    agg.set_global(G2)
+    agg.begin_round({0: 5, 1: 7}, 1)
+    agg.fold(0, _adapter([1.0, 2.0], [0.5, 0.0]))  # A as sent: untouched by the client
+    agg.fold(1, _adapter([1.0, 2.0], [0.0, 0.5]))
+    _, new = agg.finish_round(1, {})
+    assert torch.equal(new[A_KEY], G2[A_KEY])
+    assert not torch.equal(new[B_KEY], torch.tensor([[0.25], [0.25]]))  # B got its noise
+
+
+def _fedsa(tmp_path) -> Aggregator:
+    cfg = ExperimentConfig(server=ServerConfig(strategy="fedsa_lora", clients_per_round=2))
+    agg = Aggregator(str(tmp_path), cfg, {}, {})
+    agg.set_global(G2)
+    return agg
+
+
+def test_fedsa_lora_averages_a_and_b_and_keeps_each_clients_b(tmp_path):
+    """Round 1: client 0 (1 sample) sends A=[2,2], B=[1,1]; client 1 (3 samples) A=[1,4],
+    B=[3,-1]. Global A = (1*[2,2] + 3*[1,4])/4 = [1.25, 3.5]; global B (the average, for
+    evaluation) = (1*[1,1] + 3*[3,-1])/4 = [2.5, -0.5]; each client keeps its own B."""
+    agg = _fedsa(tmp_path)
+    assert agg.client_context(0).start is None  # no B of its own yet: the global one
+    agg.begin_round({0: 1, 1: 3}, 1)
+    assert agg.fold(0, ClientUpload(_adapter([2.0, 2.0], [1.0, 1.0]))) is None
+    assert agg.fold(1, ClientUpload(_adapter([1.0, 4.0], [3.0, -1.0]))) is None
+    summary, new = agg.finish_round(1, {})
+    assert torch.equal(new[A_KEY], torch.tensor([[1.25, 3.5]]))
+    assert torch.equal(new[B_KEY], torch.tensor([[2.5], [-0.5]]))
+    assert summary["checkpoints_written"][0]["client_states_written"] == 2
+    assert sorted(p.name for p in (tmp_path / "clients").iterdir()) == [
+        "0.safetensors",
+        "1.safetensors",
+    ]
+    start = agg.client_context(0).start
+    assert start is not None and list(start) == [B_KEY]
+    assert torch.equal(start[B_KEY], torch.tensor([[1.0], [1.0]]))
+    assert agg.client_context(5).start is None
+
+    # round 2: only client 1 trains; client 0's B stays as it was
+    agg.begin_round({1: 3}, 2)
+    agg.fold(1, ClientUpload(_adapter([1.0, 1.0], [4.0, 4.0])))
+    _, new = agg.finish_round(2, {})
+    assert torch.equal(new[B_KEY], torch.tensor([[4.0], [4.0]]))
+    assert torch.equal(agg.client_context(0).start[B_KEY], torch.tensor([[1.0], [1.0]]))
+    assert torch.equal(agg.client_context(1).start[B_KEY], torch.tensor([[4.0], [4.0]]))
+
+
+def test_fedsa_lora_rejects_a_compressed_upload(tmp_path):
+    agg = _fedsa(tmp_path)
+    agg.begin_round({0: 1}, 1)
+    delta = {k: torch.zeros_like(v, dtype=torch.float16) for k, v in G2.items()}
+    why = agg.fold(0, ClientUpload(delta, "fp16"))
+    assert why is not None and "fedsa_lora" in why
+
+
+def test_fedsa_lora_context_pads_a_lower_rank_clients_b():
+    g = {A_KEY: torch.zeros(3, 2), B_KEY: torch.zeros(2, 3)}
+    kept = {B_KEY: torch.tensor([[1.0], [2.0]])}  # a rank-1 client's B
+    start = make_strategy("fedsa_lora").client_context(g, kept).start
+    assert start is not None
+    assert torch.equal(start[B_KEY], torch.tensor([[1.0, 0.0, 0.0], [2.0, 0.0, 0.0]]))
+
+
+@pytest.mark.parametrize(
+    ("section", "field"),
+    [
+        ({"client": {"compression": {"kind": "int8"}}}, "client.compression.kind"),
+        (
+            {"server": {"weighting": "uniform", "dp": {"enabled": True}}},
+            "server.strategy: fedsa_lora",
+        ),
+    ],
+)
+def test_fedsa_lora_config_constraints_name_the_field(tmp_path, section, field):
+    raw = tiny_experiment(tmp_path, **section)
+    raw["server"]["strategy"] = "fedsa_lora"
+    with pytest.raises(ConfigError, match=field):
+        config_from_dict(raw)
+    config_from_dict(tiny_experiment(tmp_path, server={"strategy": "ffa_lora"}))
