@@ -1,7 +1,8 @@
 """The `fedsim` command line: one plain function per subcommand, found in a table.
 
 Exit codes: 0 success, 2 bad input (one line per problem on stderr, naming the field or file),
-1 unexpected failure, 130 interrupted.
+1 unexpected failure, 130 interrupted. By default only fedsim's own lines are printed;
+`--verbose` lets Ray's, DeepSpeed's and transformers' logs through (fedsim.console).
 """
 
 from __future__ import annotations
@@ -10,18 +11,33 @@ import argparse
 import os
 import shlex
 import sys
+import textwrap
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
+from fedsim import console
 from fedsim.checkpoint import CheckpointWriteError
 from fedsim.config import load_config
 from fedsim.errors import FedsimInputError
 
 DESCRIPTION = (
-    "Federated instruction tuning of LLMs, simulated on Ray: virtual clients LoRA-tune a shared "
-    "base model on their own instructions and a server aggregates the adapters, round by round."
+    "Simulate federated instruction tuning of a language model on your machine or a Ray "
+    "cluster: virtual clients LoRA-tune a shared base model on their own instructions, and a "
+    "server aggregates their adapters, round by round."
 )
+EPILOG = """\
+start here:
+  fedsim run experiments/quickstart.yaml   train (a few minutes on a laptop CPU)
+  fedsim runs                              list the runs in runs/ and their state
+  fedsim eval runs/quickstart              score the newest round on held-out questions
+  fedsim report runs/quickstart            write report.md and plots
+
+'fedsim COMMAND --help' shows a command's options; docs/getting-started.md walks through it all.
+"""
+MORE_ROUNDS = 10
+"""How many more rounds the resume command that `fedsim run` suggests at the end asks for."""
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -40,17 +56,35 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"\ninterrupted; continue with: {resume_command(args)}", file=sys.stderr)
         return 130
     print(f"done: {result.run_dir} (latest round {result.last_round})")
+    print(next_commands(args, result.run_dir, result.last_round))
     return 0
 
 
-def resume_command(args: argparse.Namespace) -> str:
-    """The command line that continues this run: the same config and overrides, `--resume`."""
+def resume_command(args: argparse.Namespace, rounds: int | None = None) -> str:
+    """The command line that continues this run: the same config and overrides, `--resume`;
+    with `rounds`, its `run.rounds` set to that (replacing an override of it)."""
     words = ["fedsim", "run", args.config]
     for assignment in args.set:
-        words += ["--set", assignment]
+        if rounds is None or assignment.partition("=")[0].strip() != "run.rounds":
+            words += ["--set", assignment]
+    if rounds is not None:
+        words += ["--set", f"run.rounds={rounds}"]
     if args.allow_config_change:
         words.append("--allow-config-change")
     return shlex.join([*words, "--resume"])
+
+
+def next_commands(args: argparse.Namespace, run_dir: Path, last_round: int) -> str:
+    """What `fedsim run` prints last: the commands to evaluate, report and continue the run,
+    each ready to paste (the explanation is a shell comment)."""
+    run = shlex.quote(str(run_dir))
+    lines = [
+        (f"fedsim eval {run}", "score the newest round on the held-out questions"),
+        (f"fedsim report {run}", f"write {run_dir / 'report' / 'report.md'} with plots"),
+        (resume_command(args, last_round + MORE_ROUNDS), f"{MORE_ROUNDS} more rounds"),
+    ]
+    width = max(len(command) for command, _ in lines)
+    return "next:\n" + "\n".join(f"  {c.ljust(width)}  # {why}" for c, why in lines)
 
 
 def cmd_partition(args: argparse.Namespace) -> int:
@@ -156,6 +190,18 @@ def _interactive() -> Iterator[str]:
         yield line
 
 
+def cmd_runs(args: argparse.Namespace) -> int:
+    from fedsim.runs import find_runs, format_runs_table, read_run
+
+    folder = Path(args.output_dir)
+    found = find_runs(folder)
+    if not found:
+        print(f"no runs in {folder}")
+        return 0
+    print(format_runs_table([read_run(p) for p in found]))
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from fedsim.report import write_report
 
@@ -178,7 +224,7 @@ def _set_argument(p: argparse.ArgumentParser, example: str) -> None:
 
 
 def _config_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="experiment YAML file")
+    p.add_argument("config", help="experiment YAML file (see experiments/)")
     _set_argument(p, "client.lr=1e-4")
 
 
@@ -223,6 +269,16 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, help="0 decodes greedily")
 
 
+def _runs_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "output_dir",
+        nargs="?",
+        metavar="OUTPUT_DIR",
+        default="runs",
+        help="the folder that holds the run directories (run.output_dir; default: runs)",
+    )
+
+
 def _report_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("runs", nargs="+", help="run directories; several are compared")
     p.add_argument(
@@ -231,17 +287,63 @@ def _report_arguments(p: argparse.ArgumentParser) -> None:
 
 
 Handler = Callable[[argparse.Namespace], int]
-COMMANDS: dict[str, tuple[Handler, str, Callable[[argparse.ArgumentParser], None]]] = {
-    "run": (cmd_run, "run (or --resume) an experiment", _run_arguments),
-    "partition": (
-        cmd_partition,
-        "build the client split and print each client's size and mix",
-        _config_arguments,
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: its function, a one-line summary, its arguments, and an example."""
+
+    handler: Handler
+    summary: str
+    arguments: Callable[[argparse.ArgumentParser], None]
+    example: str
+
+
+COMMANDS: dict[str, Command] = {
+    "run": Command(
+        cmd_run,
+        "train an experiment, or continue one with --resume",
+        _run_arguments,
+        "fedsim run experiments/quickstart.yaml --set run.rounds=5 --overwrite\n"
+        "  fedsim run experiments/quickstart.yaml --set run.rounds=15 --resume",
     ),
-    "validate": (cmd_validate, "check a config file without running anything", _config_arguments),
-    "eval": (cmd_eval, "score round checkpoints (offline metrics, LLM judge)", _eval_arguments),
-    "generate": (cmd_generate, "answer a prompt with a round's adapter", _generate_arguments),
-    "report": (cmd_report, "write report.md and plots for one or more runs", _report_arguments),
+    "runs": Command(
+        cmd_runs,
+        "list the runs in a folder: rounds done, strategy, clients, losses, and whether each "
+        "is finished, resumable or damaged",
+        _runs_arguments,
+        "fedsim runs\n  fedsim runs ~/fedsim-runs",
+    ),
+    "partition": Command(
+        cmd_partition,
+        "build the client split and print each client's size and task mix",
+        _config_arguments,
+        "fedsim partition experiments/quickstart.yaml --set data.partition.alpha=0.1",
+    ),
+    "validate": Command(
+        cmd_validate,
+        "check a config file without running anything",
+        _config_arguments,
+        "fedsim validate experiments/quickstart.yaml",
+    ),
+    "eval": Command(
+        cmd_eval,
+        "score round checkpoints on held-out questions (loss, ROUGE-L, exact match, LLM judge)",
+        _eval_arguments,
+        "fedsim eval runs/quickstart --all",
+    ),
+    "generate": Command(
+        cmd_generate,
+        "answer a prompt with a round's adapter",
+        _generate_arguments,
+        'fedsim generate runs/quickstart --prompt "Sort these numbers: 5 2 9"',
+    ),
+    "report": Command(
+        cmd_report,
+        "write report.md and plots for a run, or compare several runs",
+        _report_arguments,
+        "fedsim report runs/quickstart runs/prox --out comparison",
+    ),
 }
 
 
@@ -254,17 +356,51 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def _common_arguments() -> argparse.ArgumentParser:
+    """Options every command takes."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also show Ray's, DeepSpeed's and transformers' own logs (for debugging)",
+    )
+    return common
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="fedsim", description=DESCRIPTION)
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for name, (_, help_text, add_arguments) in COMMANDS.items():
-        add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+    raw = argparse.RawDescriptionHelpFormatter  # keeps the examples' line breaks
+    parser = _Parser(
+        prog="fedsim", description=_wrap(DESCRIPTION), epilog=EPILOG, formatter_class=raw
+    )
+    sub = parser.add_subparsers(
+        title="commands", dest="command", required=True, parser_class=_Parser, metavar="COMMAND"
+    )
+    common = _common_arguments()
+    for name, command in COMMANDS.items():
+        examples = "examples" if "\n" in command.example else "example"
+        command.arguments(
+            sub.add_parser(
+                name,
+                help=command.summary,
+                description=_wrap(command.summary[0].upper() + command.summary[1:] + "."),
+                epilog=f"{examples}:\n  {command.example}",
+                formatter_class=raw,
+                parents=[common],
+            )
+        )
     return parser
+
+
+def _wrap(text: str) -> str:
+    return textwrap.fill(text, width=88)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = COMMANDS[args.command][0]
+    if args.verbose:
+        console.set_verbose(True)
+    handler = COMMANDS[args.command].handler
     try:
         return handler(args)
     except FedsimInputError as err:

@@ -11,6 +11,7 @@ would fail again. Outcomes are values, never exceptions across the actor boundar
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import time
@@ -26,7 +27,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from tqdm import tqdm
 
-from fedsim import ray_auth
+from fedsim import console, ray_auth
 from fedsim.client.worker import ClientWorkerActor, WorkerSpec, pack_directory
 from fedsim.config import ClusterConfig, ExperimentConfig
 from fedsim.data.shards import INDEX_FILE
@@ -40,6 +41,8 @@ WORKER_ENV = {
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
 }
 """Environment of every Ray worker process fedsim starts (quiet, single-threaded tokenizers)."""
+VERBOSE_WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", console.VERBOSE_ENV: "1"}
+"""The workers' environment under `--verbose`: the libraries log as they would on their own."""
 
 REVIVE_SECONDS = 120.0
 """How long a restarting worker may take to come back (it reloads the base model)."""
@@ -201,20 +204,37 @@ def cluster_address(cluster: ClusterConfig) -> str | None:
     return cluster.address or os.environ.get("RAY_ADDRESS") or None
 
 
+def ray_init_options() -> dict[str, Any]:
+    """ray.init's options for the driver's verbosity (fedsim.console).
+
+    Quiet (the default): the driver's "ray" logger shows errors only (not the "Started a local
+    Ray instance" banner or Ray's notes for its developers), and what the workers print stays in
+    Ray's log files (`log_to_driver`): a client's failure reaches the user as fedsim's own line,
+    with its traceback, from its outcome. Ray's error channel (e.g. a worker killed for memory)
+    still prints. Verbose: Ray's defaults, and the workers' output with their pid."""
+    if console.verbose():
+        return {"runtime_env": {"env_vars": VERBOSE_WORKER_ENV}, "log_to_driver": True}
+    return {
+        "runtime_env": {"env_vars": WORKER_ENV},
+        "log_to_driver": False,
+        "logging_level": logging.ERROR,
+    }
+
+
 @contextmanager
 def ray_session(cluster: ClusterConfig) -> Iterator[None]:
     """Attach to `cluster.address`/RAY_ADDRESS, or start a local instance; shut down what we
-    started, also on Ctrl-C."""
+    started, also on Ctrl-C. Token authentication is on unless `cluster.allow_unauthenticated`
+    accepts a cluster without it (fedsim.ray_auth)."""
     started = False
     if not ray.is_initialized():
         address = cluster_address(cluster)
-        runtime_env = {"env_vars": WORKER_ENV}
         if not (address and cluster.allow_unauthenticated):
             ray_auth.require_token_auth()
         if address:
-            ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
-        else:
-            ray.init(include_dashboard=False, runtime_env=runtime_env, log_to_driver=True)
+            ray.init(address=address, **ray_init_options())
+        else:  # no dashboard: a local simulation needs none, and it costs seconds and a port
+            ray.init(include_dashboard=False, **ray_init_options())
         started = True
     try:
         yield
@@ -337,6 +357,12 @@ def worker_pool(
                 shards_ref=ray.put((Path(spec.shards_dir) / INDEX_FILE).read_text()),
                 model_files_ref=ray.put(pack_directory(spec.model_path)) if tiny else None,
             )
-        yield WorkerPool(spec, group.bundle_count, options, cfg.cluster.max_worker_restarts, group)
+        # Ray's core worker notes once per process (to stderr, and its log file) that a restarted
+        # worker needs its constructor's object refs; the pool holds them (`spec`) while it lives.
+        with console.native_stderr_hidden():
+            pool = WorkerPool(
+                spec, group.bundle_count, options, cfg.cluster.max_worker_restarts, group
+            )
+        yield pool
     finally:
         remove_placement_group(group)

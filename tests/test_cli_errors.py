@@ -478,7 +478,7 @@ def test_resume_of_a_run_under_older_random_streams_is_refused(capsys, tmp_path,
         (["validate"], "fedsim validate: the following arguments are required: config"),
         (["run", "x.yaml", "--bogus"], "fedsim: unrecognized arguments: --bogus"),
         (["run", "x.yaml", "--set"], "fedsim run: argument --set: expected one argument"),
-        (["nonsense"], "fedsim: argument command: invalid choice: 'nonsense'"),
+        (["nonsense"], "fedsim: argument COMMAND: invalid choice: 'nonsense'"),
     ],
 )
 def test_command_line_mistakes_get_one_line_and_exit_2(capsys, argv, expected):

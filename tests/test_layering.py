@@ -22,6 +22,7 @@ LAYERS = {
     "compression": 3,
     "lora_ranks": 3,
     "ray_auth": 3,
+    "console": 3,
     "round_record": 3,
     "checkpoint": 4,
     "tracking": 4,
@@ -35,6 +36,7 @@ LAYERS = {
     "driver": 8,
     "eval": 8,
     "report": 8,
+    "runs": 8,
     "config_docs": 8,
     "cli": 9,
 }
@@ -44,6 +46,7 @@ ALLOWED_SIDEWAYS = {
     ("data", "checkpoint"),
     ("protocol", "compression"),
     ("protocol", "lora_ranks"),
+    ("runs", "report"),  # the runs table reads a run as the report does (report.load_run)
     (
         "driver",
         "eval",

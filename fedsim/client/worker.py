@@ -23,6 +23,7 @@ import numpy as np
 import ray
 import torch
 
+from fedsim import console
 from fedsim.client.context import scaffold_client_variate
 from fedsim.client.trainer import TRAINERS, TrainResult, TrainSettings
 from fedsim.config import CompressionConfig, LoraConfig
@@ -85,13 +86,17 @@ def raise_injected_fault(task: ClientTask) -> None:
 
 
 def quiet_libraries() -> None:
-    """Silence per-load progress bars and deprecation chatter that would flood the driver's log.
+    """Silence transformers' warnings (such as 'Token indices sequence length is longer than the
+    specified maximum', which fedsim's own truncation warning replaces), its per-load progress
+    bars and deprecation chatter, unless `--verbose` (fedsim.console) asks for them.
 
-    On a machine without CUDA, DeepSpeed (which transformers and accelerate import on their own,
-    e.g. while saving a model, even for the torch backend) is told it runs on the CPU instead of
-    warning that it found no GPU."""
+    On a machine without CUDA, DeepSpeed (which the deepspeed backend imports, and transformers
+    may import on its own in some code paths) is told it runs on the CPU instead of warning that
+    it found no GPU, verbose or not: that warning is wrong for a CPU run."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if console.verbose():
+        return
     import transformers
 
     transformers.logging.set_verbosity_error()
