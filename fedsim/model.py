@@ -33,6 +33,7 @@ import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, TaskType, get_peft_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     AutoConfig,
@@ -44,7 +45,6 @@ from transformers import (
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
-from transformers.utils import logging as hf_logging
 
 from fedsim.config import LoraConfig
 from fedsim.errors import FedsimInputError
@@ -161,17 +161,6 @@ def ensure_tiny_model(
 
 
 @contextlib.contextmanager
-def _no_progress_bars() -> Iterator[None]:
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
-
-
-@contextlib.contextmanager
 def _one_thread() -> Iterator[None]:
     """Run torch on one thread. The tiny model's matrices are too small to gain from more, and on
     a shared machine intra-op threads that wait for each other made pretraining 20 times slower
@@ -210,8 +199,7 @@ def _build_tiny_model(
     seconds = time.perf_counter() - start
 
     model.eval()
-    with _no_progress_bars():  # a bar for a one-file model is noise in the run's output
-        model.save_pretrained(out)
+    _save_model(model, out)
     tokenizer.save_pretrained(out)
     record = {
         "first_loss": losses[0],
@@ -227,6 +215,18 @@ def _build_tiny_model(
         f"fedsim: built tiny model in {seconds:.1f} s "
         f"(loss {losses[0]:.3f} -> {losses[-1]:.3f}, {count_parameters(model)[1]:,} parameters)"
     )
+
+
+def _save_model(model: LlamaForCausalLM, out: Path) -> None:
+    """The files `save_pretrained` writes for this untied one-file model, byte for byte
+    (config.json, generation_config.json, model.safetensors), without its unwrapping step:
+    accelerate's `extract_model_from_parallel` imports DeepSpeed whenever it is installed, and a
+    torch-backend run must not import DeepSpeed (its import costs seconds and logs warnings)."""
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(out)
+    model.generation_config.save_pretrained(out)
+    tensors = {name: t.contiguous() for name, t in model.state_dict().items()}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
 
 
 def train_tiny_tokenizer(

@@ -1,0 +1,177 @@
+"""What the command line prints: a real `fedsim run` in a child process (not a terminal) prints
+only fedsim's own lines and ends with the next commands; `--verbose` lets the libraries' logs
+through; a torch-backend run never imports DeepSpeed, in the driver or in any Ray worker; each
+command's help is written for users, with an example.
+
+The line shapes below are an allowlist: a new line from Ray, DeepSpeed or transformers (or a new
+line of fedsim's that nobody looked at) fails the test until it is silenced or added here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fedsim.cli import COMMANDS, build_parser
+from tests.conftest import tiny_experiment
+
+FEDSIM_LINES = [
+    r"fedsim: tiny model cache hit \S+",
+    r"fedsim: building tiny model \(.*\) in \S+",
+    r"fedsim: built tiny model in [\d.]+ s \(loss [\d.]+ -> [\d.]+, [\d,]+ parameters\)",
+    r"shards: \d+ blocks of \d+ clients in \S+, tokenised as the rounds need them",
+    r"run \S+: \d+ clients, \d+ per round, \d+ workers, rounds \d+\.\.\d+",
+    r"round +\d+/\d+ \| clients \d+ \| samples \d+ \| train loss [\d.]+ \| [\d.]+ s(?: \| .+)?",
+    r"done: \S+ \(latest round \d+\)",
+    r"next:",
+    r"  fedsim (?:eval|report|run) .+  # .+",
+]
+"""Every line a plain run may print (the header, the round lines, the next commands, ...)."""
+FEDSIM_LINE = re.compile("|".join(f"(?:{shape})" for shape in FEDSIM_LINES))
+
+# Imported in every process of the run; records which processes import `WATCHED` (by pid, with
+# their command line) without changing what they import. It reaches the Ray workers through
+# PYTHONPATH, which they inherit from the driver.
+IMPORT_WATCH = textwrap.dedent(
+    """
+    import importlib.machinery, os, sys
+
+    WATCHED = ("deepspeed", "peft")
+
+    class _Recorded:
+        def __init__(self, name, loader):
+            self.name, self.loader = name, loader
+
+        def create_module(self, spec):
+            return self.loader.create_module(spec)
+
+        def exec_module(self, module):  # only a real import runs the module (not find_spec)
+            out = os.path.join(os.environ["IMPORT_WATCH_DIR"], f"{self.name}.{os.getpid()}")
+            with open(out, "w") as f:
+                f.write(" ".join(sys.argv))
+            return self.loader.exec_module(module)
+
+    class _Watch:
+        def find_spec(self, name, path=None, target=None):
+            if name not in WATCHED or "IMPORT_WATCH_DIR" not in os.environ:
+                return None
+            spec = importlib.machinery.PathFinder.find_spec(name, path)
+            if spec is not None:
+                spec.loader = _Recorded(name, spec.loader)
+            return spec
+
+    sys.meta_path.insert(0, _Watch())
+    """
+)
+
+
+def imports_of(watch_dir: Path, module: str) -> list[str]:
+    """The command lines of the processes that imported `module`."""
+    return [p.read_text() for p in sorted(watch_dir.glob(f"{module}.*"))]
+
+
+def run_cli(
+    tmp_path: Path, *args: str, **sections: dict
+) -> tuple[subprocess.CompletedProcess, Path]:
+    """`fedsim run` on a tiny experiment in a child process whose output is a pipe, as in CI or
+    `| cat`; returns the finished process and the folder of import records."""
+    config = tmp_path / "experiment.yaml"
+    config.write_text(yaml.safe_dump(tiny_experiment(tmp_path, **sections)))
+    hook, watch = tmp_path / "hook", tmp_path / "imports"
+    hook.mkdir(exist_ok=True)
+    watch.mkdir(exist_ok=True)
+    (hook / "sitecustomize.py").write_text(IMPORT_WATCH)
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "FEDSIM_VERBOSE")}
+    path = os.pathsep.join(filter(None, [str(hook), env.get("PYTHONPATH")]))
+    env.update(PYTHONPATH=path, IMPORT_WATCH_DIR=str(watch), PYTHONUNBUFFERED="1")
+    fedsim = Path(sys.executable).parent / "fedsim"  # the console script, as a user runs it
+    result = subprocess.run(
+        [str(fedsim), "run", str(config), *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    return result, watch
+
+
+@pytest.mark.ray
+def test_a_run_prints_only_fedsim_lines_ends_with_the_next_commands_and_never_imports_deepspeed(
+    tmp_path,
+):
+    result, watch = run_cli(tmp_path, "--set", "run.rounds=2")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    strangers = [line for line in output.splitlines() if not FEDSIM_LINE.fullmatch(line)]
+    assert strangers == [], f"lines that are not fedsim's own:\n{output}"
+    assert result.stderr == ""  # no warning either: everything went well
+
+    lines = result.stdout.splitlines()
+    assert [line[:9] for line in lines if line.startswith("round ")] == ["round   1", "round   2"]
+    run_dir = tmp_path / "runs" / "t"
+    nxt = lines[lines.index("next:") + 1 :]
+    commands = [shlex.split(line.split("  # ")[0]) for line in nxt]
+    assert commands == [
+        ["fedsim", "eval", str(run_dir)],
+        ["fedsim", "report", str(run_dir)],
+        ["fedsim", "run", str(tmp_path / "experiment.yaml"), "--set", "run.rounds=12", "--resume"],
+    ]
+    assert lines[lines.index("next:") - 1] == f"done: {run_dir} (latest round 2)"
+
+    # The import records reach the workers (peft is imported by the driver and every worker);
+    # deepspeed is imported by none of them.
+    assert any("default_worker.py" in cmd for cmd in imports_of(watch, "peft")), list(
+        watch.iterdir()
+    )
+    assert imports_of(watch, "deepspeed") == []
+
+
+@pytest.mark.ray
+@pytest.mark.slow  # a second Ray start; the quiet run above is the default tier's
+def test_verbose_lets_the_libraries_logs_through(tmp_path):
+    result, _ = run_cli(tmp_path, "--set", "run.rounds=1", "--verbose")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    strangers = [line for line in output.splitlines() if not FEDSIM_LINE.fullmatch(line)]
+    assert any("Started a local Ray instance" in line for line in strangers), output
+    assert "next:" in result.stdout
+
+
+# --- help ------------------------------------------------------------------------------------
+
+
+def help_text(*argv: str) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args([*argv, "--help"])
+    assert exit_.value.code == 0
+    return ""  # parse_args printed it; the callers read it from capsys
+
+
+def test_top_level_help_speaks_to_users_and_shows_where_to_start(capsys):
+    help_text()
+    text = capsys.readouterr().out
+    assert "dispatch table" not in text and "plain function" not in text
+    assert "fedsim run experiments/quickstart.yaml" in text
+    for name in COMMANDS:
+        assert re.search(rf"^    {name}\b", text, re.M), f"{name} is not listed"
+
+
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_each_command_help_has_an_example_that_parses(capsys, name):
+    help_text(name)
+    text = capsys.readouterr().out
+    assert "--verbose" in text
+    examples = text.split("example:\n" if "example:\n" in text else "examples:\n", 1)[1]
+    commands = [shlex.split(line) for line in examples.splitlines() if line.strip()]
+    assert commands and all(words[:2] == ["fedsim", name] for words in commands), examples
+    for words in commands:  # each example is a valid command line for this command
+        assert build_parser().parse_args(words[1:]).command == name
