@@ -47,6 +47,7 @@ StrategyName = Literal[
     "scaffold",
     "ffa_lora",
     "fedsa_lora",
+    "flexlora",
 ]
 SelectionKind = Literal["uniform", "round_robin", "all", "availability"]
 Weighting = Literal["samples", "uniform"]
@@ -286,7 +287,7 @@ class ServerConfig:
     """Weights of the average: samples (n_i / sum n, as FedIT) or uniform (1 / k)."""
     lr: float | None = None
     """Server learning rate (eta); null: 1.0 for fedavg, fedprox, fedavgm, scaffold, ffa_lora
-    and fedsa_lora, 0.01 for fedadagrad, fedyogi and fedadam."""
+    and fedsa_lora, 0.01 for fedadagrad, fedyogi and fedadam; flexlora has none."""
     momentum: float = 0.9
     """fedavgm: server momentum (beta)."""
     beta1: float = 0.9
@@ -1140,6 +1141,15 @@ def _validate_algorithms(p: list[str], cfg: ExperimentConfig) -> None:
             p.append("server.strategy: scaffold's control variates are not covered by server.dp")
         if s.strategy == "fedsa_lora":
             p.append("server.strategy: fedsa_lora's client-kept B factors are not covered by DP")
+    if s.strategy == "flexlora":
+        if s.lr not in (None, 1.0):
+            p.append("server.lr: flexlora replaces the adapter by the SVD of the mean product")
+        if r.rule != "mean" or r.clip_norm is not None:
+            p.append("server.robust: flexlora averages the clients' products; leave the defaults")
+        if d.enabled:
+            p.append(
+                "server.strategy: flexlora's SVD of the clients' products is not covered by DP"
+            )
     if s.strategy == "fedsa_lora" and c.compression.kind != "none":
         p.append(
             "client.compression.kind: fedsa_lora keeps each client's B exactly as trained; "

@@ -1,12 +1,14 @@
-"""FFA-LoRA and FedSA-LoRA end to end on a real local Ray instance with the tiny model: what each
-keeps fixed or per client, and FedSA-LoRA's bitwise resume after a SIGKILL of the driver (its
-client-kept B factors commit with their round, like SCAFFOLD's variates).
+"""FFA-LoRA, FedSA-LoRA and FlexLoRA end to end on a real local Ray instance with the tiny model:
+what each keeps fixed or per client, FedSA-LoRA's bitwise resume after a SIGKILL of the driver
+(its client-kept B factors commit with their round, like SCAFFOLD's variates), and FlexLoRA's
+resume with clients of mixed ranks.
 
 The closed forms are unit-tested in tests/server/test_lora_native.py; both backends train them
 alike, bit for bit, in tests/client/test_backends.py."""
 
 import json
 import os
+import shutil
 import signal
 import tempfile
 from pathlib import Path
@@ -17,9 +19,10 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from fedsim import checkpoint
 from fedsim.config import config_from_dict
 from fedsim.driver import RunResult, run_experiment
-from tests.conftest import assert_same_run_files
+from tests.conftest import assert_same_run_files, tiny_experiment
 from tests.faults.test_driver_faults import (
     _start_cli,
     _uninterrupted,
@@ -105,3 +108,53 @@ def test_fedsa_lora_driver_killed_mid_round_then_resumed_byte_identical(
     result = run_experiment(cfg, resume=True, log=lambda _: None, show_progress=False)
     assert (result.first_round, result.last_round) == (2, 3)
     assert_same_run_files(fedsa_reference.run_dir, run_dir, [1, 2, 3])
+
+
+@pytest.fixture(scope="module")
+def flexlora_runs(ray_local, tmp_path_factory) -> tuple[Path, Path]:
+    """FlexLoRA, global rank 4, clients 1 and 2 of rank 2, 3 rounds; then round 3 is kept aside,
+    removed as if the driver had died after round 2, and redone by --resume. Returns (the run
+    directory, the folder holding the uninterrupted round 3)."""
+    tmp = tmp_path_factory.mktemp("flexlora")
+    profile = tmp / "profile.yaml"
+    profile.write_text("classes: {small: {lora_rank: 2}}\nclients: {1: small, 2: small}\n")
+    raw = tiny_experiment(
+        tmp,
+        run={"rounds": 3},
+        server={"strategy": "flexlora", "selection": "all"},
+        client={"profile": str(profile)},
+        cluster={"num_workers": 1},
+    )
+    run_dir = run_experiment(config_from_dict(raw), log=lambda _: None, show_progress=False).run_dir
+    kept = tmp / "uninterrupted"
+    shutil.copytree(run_dir / "rounds/round_0003", kept / "rounds/round_0003")
+    shutil.rmtree(run_dir / "rounds/round_0003")
+    checkpoint.write_text_atomic(run_dir / "latest", "round_0002\n")
+    resumed = run_experiment(
+        config_from_dict(raw), resume=True, log=lambda _: None, show_progress=False
+    )
+    assert (resumed.first_round, resumed.last_round) == (3, 3)
+    return run_dir, kept
+
+
+@pytest.mark.slow  # ~30-50 s (one run and a redone round); tests/server covers the arithmetic
+def test_flexlora_adapters_are_truncated_svds_and_resume_bitwise(flexlora_runs):
+    """Every round's adapter is in SVD form: B's columns and A's rows orthogonal, the j-th
+    column of B as long as the j-th row of A (the singular value split evenly), in decreasing
+    order; a lower-rank client's components are a prefix of them. Round 3 redone after the
+    restart is byte-identical."""
+    run_dir, kept = flexlora_runs
+    assert_same_run_files(kept, run_dir, [3])
+    for r in (1, 2, 3):
+        adapter = _adapter(run_dir, r)
+        assert _info(run_dir, r)["aggregation"]["strategy"] == "flexlora"
+        for a_key in (k for k in adapter if "lora_A" in k):
+            a, b = adapter[a_key].double(), adapter[a_key.replace("lora_A", "lora_B")].double()
+            gram_a, gram_b = a @ a.T, b.T @ b
+            scale = float(gram_a.diagonal().max())
+            off = ~torch.eye(4, dtype=torch.bool)
+            assert float(gram_a[off].abs().max()) < 1e-5 * scale
+            assert float(gram_b[off].abs().max()) < 1e-5 * scale
+            torch.testing.assert_close(gram_a.diagonal(), gram_b.diagonal(), rtol=1e-4, atol=0)
+            sv = gram_a.diagonal()
+            assert bool((sv[:-1] >= sv[1:] * (1 - 1e-5)).all())

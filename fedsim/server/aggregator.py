@@ -93,8 +93,9 @@ class Aggregator:
 
     @property
     def buffered(self) -> bool:
-        """Whether the configured rule needs the whole round (robust rules only)."""
-        return self.robust.rule != "mean"
+        """Whether the round's deltas are kept until it ends: a robust rule, or a strategy that
+        aggregates the clients' products (FlexLoRA), needs the whole round."""
+        return self.robust.rule != "mean" or self.strategy.aggregates_products
 
     @property
     def clip_norm(self) -> float | None:
@@ -212,10 +213,21 @@ class Aggregator:
         assert self._sum is not None, "begin_round first"
         written = self._await_pending()  # the previous round's checkpoint, if still going
         notes: dict[str, Any] = {}
-        delta = self._round_delta(notes)
-        if delta is not None:
-            self.global_adapter = self.strategy.apply(self.global_adapter, delta)
-        summary = {**info, **self._summary(delta is not None, notes), **self.provenance}
+        if self.strategy.aggregates_products:
+            ids = sorted(self._buffer)
+            applied = bool(ids)
+            if applied:
+                self.global_adapter = self.strategy.apply_products(
+                    self.global_adapter,
+                    [self._buffer[c] for c in ids],
+                    [self._weights[c] for c in ids],
+                )
+        else:
+            delta = self._round_delta(notes)
+            applied = delta is not None
+            if delta is not None:
+                self.global_adapter = self.strategy.apply(self.global_adapter, delta)
+        summary = {**info, **self._summary(applied, notes), **self.provenance}
         if self.dp.enabled:
             summary["dp"] = self._dp_summary(round_idx)
         record = self._record(trained, summary) if trained is not None else None

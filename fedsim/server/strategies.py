@@ -23,7 +23,14 @@ from fedsim.errors import FedsimInputError, UpdateRejected
 from fedsim.lora_ranks import pad_adapter
 from fedsim.protocol import ClientContext, ClientUpload
 from fedsim.server.aggregation import WeightedDeltaSum, check_delta
-from fedsim.server.lora_native import is_lora_a, is_lora_b
+from fedsim.server.lora_native import (
+    ClientFactors,
+    flexlora_factors,
+    is_lora_a,
+    is_lora_b,
+    lora_pairs,
+    weighted_product,
+)
 
 if TYPE_CHECKING:
     from fedsim.config import ServerConfig
@@ -37,6 +44,10 @@ class Strategy(ABC):
     name: str
     uses_client_state: bool = False
     """True when each client keeps state between its rounds (SCAFFOLD's control variate)."""
+    aggregates_products: bool = False
+    """True when the strategy needs every client's adapter, not the mean delta (FlexLoRA: the
+    mean of the products B_i @ A_i); the aggregator then buffers the round and calls
+    `apply_products` instead of `apply`."""
 
     def client_context(
         self, global_adapter: TensorDict, client_state: TensorDict | None
@@ -63,6 +74,13 @@ class Strategy(ABC):
     @abstractmethod
     def apply(self, global_adapter: TensorDict, mean_delta: TensorDict) -> TensorDict:
         """Return the new global adapter (same keys, shapes and dtypes as `global_adapter`)."""
+
+    def apply_products(
+        self, global_adapter: TensorDict, deltas: list[TensorDict], weights: list[int]
+    ) -> TensorDict:
+        """For `aggregates_products` strategies: the new global adapter from each accepted
+        client's delta (float64, at the global shapes) and integer weight, in client-id order."""
+        raise NotImplementedError(f"{self.name} aggregates the mean delta")
 
     def state_dict(self) -> TensorDict:
         """Tensors to checkpoint with the round; empty for stateless strategies."""
@@ -380,6 +398,43 @@ class FedSALoRA(FedAvg):
         return {k: v for k, v in upload.tensors.items() if is_lora_b(k)}
 
 
+class FlexLoRA(Strategy):
+    """FlexLoRA: the round's global update is sum_i p_i B_i @ A_i per target matrix (the mean of
+    what the clients' adapters stand for, not of their factors), and the next global adapter is
+    its rank-r truncated SVD (`flexlora_factors`). A rank-r_i client (`lora_rank` in the profile)
+    trains the first r_i components of it, which are exactly the rank-r_i truncated SVD: truncated
+    SVD factors are nested. Stateless: the adapter in the round checkpoint is the whole state.
+    (The LoRA scaling alpha/r is the same for every client, as rank masks train at the global
+    scaling, so it cancels out of the SVD.)"""
+
+    name = "flexlora"
+    aggregates_products = True
+
+    def apply(self, global_adapter: TensorDict, mean_delta: TensorDict) -> TensorDict:
+        raise NotImplementedError("flexlora aggregates the clients' products (apply_products)")
+
+    def apply_products(
+        self, global_adapter: TensorDict, deltas: list[TensorDict], weights: list[int]
+    ) -> TensorDict:
+        total = sum(weights)
+        shares = [w / total for w in weights]
+        local = [{k: g.double() + d[k] for k, g in global_adapter.items()} for d in deltas]
+        new: TensorDict = {}
+        for a_key, b_key in lora_pairs(global_adapter).values():
+            clients = [
+                ClientFactors(x[a_key], x[b_key], p) for x, p in zip(local, shares, strict=True)
+            ]
+            rank = global_adapter[a_key].shape[0]
+            a, b = flexlora_factors(weighted_product(clients), rank)
+            new[a_key] = a.to(global_adapter[a_key].dtype)
+            new[b_key] = b.to(global_adapter[b_key].dtype)
+        for key, g in global_adapter.items():  # anything that is not a LoRA pair: its mean
+            if key not in new:
+                mean = sum(p * x[key] for x, p in zip(local, shares, strict=True))
+                new[key] = mean.to(g.dtype)  # type: ignore[union-attr]
+        return {k: new[k] for k in global_adapter}
+
+
 # ---------------------------------------------------------------------------------------------
 # Registry
 # ---------------------------------------------------------------------------------------------
@@ -396,6 +451,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
         Scaffold,
         FFALoRA,
         FedSALoRA,
+        FlexLoRA,
     )
 }
 ADAPTIVE = ("fedadagrad", "fedyogi", "fedadam")
@@ -418,6 +474,8 @@ def make_strategy(name: str, server: ServerConfig | None = None, num_clients: in
     lr = server.lr if server.lr is not None else default_server_lr(name)
     if name in ("fedavg", "ffa_lora", "fedsa_lora"):
         return STRATEGIES[name](lr)  # type: ignore[call-arg]
+    if name == "flexlora":
+        return FlexLoRA()
     if name == "fedprox":
         return FedProx(lr, server.prox_mu)
     if name == "fedavgm":

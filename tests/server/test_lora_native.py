@@ -256,3 +256,44 @@ def test_fedsa_lora_config_constraints_name_the_field(tmp_path, section, field):
     with pytest.raises(ConfigError, match=field):
         config_from_dict(raw)
     config_from_dict(tiny_experiment(tmp_path, server={"strategy": "ffa_lora"}))
+
+
+# --- FlexLoRA through the aggregator ---------------------------------------------------------
+
+
+def test_flexlora_round_is_the_svd_of_the_mean_product_and_nested_by_rank(tmp_path):
+    """Global rank 2. Client 0 (1 sample, rank 2): A = I, B = [[2,0],[0,0]], B A = [[2,0],[0,0]].
+    Client 1 (3 samples, rank 1, uploads its one component): A = [[1,1]], B = [[0],[4]],
+    B A = [[0,0],[4,4]]. Mean product = 0.25*[[2,0],[0,0]] + 0.75*[[0,0],[4,4]] = [[0.5,0],[3,3]]
+    (rank 2, so the new global adapter stands for it exactly, up to the float32 cast)."""
+    cfg = ExperimentConfig(server=ServerConfig(strategy="flexlora", clients_per_round=2))
+    agg = Aggregator(str(tmp_path), cfg, {}, {})
+    g = {A_KEY: torch.eye(2), B_KEY: torch.zeros(2, 2)}
+    agg.set_global(g)
+    agg.begin_round({0: 1, 1: 3}, 1)
+    full = {A_KEY: torch.eye(2), B_KEY: torch.tensor([[2.0, 0.0], [0.0, 0.0]])}
+    assert agg.fold(0, ClientUpload(full)) is None
+    low = {A_KEY: torch.tensor([[1.0, 1.0]]), B_KEY: torch.tensor([[0.0], [4.0]])}
+    assert agg.fold(1, ClientUpload(low, rank=1)) is None
+    summary, new = agg.finish_round(1, {})
+    assert not summary["aggregation"]["kept_previous_adapter"]
+    assert new[A_KEY].dtype == torch.float32 and new[B_KEY].shape == (2, 2)
+    mean = torch.tensor([[0.5, 0.0], [3.0, 3.0]], dtype=torch.float64)
+    torch.testing.assert_close((new[B_KEY] @ new[A_KEY]).double(), mean, rtol=0, atol=1e-5)
+    # a rank-1 client trains the first component: exactly the rank-1 truncated SVD
+    u, s, vh = torch.linalg.svd(mean)
+    top = s[0] * torch.outer(u[:, 0], vh[0])
+    torch.testing.assert_close(
+        (new[B_KEY][:, :1] @ new[A_KEY][:1]).double(), top, rtol=0, atol=1e-5
+    )
+
+
+def test_flexlora_config_constraints_name_the_field(tmp_path):
+    for section, field in (
+        ({"server": {"lr": 0.5}}, "server.lr: flexlora"),
+        ({"server": {"robust": {"rule": "median"}}}, "server.robust: flexlora"),
+    ):
+        raw = tiny_experiment(tmp_path, **section)
+        raw["server"]["strategy"] = "flexlora"
+        with pytest.raises(ConfigError, match=field):
+            config_from_dict(raw)
