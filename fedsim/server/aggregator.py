@@ -84,6 +84,7 @@ class Aggregator:
         self._rejected: dict[int, str] = {}
         self._accepted: list[int] = []
         self._bytes: dict[int, int] = {}
+        self._ranks: dict[int, int] = {}
         self._norms: dict[int, float] = {}
         self._round = 0
         self._fold_seconds = 0.0
@@ -122,6 +123,7 @@ class Aggregator:
         self._buffer = {}
         self._rejected, self._accepted = {}, []
         self._bytes, self._norms, self._fold_seconds = {}, {}, 0.0
+        self._ranks = {}
         self._round = round_idx
         if self.client_states is not None:  # a redone round must not commit a stale stage
             self.client_states.settle(round_idx - 1)
@@ -135,6 +137,7 @@ class Aggregator:
             upload = ClientUpload(upload)
         start = time.perf_counter()
         self._bytes[client_id] = upload.nbytes()
+        self._ranks[client_id] = upload.rank or _global_rank(self.global_adapter)
         try:
             self._fold(client_id, upload)
         except UpdateRejected as err:
@@ -259,6 +262,8 @@ class Aggregator:
             "rejected": {str(c): why for c, why in sorted(self._rejected.items())},
             "kept_previous_adapter": not applied,
             "fold_seconds": round(self._fold_seconds, 6),
+            # the LoRA rank each client trained and uploaded (HetLoRA, FlexLoRA)
+            "ranks": {str(c): r for c, r in sorted(self._ranks.items())},
             **notes,
         }
         if self.clip_norm is not None:
@@ -340,6 +345,11 @@ class Aggregator:
             done["client_states_written"] = self.client_states.commit(round_idx)
         done["checkpoint_seconds"] = round(time.perf_counter() - start, 6)
         return done
+
+
+def _global_rank(adapter: TensorDict) -> int:
+    """The rank of the global adapter (rows of any lora_A; 0 for an adapter without one)."""
+    return next((v.shape[0] for k, v in adapter.items() if "lora_A" in k), 0)
 
 
 AggregatorActor = ray.remote(num_cpus=0)(Aggregator)

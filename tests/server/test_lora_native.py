@@ -277,6 +277,9 @@ def test_flexlora_round_is_the_svd_of_the_mean_product_and_nested_by_rank(tmp_pa
     assert agg.fold(1, ClientUpload(low, rank=1)) is None
     summary, new = agg.finish_round(1, {})
     assert not summary["aggregation"]["kept_previous_adapter"]
+    assert summary["aggregation"]["ranks"] == {"0": 2, "1": 1}
+    # bytes each client sent: the whole rank-2 adapter (8 floats), the rank-1 share (4 floats)
+    assert summary["bytes"]["uplink_by_client"] == {"0": 32, "1": 16}
     assert new[A_KEY].dtype == torch.float32 and new[B_KEY].shape == (2, 2)
     mean = torch.tensor([[0.5, 0.0], [3.0, 3.0]], dtype=torch.float64)
     torch.testing.assert_close((new[B_KEY] @ new[A_KEY]).double(), mean, rtol=0, atol=1e-5)
