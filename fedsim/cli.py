@@ -38,6 +38,7 @@ start here:
 """
 MORE_ROUNDS = 10
 """How many more rounds the resume command that `fedsim run` suggests at the end asks for."""
+ALIGN_COMMENTS_UP_TO = 48
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -83,7 +84,8 @@ def next_commands(args: argparse.Namespace, run_dir: Path, last_round: int) -> s
         (f"fedsim report {run}", f"write {run_dir / 'report' / 'report.md'} with plots"),
         (resume_command(args, last_round + MORE_ROUNDS), f"{MORE_ROUNDS} more rounds"),
     ]
-    width = max(len(command) for command, _ in lines)
+    # comments line up, except after a command too long to wait for
+    width = max((len(c) for c, _ in lines if len(c) <= ALIGN_COMMENTS_UP_TO), default=0)
     return "next:\n" + "\n".join(f"  {c.ljust(width)}  # {why}" for c, why in lines)
 
 
@@ -203,9 +205,11 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from fedsim import tracking
     from fedsim.report import write_report
 
     out = write_report([Path(r) for r in args.runs], Path(args.out) if args.out else None)
+    tracking.log_report([Path(r) for r in args.runs], out)  # plots to MLflow/W&B, if configured
     print(f"report: {out / 'report.md'}")
     return 0
 

@@ -440,6 +440,47 @@ class SystemConfig:
 
 
 @dataclass
+class MlflowConfig:
+    """An MLflow tracking server or store (`pip install fedsim[mlflow]`); off while uri is empty."""
+
+    uri: str = ""
+    """Tracking URI, e.g. http://127.0.0.1:5000, sqlite:///mlflow.db or file:///path/mlruns;
+    empty: off. No credentials in it: MLflow reads them from MLFLOW_TRACKING_USERNAME /
+    MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN."""
+    experiment: str = "fedsim"
+    """MLflow experiment the run is filed under (created when missing)."""
+    run_name: str = ""
+    """Name of the MLflow run; empty: run.name."""
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases (`pip install fedsim[wandb]`); off while project is empty."""
+
+    project: str = ""
+    """W&B project; empty: off."""
+    entity: str = ""
+    """W&B user or team; empty: the default entity of the logged-in account."""
+    name: str = ""
+    """Display name of the W&B run; empty: run.name."""
+    mode: WandbMode = "offline"
+    """offline writes the run under `dir` only, to upload later with `wandb sync`; online sends
+    it as it goes (the key comes from `wandb login` or WANDB_API_KEY, never from the config)."""
+    dir: str = ""
+    """Folder W&B writes its wandb/ folder into; empty: the run directory."""
+
+
+@dataclass
+class TrackingConfig:
+    """Experiment tracking: the config, per-round training metrics, evaluation results and the
+    report's plots also go to MLflow and/or W&B. Leaves training untouched (not part of the
+    training hash), so it may be turned on for `--resume`."""
+
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
 class ExperimentConfig:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -449,6 +490,7 @@ class ExperimentConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     system: SystemConfig = field(default_factory=SystemConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -463,12 +505,12 @@ class ExperimentConfig:
     def training_hash(self) -> str:
         """sha256 of every setting that changes what training produces.
 
-        Left out: the number of rounds (a resumed run may be extended), placement (`cluster`) and
-        evaluation settings, none of which change a round's adapter.
+        Left out: the number of rounds (a resumed run may be extended), placement (`cluster`),
+        evaluation and tracking settings, none of which change a round's adapter.
         """
         tree = self.to_dict()
         tree["run"] = {k: v for k, v in tree["run"].items() if k != "rounds"}
-        for section in ("cluster", "eval"):
+        for section in ("cluster", "eval", "tracking"):
             tree.pop(section)
         if not self.system.enabled:  # off changes nothing (and keeps older runs' hashes)
             tree.pop("system")
@@ -1000,6 +1042,7 @@ def validate(cfg: ExperimentConfig) -> list[str]:
     if not 0 <= y.dropout <= 1:
         p.append(f"system.dropout: must be in [0, 1], got {y.dropout}")
     _validate_min_updates(p, cfg)
+    _validate_tracking(p, cfg.tracking)
     _upper_limits(p, cfg)
     return p
 
@@ -1266,3 +1309,35 @@ def clients_per_round(cfg: ExperimentConfig) -> int:
         return cfg.server.clients_per_round
     assert cfg.server.fraction is not None
     return max(1, round(cfg.server.fraction * cfg.data.num_clients))
+
+
+_URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+_WANDB_PROJECT = re.compile(r"^[^/\\#?%:\s]{1,128}$")
+
+
+def _validate_tracking(p: list[str], t: TrackingConfig) -> None:
+    m = t.mlflow
+    if m.uri:
+        scheme = m.uri.split(":", 1)[0].lower() if _URI_SCHEME.match(m.uri) else ""
+        if scheme in ("http", "https") and "@" in m.uri.split("//", 1)[-1].split("/", 1)[0]:
+            # user:password@host would be copied into config.yaml and every log line naming it
+            p.append(
+                "tracking.mlflow.uri: no credentials in the URI; set MLFLOW_TRACKING_USERNAME "
+                "and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) instead"
+            )
+        elif scheme in ("http", "https") and not m.uri.split("//", 1)[-1].strip("/"):
+            p.append(
+                f"tracking.mlflow.uri: expected a host, e.g. http://127.0.0.1:5000, got {m.uri!r}"
+            )
+        elif any(ch.isspace() for ch in m.uri):
+            p.append("tracking.mlflow.uri: expected a URI without spaces")
+        if not m.experiment.strip():
+            p.append("tracking.mlflow.experiment: expected an experiment name, e.g. fedsim")
+    w = t.wandb
+    if w.project and not _WANDB_PROJECT.match(w.project):
+        p.append(
+            "tracking.wandb.project: expected at most 128 characters without spaces or "
+            f"/ \\ # ? % :, got {w.project!r}"
+        )
+    if w.entity and not _WANDB_PROJECT.match(w.entity):
+        p.append(f"tracking.wandb.entity: expected a user or team name, got {w.entity!r}")

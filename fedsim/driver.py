@@ -58,7 +58,7 @@ from fedsim.server.selection import (
     select_round,
 )
 from fedsim.server.system_model import RoundPlan, SystemModel
-from fedsim.tb import train_log
+from fedsim.tracking import train_tracker
 
 MAX_ROUND_ATTEMPTS = 3
 """How often a round is redone after its aggregator died before the run gives up."""
@@ -144,7 +144,7 @@ def run_experiment(
         ray_session(cfg.cluster),
         worker_pool(cfg, spec, per_round, options, log) as pool,
         shard_builder(prep, shards_dir, log) as shards,
-        train_log(prep.run_dir) as scalars,  # TensorBoard, if installed
+        train_tracker(prep.run_dir, cfg) as scalars,  # TensorBoard, MLflow, W&B
     ):
         commits = Commits(prep.run_dir, result, scalars)
         rounds = _round_runner(prep, spec, pool, shards, commits, log, show_progress)
@@ -278,8 +278,7 @@ class Commits:
                 "checkpoint_wait_seconds": done["checkpoint_wait_seconds"],
             }
         checkpoint.append_metrics(self.run_dir, record)
-        self.scalars.add_all("train", _scalars(record), record["round"])
-        self.scalars.flush()
+        self.scalars.log_round(record)
         self.result.metrics.append(record)
         self.result.last_round = record["round"]
 

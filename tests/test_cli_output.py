@@ -149,16 +149,16 @@ def test_verbose_lets_the_libraries_logs_through(tmp_path):
 # --- help ------------------------------------------------------------------------------------
 
 
-def help_text(*argv: str) -> str:
+def help_text(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    """What `fedsim ARGV... --help` prints (it exits 0)."""
     with pytest.raises(SystemExit) as exit_:
         build_parser().parse_args([*argv, "--help"])
     assert exit_.value.code == 0
-    return ""  # parse_args printed it; the callers read it from capsys
+    return capsys.readouterr().out
 
 
 def test_top_level_help_speaks_to_users_and_shows_where_to_start(capsys):
-    help_text()
-    text = capsys.readouterr().out
+    text = help_text(capsys)
     assert "dispatch table" not in text and "plain function" not in text
     assert "fedsim run experiments/quickstart.yaml" in text
     for name in COMMANDS:
@@ -167,8 +167,7 @@ def test_top_level_help_speaks_to_users_and_shows_where_to_start(capsys):
 
 @pytest.mark.parametrize("name", list(COMMANDS))
 def test_each_command_help_has_an_example_that_parses(capsys, name):
-    help_text(name)
-    text = capsys.readouterr().out
+    text = help_text(capsys, name)
     assert "--verbose" in text
     examples = text.split("example:\n" if "example:\n" in text else "examples:\n", 1)[1]
     commands = [shlex.split(line) for line in examples.splitlines() if line.strip()]

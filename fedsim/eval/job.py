@@ -46,7 +46,7 @@ from fedsim.eval import judge as judging
 from fedsim.eval.generation import Answer, AnswerModel
 from fedsim.eval.metrics import exact_match, perplexity, rouge_l, summarize
 from fedsim.eval.questions import Question, QuestionSet, load_question_sets
-from fedsim.tb import eval_log
+from fedsim.tracking import eval_tracker
 
 Log = Callable[[str], None]
 TensorDict = dict[str, Any]
@@ -286,7 +286,7 @@ class Evaluator:
         quiet_libraries()
         torch.set_num_threads(e.num_threads)
         self.models = ModelPool()
-        self.scalars = eval_log(run.run_dir)
+        self.scalars = eval_tracker(run.run_dir, self.cfg)
 
     def close(self) -> None:
         self.scalars.close()
