@@ -54,3 +54,14 @@ def test_centralized_federated_and_local_runs() -> None:
     assert cfgs["local_c3"].server.client_ids == [3]
     assert total[f"local_c3_x{per_round}"] == total["federated"]
     assert raw["data"]["partition"] == {"kind": "dirichlet", "alpha": 0.1, "min_size": 20}
+
+
+def test_centralized_run_with_a_larger_budget() -> None:
+    raw = yaml.safe_load((ROOT / "experiments/fedit_vs_local.yaml").read_text())
+    per_round = clients_per_round(config_from_dict(raw))
+
+    (description, central), _ = _script().variants(raw, [], (1,), per_round, 1.5)
+
+    assert central["run"]["name"] == "centralized_x1.5"
+    assert central["client"]["local_steps"] == round(raw["client"]["local_steps"] * per_round * 1.5)
+    assert "1.5x the steps" in description
