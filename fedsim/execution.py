@@ -14,6 +14,8 @@ import dataclasses
 import logging
 import math
 import os
+import re
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -204,20 +206,63 @@ def cluster_address(cluster: ClusterConfig) -> str | None:
     return cluster.address or os.environ.get("RAY_ADDRESS") or None
 
 
-def ray_init_options() -> dict[str, Any]:
-    """ray.init's options for the driver's verbosity (fedsim.console).
+RAY_WARNINGS: tuple[tuple[re.Pattern[str], Callable[[re.Match[str]], str]], ...] = (
+    (
+        re.compile(
+            r"object store is using (\S+) instead of /dev/shm because /dev/shm has only "
+            r"(\d+) bytes available.*--shm-size=([\d.]+)gb",
+            re.S,
+        ),
+        lambda m: (
+            f"fedsim: warning: Ray keeps its object store in {m[1]}, on disk, because /dev/shm "
+            f"has only {int(m[2]) / 2**20:.0f} MB free: adapters and shards move between "
+            f"processes more slowly; in Docker, start the container with --shm-size={m[3]}gb"
+        ),
+    ),
+)
+"""Ray warnings a user can act on, each with what fedsim says instead (see `_RayWarnings`)."""
 
-    Quiet (the default): the driver's "ray" logger shows errors only (not the "Started a local
-    Ray instance" banner or Ray's notes for its developers), and what the workers print stays in
-    Ray's log files (`log_to_driver`): a client's failure reaches the user as fedsim's own line,
-    with its traceback, from its outcome. Ray's error channel (e.g. a worker killed for memory)
-    still prints. Verbose: Ray's defaults, and the workers' output with their pid."""
+
+class _RayWarnings(logging.Filter):
+    """On the driver's "ray" log handlers when quiet: errors pass; a warning in `RAY_WARNINGS`
+    is said in fedsim's words instead; anything else below an error (Ray's start-up banner, its
+    notes for developers) is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR:
+            return True
+        message = record.getMessage()
+        for pattern, in_our_words in RAY_WARNINGS:
+            if match := pattern.search(message):
+                print(in_our_words(match), file=sys.stderr, flush=True)
+        return False
+
+
+def quiet_ray_logger(quiet: bool) -> None:
+    """Install (or remove) `_RayWarnings` on the handlers of the driver's "ray" logger."""
+    for handler in logging.getLogger("ray").handlers:
+        for old in [f for f in handler.filters if isinstance(f, _RayWarnings)]:
+            handler.removeFilter(old)
+        if quiet:
+            handler.addFilter(_RayWarnings())
+
+
+def ray_init_options() -> dict[str, Any]:
+    """ray.init's options for the driver's verbosity (fedsim.console), with the driver's "ray"
+    logger set up to match.
+
+    Quiet (the default): Ray's log lines below errors are dropped, except the warnings a user can
+    act on, which fedsim rewrites (`RAY_WARNINGS`); what the workers print stays in Ray's log
+    files (`log_to_driver`): a client's failure reaches the user as fedsim's own line, with its
+    traceback, from its outcome. Verbose: Ray's defaults, and the workers' output with their
+    pid."""
+    quiet_ray_logger(not console.verbose())
     if console.verbose():
         return {"runtime_env": {"env_vars": VERBOSE_WORKER_ENV}, "log_to_driver": True}
     return {
         "runtime_env": {"env_vars": WORKER_ENV},
         "log_to_driver": False,
-        "logging_level": logging.ERROR,
+        "logging_level": logging.WARNING,  # for `_RayWarnings`, which drops what it does not say
     }
 
 

@@ -9,6 +9,7 @@ line of fedsim's that nobody looked at) fails the test until it is silenced or a
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shlex
@@ -174,3 +175,36 @@ def test_each_command_help_has_an_example_that_parses(capsys, name):
     assert commands and all(words[:2] == ["fedsim", name] for words in commands), examples
     for words in commands:  # each example is a valid command line for this command
         assert build_parser().parse_args(words[1:]).command == name
+
+
+# --- Ray's warnings in fedsim's words ---------------------------------------------------------
+
+
+def test_a_ray_warning_the_user_can_act_on_is_said_in_fedsim_words(monkeypatch, capsys, tmp_path):
+    """Ray's real /dev/shm warning (its own code, on a machine whose /dev/shm is made to look
+    small): quiet, fedsim's line replaces it and Ray's other lines below errors are dropped;
+    verbose, Ray's own line is printed."""
+    import ray._private.services as services
+    import ray._private.utils
+
+    from fedsim.execution import quiet_ray_logger
+
+    monkeypatch.setattr(ray._private.utils, "get_shared_memory_bytes", lambda: 64 * 2**20)
+    ray_logger = logging.getLogger("ray")
+    monkeypatch.setattr(ray_logger, "level", logging.INFO)  # as ray.init leaves it, verbose
+    try:
+        quiet_ray_logger(True)
+        services.determine_plasma_store_config(2 * 10**9, str(tmp_path))
+        ray_logger.info("Started a local Ray instance.")
+        quiet = capsys.readouterr().err.splitlines()
+        quiet_ray_logger(False)
+        services.determine_plasma_store_config(2 * 10**9, str(tmp_path))
+        verbose = capsys.readouterr().err
+    finally:
+        quiet_ray_logger(False)
+    assert quiet == [
+        f"fedsim: warning: Ray keeps its object store in {tmp_path}, on disk, because "
+        "/dev/shm has only 64 MB free: adapters and shards move between processes more slowly; "
+        "in Docker, start the container with --shm-size=2.05gb"
+    ]
+    assert "instead of /dev/shm because /dev/shm has only 67108864 bytes available" in verbose
