@@ -10,17 +10,19 @@ export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/fedsim/torch_extensions
 
 .PHONY: install quickstart test test-all quality format docs clean
 
+# The install and the quickstart say what they do in one line each rather than echoing commands.
 $(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[dev]"
-	touch $@
+	@echo "fedsim: installing into $(VENV) with pinned dependencies (a few minutes, once)"
+	@$(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
+	@$(PY) -m pip install --quiet torch==2.13.0
+	@$(PY) -m pip install --quiet -e ".[dev]"
+	@touch $@
 
 install: $(VENV)/.installed
 
 quickstart: install
-	$(VENV)/bin/fedsim run experiments/quickstart.yaml --overwrite
+	@$(VENV)/bin/fedsim run experiments/quickstart.yaml --overwrite
 
 test: install
 	$(PY) -m pytest -q
