@@ -2,7 +2,8 @@
 
 `pip install fedsim[tensorboard]` and every round's training metrics (the driver) and every
 evaluation result (`fedsim eval`) also stream to `RUN_DIR/tensorboard/{train,eval}`, so
-`tensorboard --logdir runs/` shows them. Without the extra, `ScalarLog` does nothing.
+`tensorboard --logdir runs/` shows them. Without the extra, `ScalarLog` does nothing. This is the
+writer; `fedsim.tracking.TensorBoardTracker` feeds it, beside the MLflow and W&B trackers.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ TENSORBOARD_DIR = "tensorboard"
 
 
 def tensorboard_available() -> bool:
+    """Whether torch's SummaryWriter can be imported (it needs the tensorboard package)."""
     try:
         from torch.utils.tensorboard import SummaryWriter  # noqa: F401
     except ImportError:
@@ -32,6 +34,7 @@ class ScalarLog:
         self.enabled = tensorboard_available()
 
     def add(self, tag: str, value: float | int | None, step: int) -> None:
+        """One scalar; None and bools are skipped."""
         if not self.enabled or value is None or isinstance(value, bool):
             return
         if self._writer is None:
@@ -60,11 +63,3 @@ class ScalarLog:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def train_log(run_dir: Path) -> ScalarLog:
-    return ScalarLog(run_dir / TENSORBOARD_DIR / "train")
-
-
-def eval_log(run_dir: Path) -> ScalarLog:
-    return ScalarLog(run_dir / TENSORBOARD_DIR / "eval")
