@@ -228,7 +228,7 @@ def _set_argument(p: argparse.ArgumentParser, example: str) -> None:
 
 
 def _config_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="experiment YAML file (see experiments/)")
+    p.add_argument("config", metavar="CONFIG", help="experiment YAML file (see experiments/)")
     _set_argument(p, "client.lr=1e-4")
 
 
@@ -244,7 +244,7 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _eval_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir", help="run directory (runs/<name>)")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="run directory (runs/<name>)")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--rounds", help="rounds to score, e.g. 3,5 or 2-4 (default: the latest)")
     which.add_argument("--all", action="store_true", help="score every round")
@@ -264,7 +264,7 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _generate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir", help="run directory (runs/<name>)")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="run directory (runs/<name>)")
     p.add_argument(
         "--round", type=int, help="round whose adapter answers (default: the latest; 0: the base)"
     )
@@ -284,7 +284,9 @@ def _runs_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _report_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("runs", nargs="+", help="run directories; several are compared")
+    p.add_argument(
+        "runs", nargs="+", metavar="RUN_DIR", help="run directories; several are compared"
+    )
     p.add_argument(
         "--out", help="output folder (default: RUN_DIR/report, or ./report for several runs)"
     )

@@ -475,7 +475,7 @@ def test_resume_of_a_run_under_older_random_streams_is_refused(capsys, tmp_path,
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
-        (["validate"], "fedsim validate: the following arguments are required: config"),
+        (["validate"], "fedsim validate: the following arguments are required: CONFIG"),
         (["run", "x.yaml", "--bogus"], "fedsim: unrecognized arguments: --bogus"),
         (["run", "x.yaml", "--set"], "fedsim run: argument --set: expected one argument"),
         (["nonsense"], "fedsim: argument COMMAND: invalid choice: 'nonsense'"),
