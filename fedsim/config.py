@@ -48,6 +48,7 @@ StrategyName = Literal[
     "ffa_lora",
     "fedsa_lora",
     "flexlora",
+    "flora",
 ]
 SelectionKind = Literal["uniform", "round_robin", "all", "availability"]
 Weighting = Literal["samples", "uniform"]
@@ -287,7 +288,7 @@ class ServerConfig:
     """Weights of the average: samples (n_i / sum n, as FedIT) or uniform (1 / k)."""
     lr: float | None = None
     """Server learning rate (eta); null: 1.0 for fedavg, fedprox, fedavgm, scaffold, ffa_lora
-    and fedsa_lora, 0.01 for fedadagrad, fedyogi and fedadam; flexlora has none."""
+    and fedsa_lora, 0.01 for fedadagrad, fedyogi and fedadam; flexlora and flora have none."""
     momentum: float = 0.9
     """fedavgm: server momentum (beta)."""
     beta1: float = 0.9
@@ -1184,14 +1185,21 @@ def _validate_algorithms(p: list[str], cfg: ExperimentConfig) -> None:
             p.append("server.strategy: scaffold's control variates are not covered by server.dp")
         if s.strategy == "fedsa_lora":
             p.append("server.strategy: fedsa_lora's client-kept B factors are not covered by DP")
-    if s.strategy == "flexlora":
+    if s.strategy in ("flexlora", "flora"):
+        name = s.strategy
         if s.lr not in (None, 1.0):
-            p.append("server.lr: flexlora replaces the adapter by the SVD of the mean product")
+            p.append(f"server.lr: {name} replaces the adapter (no server learning rate)")
         if r.rule != "mean" or r.clip_norm is not None:
-            p.append("server.robust: flexlora averages the clients' products; leave the defaults")
+            p.append(f"server.robust: {name} combines the clients' products; leave the defaults")
         if d.enabled:
+            p.append(f"server.strategy: {name}'s product of client factors is not covered by DP")
+    if s.strategy == "flora":
+        if cfg.model.quantization is not None:
+            p.append("model.quantization: flora merges updates into the base weights; set null")
+        if cfg.eval.probe_per_category:
             p.append(
-                "server.strategy: flexlora's SVD of the clients' products is not covered by DP"
+                "eval.probe_per_category: the probe runs on a worker before the round's merge "
+                "reaches it; set 0 with flora and use fedsim eval"
             )
     if s.strategy == "fedsa_lora" and c.compression.kind != "none":
         p.append(

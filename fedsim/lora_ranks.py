@@ -57,3 +57,16 @@ def rank_mask(key: str, shape: torch.Size, rank: int) -> torch.Tensor | None:
     mask = torch.zeros(shape)
     mask.narrow(axis, 0, rank).fill_(1.0)
     return mask
+
+
+BASE_DELTA_PREFIX = "base_delta/"
+"""FLoRA: keys `base_delta/<base weight name>` (in server_state.safetensors, and in an adapter as
+`fedsim eval` loads a round) hold the delta merged into that base weight."""
+
+
+def base_weight_name(adapter_key: str) -> str:
+    """The base model's name of the weight a LoRA tensor adapts: PEFT's saved key
+    `base_model.model.<module>.lora_A.weight` -> `<module>.weight` (a name of the base model
+    alone, as `AutoModelForCausalLM.from_pretrained` has it)."""
+    module = adapter_key.split(".lora_A.")[0].split(".lora_B.")[0]
+    return module.removeprefix("base_model.model.") + ".weight"

@@ -594,6 +594,35 @@ def set_adapter(model: PeftModel, adapter: dict[str, torch.Tensor]) -> None:
         raise ValueError(_key_mismatch_message(missing, unexpected))
 
 
+class MergedBase:
+    """FLoRA: the base weights of a PEFT model plus a merged delta, W = W0 + delta, computed as
+    (W0 in float64 + delta) cast to W0's dtype, from the weights as loaded (kept aside the first
+    time each one changes), so the result depends on the delta alone, never on earlier ones."""
+
+    def __init__(self) -> None:
+        self.originals: dict[str, torch.Tensor] = {}
+        self.version: object = None
+
+    def apply(self, model: PeftModel, delta: dict[str, torch.Tensor] | None) -> None:
+        """Make the base weights W0 + `delta` (keys: base weight names); None: W0 again."""
+        delta = delta or {}
+        base = model.get_base_model()
+        for name in sorted(set(delta) | set(self.originals)):
+            module_name, _, leaf = name.rpartition(".")
+            module = base.get_submodule(module_name)
+            layer = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+            param = getattr(layer, leaf)
+            if name not in self.originals:
+                self.originals[name] = param.detach().clone()
+            w0 = self.originals[name]
+            with torch.no_grad():
+                if name in delta:
+                    merged = w0.double() + delta[name].to(w0.device, torch.float64)
+                    param.copy_(merged.to(w0.dtype))
+                else:
+                    param.copy_(w0)
+
+
 def _key_mismatch_message(missing: set[str], unexpected: set[str]) -> str:
     def show(keys: set[str]) -> str:
         listed = sorted(keys)

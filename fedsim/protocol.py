@@ -47,6 +47,11 @@ class ClientContext:
     start: TensorDict | None = None
     """FedSA-LoRA: tensors that replace the global adapter's as local training starts (the
     client's own `lora_B`, kept between its rounds), at the global adapter's shapes."""
+    base_delta: Any = None
+    """FLoRA: the delta merged into the base weights so far ({base weight name: float64}), or an
+    ObjectRef of it (put once per round by the aggregator); None: the base as loaded."""
+    base_version: int = 0
+    """FLoRA: the last round merged into `base_delta` (0: none), so a worker merges it once."""
 
     @property
     def is_plain(self) -> bool:
@@ -57,6 +62,7 @@ class ClientContext:
             and self.lora_rank is None
             and not self.freeze_lora_a
             and self.start is None
+            and self.base_delta is None
         )
 
     def nbytes(self) -> int:

@@ -43,6 +43,8 @@ class Stream(enum.IntEnum):
     """(round): the Gaussian noise added to a round's aggregate (`server.dp`)."""
     LORA_INIT = 10
     """(): the initial global adapter (LoRA A; B starts at zero)."""
+    LORA_REINIT = 11
+    """(round): FLoRA's fresh LoRA A after round r's factors were merged into the base."""
 
 
 ARITY = {
@@ -56,6 +58,7 @@ ARITY = {
     Stream.TRAINING: 2,
     Stream.DP_NOISE: 1,
     Stream.LORA_INIT: 0,
+    Stream.LORA_REINIT: 1,
 }
 """How many indices follow the seed in each stream."""
 

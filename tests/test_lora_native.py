@@ -1,11 +1,13 @@
-"""FFA-LoRA, FedSA-LoRA and FlexLoRA end to end on a real local Ray instance with the tiny model:
-what each keeps fixed or per client, FedSA-LoRA's bitwise resume after a SIGKILL of the driver
-(its client-kept B factors commit with their round, like SCAFFOLD's variates), and FlexLoRA's
-resume with clients of mixed ranks.
+"""FFA-LoRA, FedSA-LoRA, FlexLoRA and FLoRA end to end on a real local Ray instance with the tiny
+model: what each keeps fixed or per client; FedSA-LoRA's and FLoRA's bitwise resume after a
+SIGKILL of the driver (client-kept B factors commit with their round, like SCAFFOLD's variates;
+FLoRA's merged base delta is server state); FLoRA's rounds as `fedsim eval` and PEFT load them;
+FlexLoRA's resume with clients of mixed ranks.
 
 The closed forms are unit-tested in tests/server/test_lora_native.py; both backends train them
 alike, bit for bit, in tests/client/test_backends.py."""
 
+import itertools
 import json
 import os
 import shutil
@@ -88,6 +90,7 @@ def test_fedsa_lora_keeps_each_clients_b_and_averages_the_round(fedsa_reference)
     assert any(not torch.equal(a2[k], a3[k]) for k in a2 if "lora_A" in k)
 
 
+@pytest.mark.slow  # ~60-110 s; its client-state store is SCAFFOLD's, SIGKILL-tested by default
 def test_fedsa_lora_driver_killed_mid_round_then_resumed_byte_identical(
     fedsa_reference, experiment_file, tmp_path
 ):
@@ -158,3 +161,88 @@ def test_flexlora_adapters_are_truncated_svds_and_resume_bitwise(flexlora_runs):
             torch.testing.assert_close(gram_a.diagonal(), gram_b.diagonal(), rtol=1e-4, atol=0)
             sv = gram_a.diagonal()
             assert bool((sv[:-1] >= sv[1:] * (1 - 1e-5)).all())
+
+
+FLORA = {"run": {"rounds": 3}, "server": {"strategy": "flora"}}
+
+
+@pytest.fixture(scope="module")
+def flora_reference(ray_local, tmp_path_factory) -> RunResult:
+    return _uninterrupted(tmp_path_factory.mktemp("flora"), **FLORA)
+
+
+def _server_state(run_dir: Path, r: int) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / f"rounds/round_{r:04d}/server_state.safetensors"))
+
+
+def test_flora_rounds_merge_into_the_base_and_start_from_fresh_factors(flora_reference):
+    run_dir = flora_reference.run_dir
+    merged = [_server_state(run_dir, r) for r in (1, 2, 3)]
+    # one float64 delta per adapted base weight: 2 layers x (q_proj, v_proj)
+    assert sorted(merged[0]) == sorted(
+        f"base_delta/model.layers.{i}.self_attn.{m}_proj.weight" for i in (0, 1) for m in "qv"
+    )
+    for before, after in itertools.pairwise(merged):  # every round merged more
+        assert all(not torch.equal(before[k], after[k]) for k in before)
+    adapters = [_adapter(run_dir, r) for r in (1, 2, 3)]
+    for adapter in adapters:  # the next round's fresh factors: B zero, A seeded per round
+        assert all(not v.any() for k, v in adapter.items() if "lora_B" in k)
+    a_key = next(k for k in adapters[0] if "lora_A" in k)
+    assert not torch.equal(adapters[0][a_key], adapters[1][a_key])
+
+
+def test_flora_round_loads_in_fedsim_eval_and_outside_it_alike(flora_reference):
+    """`fedsim eval`'s model of round 3 (base + merged delta, fresh adapter) gives the logits of
+    the recipe in docs/lora-native.md: add the delta to the base weights, attach the round's
+    adapter with PEFT."""
+    from peft import PeftModel
+
+    from fedsim.eval.job import ModelPool, load_adapter, open_run
+    from fedsim.model import load_base_model, load_tokenizer
+
+    run_dir = flora_reference.run_dir
+    run = open_run(run_dir)
+    adapter, _ = load_adapter(run, 3)
+    assert sum(k.startswith("base_delta/") for k in adapter) == 4
+    answer_model = ModelPool().get(run.cfg)
+    answer_model.use_adapter(adapter)
+
+    round_dir = run_dir / "rounds/round_0003"
+    base_path = json.loads((round_dir / "adapter_config.json").read_text())[
+        "base_model_name_or_path"
+    ]
+    base = load_base_model(base_path)
+    for key, delta in _server_state(run_dir, 3).items():
+        weight = base.get_parameter(key.removeprefix("base_delta/"))
+        weight.data = (weight.data.double() + delta).to(weight.dtype)
+    outside = PeftModel.from_pretrained(base, str(round_dir)).eval()
+
+    inputs = load_tokenizer(base_path)(["Below is an instruction"], return_tensors="pt")
+    with torch.no_grad():
+        ours = answer_model.model(**inputs.to(answer_model.device)).logits.cpu()
+        theirs = outside(**inputs).logits
+        answer_model.use_adapter(None)  # the base alone: the merge is undone
+        plain = answer_model.model(**inputs.to(answer_model.device)).logits.cpu()
+    assert torch.equal(ours, theirs)
+    assert not torch.allclose(ours, plain)
+
+
+def test_flora_driver_killed_mid_round_then_resumed_byte_identical(
+    flora_reference, experiment_file, tmp_path
+):
+    """SIGKILL of the driver while round 2 trains (workers hold round 1's merged base), then
+    --resume: every round's adapter and merged base delta are byte-identical."""
+    config = experiment_file(**FLORA)
+    run_dir, hold = tmp_path / "runs" / "t", tmp_path / "round2-reached"
+    ray_tmp = tempfile.mkdtemp(prefix="flo", dir="/tmp")
+    proc = _start_cli(config, ray_tmp, hold)
+    _wait_mid_round_two(run_dir, hold, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    for pid in _wait_until_gone(ray_tmp, 10):
+        os.kill(pid, signal.SIGKILL)
+
+    cfg = config_from_dict(yaml.safe_load(config.read_text()))
+    result = run_experiment(cfg, resume=True, log=lambda _: None, show_progress=False)
+    assert (result.first_round, result.last_round) == (2, 3)
+    assert_same_run_files(flora_reference.run_dir, run_dir, [1, 2, 3])

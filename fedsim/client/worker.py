@@ -31,6 +31,7 @@ from fedsim.data.shards import ShardStore
 from fedsim.errors import FedsimInputError
 from fedsim.faults import raise_client_fault
 from fedsim.model import (
+    MergedBase,
     adapter_config_dict,
     attach_lora,
     get_adapter,
@@ -119,6 +120,7 @@ class ClientWorker:
         base, self._model_copy = _load_base(spec)
         self.model = attach_lora(base, spec.lora, seed=seed_of(spec.seed, Stream.LORA_INIT))
         self._initial_adapter = get_adapter(self.model)
+        self._merged = MergedBase()  # FLoRA's delta merged into the base weights
         self._tokenizer: Any = None  # loaded on the first probe only
         self.store = _open_shards(spec)
         self.trainer = TRAINERS[spec.backend](spec.settings)
@@ -188,10 +190,19 @@ class ClientWorker:
         )
         return outcome, upload
 
+    def _merge_base(self, ctx: ClientContext) -> None:
+        """FLoRA: make the base weights W0 + the merged delta of `ctx` (W0 for any other
+        strategy), once per merged round: a worker's clients of one round share it."""
+        version = ctx.base_version if ctx.base_delta is not None else 0
+        if version != (self._merged.version or 0):
+            self._merged.apply(self.model, _resolved(ctx.base_delta))
+            self._merged.version = version
+
     def _train(
         self, task: ClientTask, global_adapter: TensorDict, ctx: ClientContext
     ) -> tuple[int, TrainResult, ClientUpload]:
         raise_injected_fault(task)
+        self._merge_base(ctx)
         # FedSA-LoRA: the client's own B replaces the global one; the upload stays a delta from
         # the global adapter, so the server averages B like any tensor
         start = global_adapter if ctx.start is None else {**global_adapter, **ctx.start}
@@ -213,6 +224,11 @@ class ClientWorker:
             state = scaffold_client_variate(ctx.correction, global_adapter, local, result.lr_sum)
             upload = dataclasses.replace(upload, client_state=state)
         return len(input_ids), result, upload
+
+
+def _resolved(value: Any) -> Any:
+    """An ObjectRef's value (a context's tensors put once per round), or the value itself."""
+    return ray.get(value) if isinstance(value, ray.ObjectRef) else value
 
 
 def pack_directory(path: str | Path) -> dict[str, np.ndarray]:

@@ -23,7 +23,8 @@ from fedsim.data.shards import IGNORE_INDEX, tokenize_records
 from fedsim.data.templates import PromptTemplate
 from fedsim.errors import FedsimInputError
 from fedsim.eval.questions import Question
-from fedsim.model import attach_lora, load_base_model, load_tokenizer, set_adapter
+from fedsim.lora_ranks import BASE_DELTA_PREFIX
+from fedsim.model import MergedBase, attach_lora, load_base_model, load_tokenizer, set_adapter
 
 TensorDict = dict[str, torch.Tensor]
 TURN_SEPARATOR = "\n\n"
@@ -75,15 +76,25 @@ class AnswerModel:
             getattr(base.config, "max_position_embeddings", 0) or self.tokenizer.model_max_length
         )
         self.model = attach_lora(base, lora, seed=0)  # its initial weights are never used
+        self._merged = MergedBase()
         self.model.eval()
         self._adapter_on = True
 
     def use_adapter(self, adapter: TensorDict | None) -> None:
-        """Answer with `adapter` from now on; None answers with the base model alone."""
+        """Answer with `adapter` from now on; None answers with the base model alone. FLoRA's
+        rounds carry `base_delta/<weight>` tensors too: merged into the base weights (any other
+        adapter puts them back as loaded)."""
+        merged = {
+            k.removeprefix(BASE_DELTA_PREFIX): v
+            for k, v in (adapter or {}).items()
+            if k.startswith(BASE_DELTA_PREFIX)
+        }
+        self._merged.apply(self.model, merged or None)
         if adapter is None:
             self._adapter_on = False
             return
-        set_adapter(self.model, {k: v.to(self.device) for k, v in adapter.items()})
+        lora = {k: v for k, v in adapter.items() if not k.startswith(BASE_DELTA_PREFIX)}
+        set_adapter(self.model, {k: v.to(self.device) for k, v in lora.items()})
         self._adapter_on = True
 
     @contextmanager

@@ -46,6 +46,7 @@ from fedsim.eval import judge as judging
 from fedsim.eval.generation import Answer, AnswerModel
 from fedsim.eval.metrics import exact_match, perplexity, rouge_l, summarize
 from fedsim.eval.questions import Question, QuestionSet, load_question_sets
+from fedsim.lora_ranks import BASE_DELTA_PREFIX
 from fedsim.tracking import eval_tracker
 
 Log = Callable[[str], None]
@@ -135,7 +136,9 @@ def load_adapter(run: EvalRun, round_idx: int) -> tuple[TensorDict, str]:
     if problem:
         raise FedsimInputError(f"{path}: damaged: {problem}")
     ckpt = checkpoint.load_round(path)
-    return ckpt.adapter, ckpt.info["files"][checkpoint.ADAPTER_FILE]
+    # FLoRA's rounds also move the base weights: their merged delta travels with the adapter
+    merged = {k: v for k, v in ckpt.server_state.items() if k.startswith(BASE_DELTA_PREFIX)}
+    return {**ckpt.adapter, **merged}, ckpt.info["files"][checkpoint.ADAPTER_FILE]
 
 
 # ------------------------------------------------------------------------------------------

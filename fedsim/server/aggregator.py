@@ -64,7 +64,10 @@ class Aggregator:
     ) -> None:
         self.run_dir = Path(run_dir)
         server = cfg.server
-        self.strategy = make_strategy(server.strategy, server, cfg.data.num_clients)
+        lora = cfg.model.lora
+        self.strategy = make_strategy(
+            server.strategy, server, cfg.data.num_clients, cfg.run.seed, lora.alpha / lora.r
+        )
         self.weighting = server.weighting
         self.robust, self.dp = server.robust, server.dp
         self.seed, self.num_clients = cfg.run.seed, cfg.data.num_clients
@@ -78,6 +81,8 @@ class Aggregator:
         self.adapter_config = adapter_config
         self.provenance = provenance
         self.global_adapter: TensorDict = {}
+        self._base_handle: tuple[int, Any] | None = None
+        """FLoRA: (rounds merged, the merged base delta or its ObjectRef), put once per version."""
         self._sum: WeightedDeltaSum | None = None
         self._buffer: dict[int, TensorDict] = {}
         self._weights: dict[int, int] = {}
@@ -112,7 +117,22 @@ class Aggregator:
         stored state, and its LoRA rank)."""
         state = self.client_states.load(client_id) if self.client_states else None
         context = self.strategy.client_context(self.global_adapter, state)
-        return dataclasses.replace(context, lora_rank=lora_rank)
+        context = dataclasses.replace(context, lora_rank=lora_rank)
+        if self.strategy.merges_into_base:
+            version, delta = self._base_delta_handle()
+            context = dataclasses.replace(context, base_delta=delta, base_version=version)
+        return context
+
+    def _base_delta_handle(self) -> tuple[int, Any]:
+        """FLoRA: (the rounds merged so far, their merged delta), the delta put in the object
+        store once per round so that each client's context carries only its reference."""
+        version = max(0, self._round - 1)
+        if self._base_handle is None or self._base_handle[0] != version:
+            delta = self.strategy.base_delta()
+            if delta is not None and ray.is_initialized():
+                delta = ray.put(delta)
+            self._base_handle = (version, delta)
+        return self._base_handle
 
     def begin_round(self, sample_counts: dict[int, int], round_idx: int = 0) -> None:
         """Prepare for the selected clients; `sample_counts` maps client id to its record count."""
@@ -224,6 +244,7 @@ class Aggregator:
                     self.global_adapter,
                     [self._buffer[c] for c in ids],
                     [self._weights[c] for c in ids],
+                    round_idx,
                 )
         else:
             delta = self._round_delta(notes)

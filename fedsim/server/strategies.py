@@ -14,18 +14,21 @@ Client-side parts (FedProx's proximal term, SCAFFOLD's drift correction) reach t
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING
 
 import torch
 
 from fedsim.errors import FedsimInputError, UpdateRejected
-from fedsim.lora_ranks import pad_adapter
+from fedsim.lora_ranks import base_weight_name, pad_adapter
 from fedsim.protocol import ClientContext, ClientUpload
+from fedsim.seeds import Stream, seed_of
 from fedsim.server.aggregation import WeightedDeltaSum, check_delta
 from fedsim.server.lora_native import (
     ClientFactors,
     flexlora_factors,
+    flora_merged_delta,
     is_lora_a,
     is_lora_b,
     lora_pairs,
@@ -75,12 +78,24 @@ class Strategy(ABC):
     def apply(self, global_adapter: TensorDict, mean_delta: TensorDict) -> TensorDict:
         """Return the new global adapter (same keys, shapes and dtypes as `global_adapter`)."""
 
+    merges_into_base: bool = False
+    """True when the strategy moves the base weights (FLoRA): `base_delta` is then sent to every
+    client and saved with the round."""
+
     def apply_products(
-        self, global_adapter: TensorDict, deltas: list[TensorDict], weights: list[int]
+        self,
+        global_adapter: TensorDict,
+        deltas: list[TensorDict],
+        weights: list[int],
+        round_idx: int = 0,
     ) -> TensorDict:
         """For `aggregates_products` strategies: the new global adapter from each accepted
         client's delta (float64, at the global shapes) and integer weight, in client-id order."""
         raise NotImplementedError(f"{self.name} aggregates the mean delta")
+
+    def base_delta(self) -> TensorDict | None:
+        """For `merges_into_base` strategies: the delta merged into the base weights so far."""
+        return None
 
     def state_dict(self) -> TensorDict:
         """Tensors to checkpoint with the round; empty for stateless strategies."""
@@ -414,7 +429,11 @@ class FlexLoRA(Strategy):
         raise NotImplementedError("flexlora aggregates the clients' products (apply_products)")
 
     def apply_products(
-        self, global_adapter: TensorDict, deltas: list[TensorDict], weights: list[int]
+        self,
+        global_adapter: TensorDict,
+        deltas: list[TensorDict],
+        weights: list[int],
+        round_idx: int = 0,
     ) -> TensorDict:
         total = sum(weights)
         shares = [w / total for w in weights]
@@ -435,6 +454,66 @@ class FlexLoRA(Strategy):
         return {k: new[k] for k in global_adapter}
 
 
+def fresh_lora(global_adapter: TensorDict, seed: int, round_idx: int) -> TensorDict:
+    """FLoRA's fresh factors after round `round_idx`: every A drawn as PEFT initialises it
+    (kaiming-uniform with a = sqrt(5): U(-1/sqrt(in), 1/sqrt(in))) from the stream
+    (seed, LORA_REINIT, round), every B zero, so the adapter adds nothing until trained."""
+    gen = torch.Generator().manual_seed(seed_of(seed, Stream.LORA_REINIT, round_idx))
+    out = {}
+    for key in sorted(global_adapter):
+        g = global_adapter[key]
+        if is_lora_a(key):
+            bound = 1.0 / math.sqrt(g.shape[1])
+            draw = torch.rand(g.shape, generator=gen, dtype=torch.float64)
+            out[key] = ((2.0 * draw - 1.0) * bound).to(g.dtype)
+        else:
+            out[key] = torch.zeros_like(g)
+    return {k: out[k] for k in global_adapter}
+
+
+class FLoRA(_StatefulStrategy):
+    """FLoRA: each round, the clients' factors are stacked along the rank (A's rows scaled by
+    p_i * alpha/r), which stands for sum_i p_i (alpha/r) B_i @ A_i exactly whatever each client's
+    rank; that product is merged into the base weights (`base_delta`, float64 strategy state,
+    saved in every round's server_state.safetensors), and the next round starts from fresh LoRA
+    factors (`fresh_lora`). Lower-rank clients (rank masks) contribute their own components."""
+
+    name = "flora"
+    aggregates_products = True
+    merges_into_base = True
+    slots = ("base_delta",)
+
+    def __init__(self, seed: int = 0, lora_scaling: float = 1.0) -> None:
+        super().__init__()
+        self.seed, self.lora_scaling = seed, lora_scaling
+
+    def apply(self, global_adapter: TensorDict, mean_delta: TensorDict) -> TensorDict:
+        raise NotImplementedError("flora stacks the clients' factors (apply_products)")
+
+    def apply_products(
+        self,
+        global_adapter: TensorDict,
+        deltas: list[TensorDict],
+        weights: list[int],
+        round_idx: int = 0,
+    ) -> TensorDict:
+        total = sum(weights)
+        local = [{k: g.double() + d[k] for k, g in global_adapter.items()} for d in deltas]
+        merged = self.state["base_delta"]
+        for a_key, b_key in lora_pairs(global_adapter).values():
+            clients = [
+                ClientFactors(x[a_key], x[b_key], w / total, self.lora_scaling)
+                for x, w in zip(local, weights, strict=True)
+            ]
+            name = base_weight_name(a_key)
+            step = flora_merged_delta(clients)
+            merged[name] = merged[name] + step if name in merged else step
+        return fresh_lora(global_adapter, self.seed, round_idx)
+
+    def base_delta(self) -> TensorDict | None:
+        return self.state["base_delta"] or None
+
+
 # ---------------------------------------------------------------------------------------------
 # Registry
 # ---------------------------------------------------------------------------------------------
@@ -452,6 +531,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
         FFALoRA,
         FedSALoRA,
         FlexLoRA,
+        FLoRA,
     )
 }
 ADAPTIVE = ("fedadagrad", "fedyogi", "fedadam")
@@ -462,8 +542,15 @@ def default_server_lr(name: str) -> float:
     return 0.01 if name in ADAPTIVE else 1.0
 
 
-def make_strategy(name: str, server: ServerConfig | None = None, num_clients: int = 1) -> Strategy:
-    """Instantiate the strategy named in `server.strategy` with its parameters from `server`."""
+def make_strategy(
+    name: str,
+    server: ServerConfig | None = None,
+    num_clients: int = 1,
+    seed: int = 0,
+    lora_scaling: float = 1.0,
+) -> Strategy:
+    """Instantiate the strategy named in `server.strategy` with its parameters from `server`
+    (FLoRA also needs the run's seed and the LoRA scaling alpha/r)."""
     if name not in STRATEGIES:
         available = ", ".join(sorted(STRATEGIES))
         raise FedsimInputError(f"server.strategy: unknown {name!r}; available: {available}")
@@ -476,6 +563,8 @@ def make_strategy(name: str, server: ServerConfig | None = None, num_clients: in
         return STRATEGIES[name](lr)  # type: ignore[call-arg]
     if name == "flexlora":
         return FlexLoRA()
+    if name == "flora":
+        return FLoRA(seed, lora_scaling)
     if name == "fedprox":
         return FedProx(lr, server.prox_mu)
     if name == "fedavgm":

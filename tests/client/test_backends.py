@@ -20,6 +20,7 @@ import torch
 from fedsim.client.trainer import IGNORE_INDEX, batch_order
 from fedsim.client.worker import ClientWorker
 from fedsim.config import CompressionConfig
+from fedsim.lora_ranks import base_weight_name
 from fedsim.protocol import ClientContext, ClientTask, ClientUpload
 from tests.client.conftest import BACKENDS
 from tests.conftest import same_bits
@@ -36,6 +37,17 @@ def _own_b(start: dict) -> dict:
     return {k: 0.1 * torch.randn(v.shape, generator=gen) for k, v in start.items() if "lora_B" in k}
 
 
+def _base_delta(start: dict) -> dict:
+    """FLoRA: a delta merged into every adapted base weight."""
+    gen = torch.Generator().manual_seed(3)
+    out = {}
+    for key, a in start.items():
+        if "lora_A" in key:
+            shape = (start[key.replace("lora_A", "lora_B")].shape[0], a.shape[1])
+            out[base_weight_name(key)] = 0.05 * torch.randn(shape, generator=gen).double()
+    return out
+
+
 # name -> (the context from the starting adapter, client.compression, bitwise across backends)
 ALGORITHMS = {
     "plain": (lambda start: None, "none", True),
@@ -45,6 +57,11 @@ ALGORITHMS = {
     "topk-upload": (lambda start: None, "topk", True),
     "ffa-lora": (lambda start: ClientContext(freeze_lora_a=True), "none", True),
     "fedsa-lora-own-b": (lambda start: ClientContext(start=_own_b(start)), "none", True),
+    "flora-merged-base": (
+        lambda start: ClientContext(base_delta=_base_delta(start), base_version=1),
+        "none",
+        True,
+    ),
     "fedprox": (lambda start: ClientContext(prox_mu=0.5), "none", False),
     "all-at-once": (
         lambda start: ClientContext(prox_mu=0.5, correction=_correction(start), lora_rank=2),
@@ -117,6 +134,9 @@ def test_every_client_algorithm_gives_the_same_update_on_every_backend(workers, 
             assert outcome.losses == pytest.approx(reference.losses, rel=rel), name
             for key in got:
                 torch.testing.assert_close(got[key], expected[key], rtol=10 * rel, atol=atol)
+    if context is not None and context.base_delta is not None:
+        for worker in by_backend.values():  # a plain turn puts the base back as loaded, for
+            _train(worker, start, None)  # the tests below that call a worker's trainer directly
     if algorithm != "plain":  # the algorithm did change the upload
         _, plain = _train(workers("none", clip)["torch"], start, None)
         plain_tensors = _tensors(plain)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from fedsim.client.context import frozen_lora_a, held, scaffold_client_variate, zero_gradients_of
-from fedsim.model import adapter_parameters, get_adapter
+from fedsim.lora_ranks import base_weight_name
+from fedsim.model import MergedBase, adapter_parameters, get_adapter
 from fedsim.protocol import ClientContext
 from tests.client.conftest import settings
 from tests.conftest import same_bits
@@ -123,3 +124,21 @@ def test_frozen_a_survives_adamw_weight_decay_and_adds_nothing_to_the_gradient()
     assert torch.equal(params["m.lora_A.weight"].detach(), torch.tensor([[1.0, -2.0]]))
     for hook in hooks:
         hook.remove()
+
+
+def test_merged_base_is_w0_plus_delta_and_back_bitwise(model):
+    """FLoRA's merge into the base weights: W0 + delta (float64 sum, cast), then W0 again."""
+    peft_model = model.model
+    key = next(k for k in get_adapter(peft_model) if "lora_A" in k)
+    name = base_weight_name(key)
+    module = peft_model.get_base_model().get_submodule(name.rpartition(".")[0])
+    weight = module.get_base_layer().weight
+    w0 = weight.detach().clone()
+    delta = {name: torch.full(w0.shape, 0.25, dtype=torch.float64)}
+    merged = MergedBase()
+    merged.apply(peft_model, delta)
+    assert torch.equal(weight.detach(), (w0.double() + 0.25).float())
+    merged.apply(peft_model, delta)  # again: from W0, not on top of the first merge
+    assert torch.equal(weight.detach(), (w0.double() + 0.25).float())
+    merged.apply(peft_model, None)
+    assert same_bits(weight.detach(), w0)

@@ -12,6 +12,7 @@ bit for bit; on random factors the sums run in another order and agree to 1e-12 
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from fedsim.config import DPConfig, ExperimentConfig, ServerConfig, config_from_dict
 from fedsim.errors import ConfigError
@@ -300,3 +301,68 @@ def test_flexlora_config_constraints_name_the_field(tmp_path):
         raw["server"]["strategy"] = "flexlora"
         with pytest.raises(ConfigError, match=field):
             config_from_dict(raw)
+
+
+# --- FLoRA through the aggregator: stacking merged into the base, fresh factors --------------
+
+FA, FB = "base_model.model.m.lora_A.weight", "base_model.model.m.lora_B.weight"
+
+
+def _flora(tmp_path) -> Aggregator:
+    """Default LoRA config: r 8, alpha 16, so every client's scaling s is 2."""
+    cfg = ExperimentConfig(server=ServerConfig(strategy="flora", clients_per_round=2))
+    agg = Aggregator(str(tmp_path), cfg, {}, {})
+    agg.set_global({FA: torch.eye(2), FB: torch.zeros(2, 2)})
+    return agg
+
+
+def test_flora_merges_the_stacked_product_into_the_base_and_starts_fresh(tmp_path):
+    """Round 1: client 0 (1 sample, rank 2) A = I, B = [[2,0],[0,0]]; client 1 (3 samples,
+    rank 1) A = [[1,1]], B = [[0],[4]]. Merged: s * (0.25*[[2,0],[0,0]] + 0.75*[[0,0],[4,4]])
+    = 2 * [[0.5,0],[3,3]] = [[1,0],[6,6]], exactly. Round 2: client 0 alone, A = I,
+    B = 0.5 I: + 2 * 0.5 I = [[2,0],[6,7]]."""
+    agg = _flora(tmp_path)
+    assert agg.client_context(0).base_delta is None  # nothing merged before round 1
+    agg.begin_round({0: 1, 1: 3}, 1)
+    agg.fold(0, ClientUpload({FA: torch.eye(2), FB: torch.tensor([[2.0, 0.0], [0.0, 0.0]])}))
+    low = {FA: torch.tensor([[1.0, 1.0]]), FB: torch.tensor([[0.0], [4.0]])}
+    agg.fold(1, ClientUpload(low, rank=1))
+    _, fresh = agg.finish_round(1, {})
+    agg.flush()  # the checkpoint is written in the background
+    expected = torch.tensor([[1.0, 0.0], [6.0, 6.0]], dtype=torch.float64)
+    state = load_file(str(tmp_path / "rounds/round_0001/server_state.safetensors"))
+    assert list(state) == ["base_delta/m.weight"]
+    assert torch.equal(state["base_delta/m.weight"], expected)
+    # fresh factors: B zero (the adapter adds nothing yet), A drawn within PEFT's bound
+    assert torch.equal(fresh[FB], torch.zeros(2, 2)) and fresh[FA].dtype == torch.float32
+    assert 0 < float(fresh[FA].abs().max()) <= 2**-0.5
+    again = _flora(tmp_path / "again")
+    again.begin_round({0: 1}, 1)
+    again.fold(0, ClientUpload({FA: torch.eye(2), FB: torch.zeros(2, 2)}))
+    assert torch.equal(again.finish_round(1, {})[1][FA], fresh[FA])  # seeded by (seed, round)
+
+    agg.begin_round({0: 1}, 2)
+    ctx = agg.client_context(0)
+    assert ctx.base_version == 1 and torch.equal(ctx.base_delta["m.weight"], expected)
+    agg.fold(0, ClientUpload({FA: torch.eye(2), FB: 0.5 * torch.eye(2)}))
+    _, fresh2 = agg.finish_round(2, {})
+    agg.flush()
+    state = load_file(str(tmp_path / "rounds/round_0002/server_state.safetensors"))
+    total = torch.tensor([[2.0, 0.0], [6.0, 7.0]], dtype=torch.float64)
+    assert torch.equal(state["base_delta/m.weight"], total)
+    assert not torch.equal(fresh2[FA], fresh[FA])
+
+
+@pytest.mark.parametrize(
+    ("section", "field"),
+    [
+        ({"server": {"lr": 0.5}}, "server.lr: flora"),
+        ({"server": {"weighting": "uniform", "dp": {"enabled": True}}}, "server.strategy: flora"),
+        ({"eval": {"probe_per_category": 2}}, "eval.probe_per_category"),
+    ],
+)
+def test_flora_config_constraints_name_the_field(tmp_path, section, field):
+    raw = tiny_experiment(tmp_path, **section)
+    raw["server"]["strategy"] = "flora"
+    with pytest.raises(ConfigError, match=field):
+        config_from_dict(raw)
