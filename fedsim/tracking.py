@@ -275,7 +275,7 @@ class WandbTracker(Tracker):
             x_disable_stats=True,  # no system-metrics sampler beside a CPU-bound trainer
             save_code=False,
             x_save_requirements=False,
-            quiet=True,
+            silent=True,  # fedsim's own lines only; docs/tracking.md says where W&B writes
         )
         self.run = wandb.init(
             project=w.project,
