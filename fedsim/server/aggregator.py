@@ -16,7 +16,10 @@ background thread and returns the new adapter at once, so the write overlaps rou
 round r+1's `finish_round` (or `flush`) waits for it first, keeping the rounds on disk in order.
 Each of those calls reports the checkpoints that became durable during it, so the driver records a
 round's metrics only once its checkpoint is on disk. A failed write raises there, naming the path.
-Strategies with per-client state (SCAFFOLD) write in line: their state files commit with the round.
+Strategies with per-client state (SCAFFOLD, FedSA-LoRA) write in line: their state files commit
+with the round. Strategies that combine the clients' products B_i @ A_i (FlexLoRA, FLoRA) get the
+round's decoded deltas at its end, as a robust rule does; FLoRA's merged base delta reaches the
+workers by reference in each client's context.
 """
 
 from __future__ import annotations

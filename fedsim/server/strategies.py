@@ -8,8 +8,10 @@ resumed run continues the same optimiser trajectory. The arithmetic of each is a
 below its class, unit-tested by hand. State is kept in float64 and saved as such, so a reloaded
 state is bitwise the one in memory.
 
-Client-side parts (FedProx's proximal term, SCAFFOLD's drift correction) reach the trainer through
-`client_context`, built per client by the aggregator.
+Client-side parts (FedProx's proximal term, SCAFFOLD's drift correction, FFA-LoRA's frozen A,
+FedSA-LoRA's own B) reach the trainer through `client_context`, built per client by the
+aggregator. The LoRA-native strategies (FFA-LoRA, FedSA-LoRA, FlexLoRA, FLoRA) are at the end;
+their arithmetic is in `lora_native.py` (docs/lora-native.md).
 """
 
 from __future__ import annotations
