@@ -1,10 +1,11 @@
 """Experiment tracking to MLflow and W&B, read back through the libraries themselves.
 
-One small real fedsim run (module-scoped, shared by the assertions below) trains round 1 with
-both trackers on, resumes to round 2, is evaluated by `fedsim eval` with a judge on 127.0.0.1
-whose key sits in the environment, and gets a `fedsim report`. MLflow is a real `mlflow server`
+Config checks and the composite tracker are unit tests. Then one small real fedsim run
+(module-scoped, shared by the assertions below) trains a round with both trackers on, is
+evaluated by `fedsim eval` with a judge on 127.0.0.1 whose key sits in the environment, and gets
+a `fedsim report`; the slow tier resumes it for a second round. MLflow is a real `mlflow server`
 on 127.0.0.1 (SQLite store, artifacts in tmp); W&B runs offline and its .wandb files are decoded
-with the installed wandb's own protobuf records.
+into the installed wandb's own protobuf records.
 """
 
 from __future__ import annotations
@@ -37,9 +38,6 @@ from fedsim.tracking import (
 )
 from tests.conftest import tiny_experiment
 from tests.eval.conftest import SECRET, JudgeServer, judge_settings, leaks
-
-mlflow = pytest.importorskip("mlflow", reason="the mlflow extra is not installed")
-wandb = pytest.importorskip("wandb", reason="the wandb extra is not installed")
 
 KEY_ENV = "FEDSIM_TEST_JUDGE_KEY"  # the variable judge_settings names
 QUESTIONS = 4  # eval.max_questions: enough for every metric, cheap to generate
@@ -168,6 +166,9 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     """`mlflow server` on 127.0.0.1: SQLite backend store, artifacts proxied into tmp."""
+    # the dev extra installs the client and what its server needs; without them, skip
+    for module in ("mlflow", "flask", "sqlalchemy", "alembic", "wandb"):
+        pytest.importorskip(module, reason="needs the dev extra (fedsim[mlflow,wandb] + server)")
     root = tmp_path_factory.mktemp("mlflow")
     port = _free_port()
     log = (root / "server.log").open("wb")
@@ -238,7 +239,6 @@ def tracked(ray_local, mlflow_server, tmp_path_factory):
     with pytest.MonkeyPatch.context() as env:
         env.setenv(KEY_ENV, SECRET)
         env.setenv("WANDB_MODE", "offline")
-        env.setenv("WANDB_SILENT", "true")
         run_dir = run_experiment(
             config_from_dict(raw), log=lambda _: None, show_progress=False
         ).run_dir
@@ -459,7 +459,6 @@ def test_resume_continues_the_same_runs(tracked):
     raw = {**tracked["raw"], "run": {**tracked["raw"]["run"], "rounds": 2}}
     with pytest.MonkeyPatch.context() as env:
         env.setenv("WANDB_MODE", "offline")
-        env.setenv("WANDB_SILENT", "true")
         run_experiment(config_from_dict(raw), resume=True, log=lambda _: None, show_progress=False)
     assert json.loads((run_dir / TRACKING_FILE).read_text()) == tracked["ids"]
 
