@@ -268,7 +268,7 @@ class WandbTracker(Tracker):
         known = read_ids(run_dir).get(self.name, {})
         same = known.get("project") == w.project and known.get("entity", "") == w.entity
         run_id = known.get("run_id") if same else None
-        directory = Path(w.dir) if w.dir else run_dir
+        directory = Path(w.dir).expanduser() if w.dir else run_dir
         rundir.make_dir(directory)
         settings = wandb.Settings(
             console="off",  # the run's output (paths, client errors) stays in its own log
