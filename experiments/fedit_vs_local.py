@@ -32,7 +32,7 @@ from typing import Any
 import ray
 import yaml
 
-from fedsim import checkpoint
+from fedsim import baselines, checkpoint
 from fedsim.config import apply_override, clients_per_round, config_from_dict
 from fedsim.data.pipeline import prepare_data
 from fedsim.driver import run_experiment
@@ -41,21 +41,12 @@ from fedsim.execution import WORKER_ENV
 from fedsim.report import write_report
 
 
-def centralized(raw: dict[str, Any], per_round: int, factor: float = 1.0) -> dict[str, Any]:
-    """The centralized baseline: the same pipeline with one client holding every training record
-    (`data.num_clients: 1`, iid), trained every round for `per_round` times the local steps, so it
-    takes as many optimizer steps in all as the federated run's clients together (`factor` times
-    as many when it is not 1)."""
-    central = copy.deepcopy(raw)
-    central["run"]["name"] = "centralized"
-    central["data"]["num_clients"] = 1
-    central["data"]["partition"] = {"kind": "iid"}
-    for key in ("clients_per_round", "fraction", "client_ids"):
-        central["server"].pop(key, None)
-    central["server"]["clients_per_round"] = 1
-    central["client"]["local_steps"] = round(raw["client"]["local_steps"] * per_round * factor)
-    if factor != 1:
-        central["run"]["name"] = f"centralized_x{factor:g}"
+def centralized(raw: dict[str, Any], factor: float = 1.0) -> dict[str, Any]:
+    """The centralized baseline (`fedsim.baselines.centralized`, what `fedsim run --centralized`
+    runs): one client holding every training record, as many optimizer steps in all as the
+    federated run's clients together (`factor` times as many when it is not 1)."""
+    central = baselines.centralized(config_from_dict(raw), factor).to_dict()
+    central["run"]["name"] = "centralized" + (f"_x{factor:g}" if factor != 1 else "")
     return central
 
 
@@ -71,7 +62,7 @@ def variants(
     out = [
         (
             f"all records on one client (upper bound{budget})",
-            centralized(raw, per_round, central_factor),
+            centralized(raw, central_factor),
         ),
         ("FedAvg over all clients", raw),
     ]

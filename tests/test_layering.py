@@ -24,6 +24,7 @@ LAYERS = {
     "ray_auth": 3,
     "console": 3,
     "round_record": 3,
+    "baselines": 3,
     "checkpoint": 4,
     "tracking": 4,
     "protocol": 4,
