@@ -7,6 +7,7 @@ client) and writes nothing, so the driver can call it before it touches the run 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from fedsim.data.partitioners import (
 )
 from fedsim.data.records import make_table
 from fedsim.data.sources import FieldMap, load_records
-from fedsim.data.synthetic import BUILTIN_VERSION, generate_instructions
+from fedsim.data.synthetic import BUILTIN_VERSION, iter_instructions
 from fedsim.errors import FedsimInputError
 from fedsim.seeds import Stream, generator
 
@@ -85,6 +86,23 @@ def builtin_fingerprint(source: str, num_records: int, version: int = BUILTIN_VE
     return fingerprint if version <= 2 else f"{fingerprint}:v{version}"
 
 
+GENERATED_BATCH = 1 << 13
+"""Generated records go to Arrow this many at a time (a 1,000,000-record source never exists as
+Python dicts all at once)."""
+
+
+def builtin_table(num_records: int) -> pa.Table:
+    """The built-in generated records as one Arrow table (chunked by `GENERATED_BATCH` rows)."""
+    records = iter_instructions(num_records, seed=BUILTIN_DATA_SEED)
+    chunks = []
+    for start in range(0, num_records, GENERATED_BATCH):
+        batch = list(itertools.islice(records, GENERATED_BATCH))
+        for offset, record in enumerate(batch):
+            record["source_index"] = start + offset
+        chunks.append(make_table(batch))
+    return pa.concat_tables(chunks) if chunks else make_table([])
+
+
 def load_source(cfg: DataConfig) -> tuple[pa.Table, str]:
     """The record table named by `data.source`, and a fingerprint of its content."""
     if cfg.source.startswith(BUILTIN_PREFIX):
@@ -93,8 +111,8 @@ def load_source(cfg: DataConfig) -> tuple[pa.Table, str]:
             raise FedsimInputError(
                 f"data.source: unknown built-in dataset {name!r}; expected builtin:quickstart"
             )
-        records = generate_instructions(cfg.builtin_records, seed=BUILTIN_DATA_SEED)
-        return make_table(records), builtin_fingerprint(cfg.source, cfg.builtin_records)
+        table = builtin_table(cfg.builtin_records)
+        return table, builtin_fingerprint(cfg.source, cfg.builtin_records)
     fields = FieldMap(**vars(cfg.fields))
     table = load_records(cfg.source, fields, cfg.format)
     path = Path(cfg.source).expanduser()

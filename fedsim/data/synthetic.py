@@ -13,7 +13,7 @@ to answer inside the template, stop after the answer, and which categories it is
 
 import json
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -163,12 +163,19 @@ def generate_instructions(num_records: int, seed: int) -> list[Record]:
 
     Categories are balanced to within one record and appear in shuffled order.
     """
+    return list(iter_instructions(num_records, seed))
+
+
+def iter_instructions(num_records: int, seed: int) -> Iterator[Record]:
+    """`generate_instructions`' records one at a time, so that a million of them can go to Arrow
+    in batches without ever being Python objects all at once."""
     if num_records < 0:
         raise ValueError(f"num_records must be >= 0, got {num_records}")
     rng = random.Random(seed)
     categories = [CATEGORIES[i % len(CATEGORIES)] for i in range(num_records)]
     rng.shuffle(categories)
-    return [_instruction(c, *SKILLS[c](rng)) | {"category": c} for c in categories]
+    for c in categories:
+        yield _instruction(c, *SKILLS[c](rng)) | {"category": c}
 
 
 # --- pretraining text ---------------------------------------------------------------------------
