@@ -506,11 +506,6 @@ def _system_model(
     return SystemModel(cfg.system, cfg.run.seed, profiles)
 
 
-def _scalars(record: dict[str, Any]) -> dict[str, Any]:
-    keys = ("train_loss", "samples", "num_clients", "num_failed", "seconds")
-    return {k: record[k] for k in keys}
-
-
 def _client_info(o: ClientOutcome) -> dict[str, Any]:
     info: dict[str, Any] = {
         "client": o.client_id,
