@@ -73,8 +73,12 @@ def numbers(values: Mapping[str, Any]) -> Numbers:
 
 
 def round_metrics(record: Mapping[str, Any]) -> Numbers:
-    """A metrics.jsonl line as `train/<key>` metrics."""
-    return {f"train/{key}": value for key, value in numbers(record).items()}
+    """A metrics.jsonl line as `train/<key>` metrics, and the held-out probe's exact match per
+    category (`eval.probe_per_category`) as `train/exact_match/<category>`."""
+    out = {f"train/{key}": value for key, value in numbers(record).items()}
+    by_category = numbers(record.get("exact_match_by_category") or {})
+    out.update({f"train/exact_match/{c}": value for c, value in by_category.items()})
+    return out
 
 
 def flat_params(cfg: ExperimentConfig) -> dict[str, str]:

@@ -34,6 +34,7 @@ from fedsim.tracking import (
     eval_tracker,
     flat_params,
     numbers,
+    round_metrics,
     train_tracker,
 )
 from tests.conftest import tiny_experiment
@@ -105,6 +106,16 @@ def _leaves(node: Any, prefix: str = "") -> list[str]:
 def test_numbers_keep_finite_numbers_only():
     values = {"round": 3, "loss": 0.5, "n": 2, "ok": True, "name": "x", "nan": float("nan")}
     assert numbers(values) == {"loss": 0.5, "n": 2.0}
+
+
+def test_round_metrics_flatten_the_probes_exact_match_per_category():
+    record = {"round": 2, "train_loss": 0.5, "exact_match_by_category": {"add": 0.4, "sort": 1}}
+
+    assert round_metrics(record) == {
+        "train/train_loss": 0.5,
+        "train/exact_match/add": 0.4,
+        "train/exact_match/sort": 1.0,
+    }
 
 
 class _Broken(Tracker):
