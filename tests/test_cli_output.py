@@ -9,6 +9,7 @@ line of fedsim's that nobody looked at) fails the test until it is silenced or a
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -29,6 +30,8 @@ FEDSIM_LINES = [
     r"fedsim: building tiny model \(.*\) in \S+",
     r"fedsim: built tiny model in [\d.]+ s \(loss [\d.]+ -> [\d.]+, [\d,]+ parameters\)",
     r"shards: \d+ blocks of \d+ clients in \S+, tokenised as the rounds need them",
+    r"warning: shard block \d+: \d+ of \d+ records lose their whole response to "
+    r"data\.cutoff_len=\d+; they add nothing to training",
     r"run \S+: \d+ clients, \d+ per round, \d+ workers, rounds \d+\.\.\d+",
     r"round +\d+/\d+ \| clients \d+ \| samples \d+ \| train loss [\d.]+ \| [\d.]+ s(?: \| .+)?",
     r"done: \S+ \(latest round \d+\)",
@@ -79,13 +82,27 @@ def imports_of(watch_dir: Path, module: str) -> list[str]:
     return [p.read_text() for p in sorted(watch_dir.glob(f"{module}.*"))]
 
 
-def run_cli(
-    tmp_path: Path, *args: str, **sections: dict
-) -> tuple[subprocess.CompletedProcess, Path]:
-    """`fedsim run` on a tiny experiment in a child process whose output is a pipe, as in CI or
-    `| cat`; returns the finished process and the folder of import records."""
+def records_with_long_ones(path: Path) -> Path:
+    """120 short records of 4 categories, every third with a context far longer than the tiny
+    model's 256 positions: the tokenizer would warn about them (transformers' 'Token indices
+    sequence length is longer than the specified maximum'), and they lose their response to
+    data.cutoff_len, which fedsim says in its own words."""
+    lines = []
+    for i in range(120):
+        context = " ".join(f"w{i}x{j}" for j in range(300)) if i % 3 == 0 else ""
+        record = {"instruction": f"Repeat {i}.", "context": context, "response": f"{i}"}
+        lines.append(json.dumps({**record, "category": "abcd"[i % 4]}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run_cli(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, Path]:
+    """`fedsim run` on a tiny experiment (with long records) in a child process whose output is a
+    pipe, as in CI or `| cat`; returns the finished process and the folder of import records."""
+    source = records_with_long_ones(tmp_path / "records.jsonl")
     config = tmp_path / "experiment.yaml"
-    config.write_text(yaml.safe_dump(tiny_experiment(tmp_path, **sections)))
+    raw = tiny_experiment(tmp_path, data={"source": str(source)})
+    config.write_text(yaml.safe_dump(raw))
     hook, watch = tmp_path / "hook", tmp_path / "imports"
     hook.mkdir(exist_ok=True)
     watch.mkdir(exist_ok=True)
@@ -115,7 +132,7 @@ def test_a_run_prints_only_fedsim_lines_ends_with_the_next_commands_and_never_im
     assert result.returncode == 0, output
     strangers = [line for line in output.splitlines() if not FEDSIM_LINE.fullmatch(line)]
     assert strangers == [], f"lines that are not fedsim's own:\n{output}"
-    assert result.stderr == ""  # no warning either: everything went well
+    assert "records lose their whole response" in output  # the long records, in fedsim's words
 
     lines = result.stdout.splitlines()
     assert [line[:9] for line in lines if line.startswith("round ")] == ["round   1"]
@@ -147,6 +164,7 @@ def test_verbose_lets_the_libraries_logs_through(tmp_path):
     assert result.returncode == 0, output
     strangers = [line for line in output.splitlines() if not FEDSIM_LINE.fullmatch(line)]
     assert any("Started a local Ray instance" in line for line in strangers), output
+    assert any("Token indices sequence length is longer" in line for line in strangers), output
     assert "next:" in result.stdout
 
 
