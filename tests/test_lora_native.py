@@ -4,8 +4,8 @@ SIGKILL of the driver (client-kept B factors commit with their round, like SCAFF
 FLoRA's merged base delta is server state); FLoRA's rounds as `fedsim eval` and PEFT load them;
 FlexLoRA's resume with clients of mixed ranks.
 
-The closed forms are unit-tested in tests/server/test_lora_native_aggregation.py; both backends train them
-alike, bit for bit, in tests/client/test_backends.py."""
+The closed forms are unit-tested in tests/server/test_lora_native_aggregation.py; both backends
+train them alike, bit for bit, in tests/client/test_backends.py."""
 
 import itertools
 import json

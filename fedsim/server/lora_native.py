@@ -14,7 +14,8 @@ the factors stand for, or arrange training so that averaging the factors is exac
 - FedSA-LoRA (Guo et al. 2025) averages A and keeps each client's B (`split_lora`; `FedSALoRA`).
 
 Everything here is a pure function on tensors keyed by PEFT adapter names (`...lora_A.weight`,
-`...lora_B.weight`), unit-tested against the closed forms in tests/server/test_lora_native_aggregation.py.
+`...lora_B.weight`), unit-tested against the closed forms in
+tests/server/test_lora_native_aggregation.py.
 """
 
 from __future__ import annotations

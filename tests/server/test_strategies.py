@@ -135,7 +135,7 @@ def test_scaffold_server_round_with_three_clients():
 
 
 @pytest.mark.parametrize(
-    # flexlora keeps no state and takes the clients' adapters (tests/server/test_lora_native_aggregation.py)
+    # flexlora and flora take the clients' adapters (tests/server/test_lora_native_aggregation.py)
     "name",
     sorted(n for n, s in STRATEGIES.items() if not s.aggregates_products),
 )
