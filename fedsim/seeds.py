@@ -45,6 +45,13 @@ class Stream(enum.IntEnum):
     """(): the initial global adapter (LoRA A; B starts at zero)."""
     LORA_REINIT = 11
     """(round): FLoRA's fresh LoRA A after round r's factors were merged into the base."""
+    ASYNC_SELECTION = 12
+    """(): asynchronous training's client choices, one uniform draw per dispatch in dispatch
+    order (draw d picks the idle client that dispatch d starts; fedsim.server.async_schedule)."""
+    ASYNC_DROPOUT = 13
+    """(): whether each asynchronous dispatch drops out, one uniform draw per dispatch in order."""
+    ASYNC_TRAINING = 14
+    """(dispatch): the local training of one asynchronous dispatch (batch order, LoRA dropout)."""
 
 
 ARITY = {
@@ -59,6 +66,9 @@ ARITY = {
     Stream.DP_NOISE: 1,
     Stream.LORA_INIT: 0,
     Stream.LORA_REINIT: 1,
+    Stream.ASYNC_SELECTION: 0,
+    Stream.ASYNC_DROPOUT: 0,
+    Stream.ASYNC_TRAINING: 1,
 }
 """How many indices follow the seed in each stream."""
 
