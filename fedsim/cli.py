@@ -45,6 +45,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fedsim.driver import run_experiment
 
     cfg = load_config(args.config, args.set)
+    if args.centralized:
+        from fedsim.baselines import centralized
+
+        cfg = centralized(cfg)
     try:
         result = run_experiment(
             cfg,
@@ -72,6 +76,8 @@ def resume_command(args: argparse.Namespace, rounds: int | None = None) -> str:
         words += ["--set", f"run.rounds={rounds}"]
     if args.allow_config_change:
         words.append("--allow-config-change")
+    if getattr(args, "centralized", False):
+        words.append("--centralized")
     return shlex.join([*words, "--resume"])
 
 
@@ -240,6 +246,13 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
         "--allow-config-change",
         action="store_true",
         help="with --resume, accept a config that differs from the checkpoint's",
+    )
+    p.add_argument(
+        "--centralized",
+        action="store_true",
+        help="run CONFIG's centralized baseline instead (the upper bound): every training record "
+        "on one client, as many steps a round as the round's clients together, the same test "
+        "split; the run is named <run.name>_centralized",
     )
 
 
