@@ -357,7 +357,7 @@ class _Simulation:
         return min(versions, default=self.version)
 
     def pending(self) -> list[Dispatch]:
-        """Dispatches started and not yet folded into a step that will produce updates."""
+        """The dispatches that will produce updates not folded yet (buffered or in flight)."""
         flying = (e[2] for e in self.in_flight if e[2].outcome == "update")
         return sorted([*self.buffer, *flying], key=lambda d: d.index)
 
@@ -365,13 +365,13 @@ class _Simulation:
         """Start a dispatch in every free slot, from the current version."""
         while len(self.in_flight) < self.config.concurrency:
             client = self.choose()
-            t = self.timing(client)
+            timing = self.timing(client)
             deadline = self.config.deadline_seconds
             outcome: Outcome = "update"
-            seconds = t.seconds
-            if self.dropouts.draw() < t.dropout:
-                outcome, seconds = "dropped_out", t.seconds if deadline is None else deadline
-            elif deadline is not None and t.seconds > deadline:
+            seconds = timing.seconds
+            if self.dropouts.draw() < timing.dropout:
+                outcome, seconds = "dropped_out", seconds if deadline is None else deadline
+            elif deadline is not None and seconds > deadline:
                 outcome, seconds = "straggler", deadline
             d = Dispatch(self.dispatched, client, self.version, now, now + seconds, outcome)
             heapq.heappush(self.in_flight, (d.end_time, d.index, d))
@@ -381,7 +381,8 @@ class _Simulation:
 
     def choose(self) -> int:
         """The idle client of this dispatch's draw: the j-th id not in flight, j uniform."""
-        j = int(self.choices.draw() * (self.config.num_clients - len(self.busy)))
+        idle = self.config.num_clients - len(self.busy)
+        j = min(int(self.choices.draw() * idle), idle - 1)  # u * idle may round up to idle
         x = j
         while True:  # the least x with x = j + #busy ids <= x is the j-th idle id
             moved = j + bisect.bisect_right(self.busy, x)
