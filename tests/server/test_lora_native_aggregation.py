@@ -11,6 +11,7 @@ bit for bit; on random factors the sums run in another order and agree to 1e-12 
 """
 
 import pytest
+import ray
 import torch
 from safetensors.torch import load_file
 
@@ -343,7 +344,9 @@ def test_flora_merges_the_stacked_product_into_the_base_and_starts_fresh(tmp_pat
 
     agg.begin_round({0: 1}, 2)
     ctx = agg.client_context(0)
-    assert ctx.base_version == 1 and torch.equal(ctx.base_delta["m.weight"], expected)
+    # an ObjectRef when Ray runs (put once per round), else the tensors themselves
+    delta = ray.get(ctx.base_delta) if isinstance(ctx.base_delta, ray.ObjectRef) else ctx.base_delta
+    assert ctx.base_version == 1 and torch.equal(delta["m.weight"], expected)
     agg.fold(0, ClientUpload({FA: torch.eye(2), FB: 0.5 * torch.eye(2)}))
     _, fresh2 = agg.finish_round(2, {})
     agg.flush()
