@@ -231,6 +231,9 @@ class _RayWarnings(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno >= logging.ERROR:
             return True
+        if getattr(record, "fedsim_said", False):  # the "ray" logger may have several handlers
+            return False
+        record.fedsim_said = True
         message = record.getMessage()
         for pattern, in_our_words in RAY_WARNINGS:
             if match := pattern.search(message):

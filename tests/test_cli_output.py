@@ -9,6 +9,7 @@ line of fedsim's that nobody looked at) fails the test until it is silenced or a
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -203,24 +204,28 @@ def test_each_command_help_has_an_example_that_parses(capsys, name):
 
 def test_a_ray_warning_the_user_can_act_on_is_said_in_fedsim_words(monkeypatch, capsys, tmp_path):
     """Ray's real /dev/shm warning (its own code, on a machine whose /dev/shm is made to look
-    small): quiet, fedsim's line replaces it and Ray's other lines below errors are dropped;
-    verbose, Ray's own line is printed."""
+    small), reaching the "ray" logger's handlers (two console handlers here, standing in for
+    Ray's): quiet, fedsim's line is printed once instead and Ray's lines below errors are
+    dropped; verbose, Ray's own line reaches the handlers."""
     import ray._private.services as services
     import ray._private.utils
 
     from fedsim.execution import quiet_ray_logger
 
     monkeypatch.setattr(ray._private.utils, "get_shared_memory_bytes", lambda: 64 * 2**20)
+    consoles = [io.StringIO(), io.StringIO()]
     ray_logger = logging.getLogger("ray")
+    monkeypatch.setattr(ray_logger, "handlers", [logging.StreamHandler(c) for c in consoles])
+    monkeypatch.setattr(ray_logger, "propagate", False)
     monkeypatch.setattr(ray_logger, "level", logging.INFO)  # as ray.init leaves it, verbose
     try:
         quiet_ray_logger(True)
         services.determine_plasma_store_config(2 * 10**9, str(tmp_path))
         ray_logger.info("Started a local Ray instance.")
         quiet = capsys.readouterr().err.splitlines()
+        assert [c.getvalue() for c in consoles] == ["", ""]
         quiet_ray_logger(False)
         services.determine_plasma_store_config(2 * 10**9, str(tmp_path))
-        verbose = capsys.readouterr().err
     finally:
         quiet_ray_logger(False)
     assert quiet == [
@@ -228,4 +233,6 @@ def test_a_ray_warning_the_user_can_act_on_is_said_in_fedsim_words(monkeypatch, 
         "/dev/shm has only 64 MB free: adapters and shards move between processes more slowly; "
         "in Docker, start the container with --shm-size=2.05gb"
     ]
-    assert "instead of /dev/shm because /dev/shm has only 67108864 bytes available" in verbose
+    assert capsys.readouterr().err == ""
+    for console in consoles:
+        assert "instead of /dev/shm because /dev/shm has only 67108864 bytes" in console.getvalue()
