@@ -307,6 +307,8 @@ class RoundRunner:
     log: Log = _print
     show_progress: bool = False
     adapter_bytes: int = 0
+    reported_at: list[float] = field(default_factory=list)
+    """When each round of this process was reported (for the round line's ETA)."""
 
     # --- the aggregator -------------------------------------------------------------------
 
@@ -494,7 +496,9 @@ class RoundRunner:
             if o.error:
                 self.log(f"client {o.client_id} failed in round {record['round']}:\n"
                          f"{o.error.rstrip()}")  # fmt: skip
-        self.log(_round_line(record, self.cfg.run.rounds, outcomes))
+        self.reported_at.append(time.perf_counter())
+        line = _round_line(record, self.cfg.run.rounds, outcomes)
+        self.log(line + _eta(self.reported_at, record, self.cfg.run.rounds))
 
 
 def _system_model(
@@ -521,6 +525,20 @@ def _client_info(o: ClientOutcome) -> dict[str, Any]:
     if o.error:
         info["error"] = o.error
     return info
+
+
+def _eta(reported_at: list[float], record: dict[str, Any], rounds: int) -> str:
+    """` | eta 2 min 5 s` for the rounds left, at the pace of the last (up to) 5 rounds of this
+    process (the first round's own time until there are two); empty after the last round."""
+    left = rounds - record["round"]
+    if left <= 0:
+        return ""
+    recent = reported_at[-6:]
+    pace = (recent[-1] - recent[0]) / (len(recent) - 1) if len(recent) > 1 else record["seconds"]
+    seconds = round(pace * left)
+    return (
+        f" | eta {seconds // 60} min {seconds % 60} s" if seconds >= 60 else f" | eta {seconds} s"
+    )
 
 
 def _round_line(record: dict[str, Any], rounds: int, outcomes: list[ClientOutcome]) -> str:

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from fedsim import checkpoint
 from fedsim.config import config_from_dict
-from fedsim.driver import _round_line, run_experiment
+from fedsim.driver import _eta, _round_line, run_experiment
 from fedsim.server.privacy import dp_epsilon
 from tests.conftest import assert_same_run_files, tiny_experiment
 
@@ -231,3 +231,13 @@ def test_round_line_names_rejected_clients_and_a_kept_adapter():
     assert "rejected client 2: lora_A: non-finite values" in line
     assert "no update applied: kept the previous adapter" in line
     assert line.endswith("epsilon 1.250")
+
+
+def test_round_line_eta_is_the_recent_pace_times_the_rounds_left():
+    record = {"round": 4, "seconds": 2.0}
+
+    assert _eta([10.0], record, 10) == " | eta 12 s"  # first round: its own 2 s, 6 rounds left
+    assert _eta([0.0, 30.0, 60.0], record, 10) == " | eta 3 min 0 s"  # 30 s a round
+    slow_start = [0.0, 50.0, 60.0, 70.0, 80.0, 90.0, 100.0]  # the last 5 rounds took 10 s each
+    assert _eta(slow_start, record, 10) == " | eta 1 min 0 s"
+    assert _eta([0.0, 5.0], {"round": 10, "seconds": 5.0}, 10) == ""  # the last round
