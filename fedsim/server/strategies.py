@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -437,14 +438,9 @@ class FlexLoRA(Strategy):
         weights: list[int],
         round_idx: int = 0,
     ) -> TensorDict:
-        total = sum(weights)
-        shares = [w / total for w in weights]
-        local = [{k: g.double() + d[k] for k, g in global_adapter.items()} for d in deltas]
+        local, shares = _local_adapters(global_adapter, deltas, weights)
         new: TensorDict = {}
-        for a_key, b_key in lora_pairs(global_adapter).values():
-            clients = [
-                ClientFactors(x[a_key], x[b_key], p) for x, p in zip(local, shares, strict=True)
-            ]
+        for a_key, b_key, clients in _client_factors(global_adapter, local, shares):
             rank = global_adapter[a_key].shape[0]
             a, b = flexlora_factors(weighted_product(clients), rank)
             new[a_key] = a.to(global_adapter[a_key].dtype)
@@ -454,6 +450,30 @@ class FlexLoRA(Strategy):
                 mean = sum(p * x[key] for x, p in zip(local, shares, strict=True))
                 new[key] = mean.to(g.dtype)  # type: ignore[union-attr]
         return {k: new[k] for k in global_adapter}
+
+
+def _local_adapters(
+    global_adapter: TensorDict, deltas: list[TensorDict], weights: list[int]
+) -> tuple[list[TensorDict], list[float]]:
+    """The clients' own adapters (global + delta, float64) and their shares of the round."""
+    total = sum(weights)
+    local = [{k: g.double() + d[k] for k, g in global_adapter.items()} for d in deltas]
+    return local, [w / total for w in weights]
+
+
+def _client_factors(
+    global_adapter: TensorDict,
+    local: list[TensorDict],
+    shares: list[float],
+    scaling: float = 1.0,
+) -> Iterator[tuple[str, str, list[ClientFactors]]]:
+    """(lora_A key, lora_B key, every client's factors of that matrix) per target matrix."""
+    for a_key, b_key in lora_pairs(global_adapter).values():
+        clients = [
+            ClientFactors(x[a_key], x[b_key], p, scaling)
+            for x, p in zip(local, shares, strict=True)
+        ]
+        yield a_key, b_key, clients
 
 
 def fresh_lora(global_adapter: TensorDict, seed: int, round_idx: int) -> TensorDict:
@@ -499,14 +519,10 @@ class FLoRA(_StatefulStrategy):
         weights: list[int],
         round_idx: int = 0,
     ) -> TensorDict:
-        total = sum(weights)
-        local = [{k: g.double() + d[k] for k, g in global_adapter.items()} for d in deltas]
+        local, shares = _local_adapters(global_adapter, deltas, weights)
         merged = self.state["base_delta"]
-        for a_key, b_key in lora_pairs(global_adapter).values():
-            clients = [
-                ClientFactors(x[a_key], x[b_key], w / total, self.lora_scaling)
-                for x, w in zip(local, weights, strict=True)
-            ]
+        factors = _client_factors(global_adapter, local, shares, self.lora_scaling)
+        for a_key, _, clients in factors:
             name = base_weight_name(a_key)
             step = flora_merged_delta(clients)
             merged[name] = merged[name] + step if name in merged else step
