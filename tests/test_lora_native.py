@@ -9,10 +9,7 @@ train them alike, bit for bit, in tests/client/test_backends.py."""
 
 import itertools
 import json
-import os
 import shutil
-import signal
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -25,12 +22,7 @@ from fedsim import checkpoint
 from fedsim.config import config_from_dict
 from fedsim.driver import RunResult, run_experiment
 from tests.conftest import assert_same_run_files, tiny_experiment
-from tests.faults.test_driver_faults import (
-    _start_cli,
-    _uninterrupted,
-    _wait_mid_round_two,
-    _wait_until_gone,
-)
+from tests.faults.test_driver_faults import _uninterrupted, sigkill_driver_mid_round_two
 
 pytestmark = pytest.mark.ray
 
@@ -97,14 +89,8 @@ def test_fedsa_lora_driver_killed_mid_round_then_resumed_byte_identical(
     """SIGKILL of the driver while round 2 trains, then --resume: every round's files and every
     client's kept B are byte-identical to the uninterrupted run's."""
     config = experiment_file(**FEDSA)
-    run_dir, hold = tmp_path / "runs" / "t", tmp_path / "round2-reached"
-    ray_tmp = tempfile.mkdtemp(prefix="fsa", dir="/tmp")
-    proc = _start_cli(config, ray_tmp, hold)
-    _wait_mid_round_two(run_dir, hold, proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    for pid in _wait_until_gone(ray_tmp, 10):  # SIGKILL leaves Ray no chance to clean up
-        os.kill(pid, signal.SIGKILL)
+    run_dir = tmp_path / "runs" / "t"
+    sigkill_driver_mid_round_two(config, run_dir, tmp_path)
     assert any((run_dir / "clients").glob("*.safetensors"))  # round 1's B's were committed
 
     cfg = config_from_dict(yaml.safe_load(config.read_text()))
@@ -252,14 +238,8 @@ def test_flora_driver_killed_mid_round_then_resumed_byte_identical(
     """SIGKILL of the driver while round 2 trains (workers hold round 1's merged base), then
     --resume: every round's adapter and merged base delta are byte-identical."""
     config = experiment_file(**FLORA)
-    run_dir, hold = tmp_path / "runs" / "t", tmp_path / "round2-reached"
-    ray_tmp = tempfile.mkdtemp(prefix="flo", dir="/tmp")
-    proc = _start_cli(config, ray_tmp, hold)
-    _wait_mid_round_two(run_dir, hold, proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    for pid in _wait_until_gone(ray_tmp, 10):
-        os.kill(pid, signal.SIGKILL)
+    run_dir = tmp_path / "runs" / "t"
+    sigkill_driver_mid_round_two(config, run_dir, tmp_path)
 
     cfg = config_from_dict(yaml.safe_load(config.read_text()))
     result = run_experiment(cfg, resume=True, log=lambda _: None, show_progress=False)

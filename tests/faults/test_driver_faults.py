@@ -71,6 +71,19 @@ def _wait_until_gone(ray_tmp: str, seconds: float) -> list[int]:
     return left
 
 
+def sigkill_driver_mid_round_two(config: Path, run_dir: Path, tmp: Path) -> None:
+    """Start `fedsim run CONFIG` as a child process, SIGKILL it while round 2 trains, and kill
+    the Ray processes it leaves behind (SIGKILL gives Ray no chance to clean up)."""
+    hold = tmp / "round2-reached"
+    ray_tmp = tempfile.mkdtemp(prefix="fsk", dir="/tmp")
+    proc = _start_cli(config, ray_tmp, hold)
+    _wait_mid_round_two(run_dir, hold, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    for pid in _wait_until_gone(ray_tmp, 10):
+        os.kill(pid, signal.SIGKILL)
+
+
 def _uninterrupted(tmp: Path, **sections: dict) -> RunResult:
     cfg = config_from_dict(tiny_experiment(tmp, **sections))
     return run_experiment(cfg, log=lambda _: None, show_progress=False)
@@ -97,14 +110,8 @@ def test_driver_killed_mid_round_then_resumed_byte_identical(
     sections = {"run": {"rounds": 3}, **STATEFUL[strategy]}
     reference = _uninterrupted(tmp_path / "reference", **sections)
     config = experiment_file(**sections)
-    run_dir, hold = tmp_path / "runs" / "t", tmp_path / "round2-reached"
-    ray_tmp = tempfile.mkdtemp(prefix="fsk", dir="/tmp")
-    proc = _start_cli(config, ray_tmp, hold)
-    _wait_mid_round_two(run_dir, hold, proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    for pid in _wait_until_gone(ray_tmp, 10):  # SIGKILL leaves Ray no chance to clean up
-        os.kill(pid, signal.SIGKILL)
+    run_dir = tmp_path / "runs" / "t"
+    sigkill_driver_mid_round_two(config, run_dir, tmp_path)
 
     cfg = config_from_dict(yaml.safe_load(config.read_text()))
     result = run_experiment(cfg, resume=True, log=lambda _: None, show_progress=False)
