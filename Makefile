@@ -10,13 +10,15 @@ export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/fedsim/torch_extensions
 
 .PHONY: install quickstart test test-all quality format docs clean
 
-# The install and the quickstart say what they do in one line each rather than echoing commands.
+# The install and the quickstart say what they do in one line each rather than echoing commands;
+# pip at -qq shows errors only (its warnings about a machine's own index settings, and setuptools'
+# editable-install notice, are not the user's business; a failed install still prints why).
 $(VENV)/.installed: pyproject.toml
 	@echo "fedsim: installing into $(VENV) with pinned dependencies (a few minutes, once)"
 	@$(PYTHON) -m venv $(VENV)
-	@$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
-	@$(PY) -m pip install --quiet torch==2.13.0
-	@$(PY) -m pip install --quiet -e ".[dev]"
+	@$(PY) -m pip install -qq --disable-pip-version-check --upgrade pip
+	@$(PY) -m pip install -qq torch==2.13.0
+	@$(PY) -m pip install -qq -e ".[dev]"
 	@touch $@
 
 install: $(VENV)/.installed
