@@ -91,6 +91,7 @@ def _assert_resume_equal(straight: Path, resumed: Path, strategy: str) -> None:
     assert info["selection"] == {"kind": "uniform", "requested": 3}
 
 
+@pytest.mark.slow  # server-state resume stays in the default tier through SCAFFOLD's runs
 def test_resume_equals_uninterrupted_fedadam(ray_local, tmp_path):
     straight, resumed = _killed_after_round_two_and_resumed(tmp_path, "fedadam")
     _assert_resume_equal(straight, resumed, "fedadam")

@@ -170,6 +170,7 @@ def flora_reference(ray_local, tmp_path_factory) -> RunResult:
     return result
 
 
+@pytest.mark.slow  # the FLoRA run (~30 s with its redone round); tests/server: its arithmetic
 def test_flora_resumed_round_is_byte_identical(flora_reference):
     assert_same_run_files(flora_reference.kept_round_3, flora_reference.run_dir, [3])
     assert (flora_reference.run_dir / "rounds/round_0003/server_state.safetensors").is_file()
@@ -179,6 +180,7 @@ def _server_state(run_dir: Path, r: int) -> dict[str, torch.Tensor]:
     return load_file(str(run_dir / f"rounds/round_{r:04d}/server_state.safetensors"))
 
 
+@pytest.mark.slow  # the FLoRA run (~30 s with its redone round); tests/server: its arithmetic
 def test_flora_rounds_merge_into_the_base_and_start_from_fresh_factors(flora_reference):
     run_dir = flora_reference.run_dir
     merged = [_server_state(run_dir, r) for r in (1, 2, 3)]
@@ -195,6 +197,7 @@ def test_flora_rounds_merge_into_the_base_and_start_from_fresh_factors(flora_ref
     assert not torch.equal(adapters[0][a_key], adapters[1][a_key])
 
 
+@pytest.mark.slow  # the FLoRA run (~30 s with its redone round); tests/server: its arithmetic
 def test_flora_round_loads_in_fedsim_eval_and_outside_it_alike(flora_reference):
     """`fedsim eval`'s model of round 3 (base + merged delta, fresh adapter) gives the logits of
     the recipe in docs/lora-native.md: add the delta to the base weights, attach the round's
