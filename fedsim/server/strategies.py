@@ -416,7 +416,18 @@ class FedSALoRA(FedAvg):
         return {k: v for k, v in upload.tensors.items() if is_lora_b(k)}
 
 
-class FlexLoRA(Strategy):
+class _AggregatesProducts:
+    """For strategies that need every client's adapter, not the round's mean delta: the
+    aggregator buffers the round and calls `apply_products`; `apply` is never theirs."""
+
+    name: str
+    aggregates_products = True
+
+    def apply(self, global_adapter: TensorDict, mean_delta: TensorDict) -> TensorDict:
+        raise NotImplementedError(f"{self.name} aggregates the clients' products (apply_products)")
+
+
+class FlexLoRA(_AggregatesProducts, Strategy):
     """FlexLoRA: the round's global update is sum_i p_i B_i @ A_i per target matrix (the mean of
     what the clients' adapters stand for, not of their factors), and the next global adapter is
     its rank-r truncated SVD (`flexlora_factors`). A rank-r_i client (`lora_rank` in the profile)
@@ -426,10 +437,6 @@ class FlexLoRA(Strategy):
     scaling, so it cancels out of the SVD.)"""
 
     name = "flexlora"
-    aggregates_products = True
-
-    def apply(self, global_adapter: TensorDict, mean_delta: TensorDict) -> TensorDict:
-        raise NotImplementedError("flexlora aggregates the clients' products (apply_products)")
 
     def apply_products(
         self,
@@ -493,7 +500,7 @@ def fresh_lora(global_adapter: TensorDict, seed: int, round_idx: int) -> TensorD
     return {k: out[k] for k in global_adapter}
 
 
-class FLoRA(_StatefulStrategy):
+class FLoRA(_AggregatesProducts, _StatefulStrategy):
     """FLoRA: each round, the clients' factors are stacked along the rank (A's rows scaled by
     p_i * alpha/r), which stands for sum_i p_i (alpha/r) B_i @ A_i exactly whatever each client's
     rank; that product is merged into the base weights (`base_delta`, float64 strategy state,
@@ -501,16 +508,12 @@ class FLoRA(_StatefulStrategy):
     factors (`fresh_lora`). Lower-rank clients (rank masks) contribute their own components."""
 
     name = "flora"
-    aggregates_products = True
     merges_into_base = True
     slots = ("base_delta",)
 
     def __init__(self, seed: int = 0, lora_scaling: float = 1.0) -> None:
         super().__init__()
         self.seed, self.lora_scaling = seed, lora_scaling
-
-    def apply(self, global_adapter: TensorDict, mean_delta: TensorDict) -> TensorDict:
-        raise NotImplementedError("flora stacks the clients' factors (apply_products)")
 
     def apply_products(
         self,
