@@ -148,3 +148,18 @@ def ray_local():
     ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": WORKER_ENV})
     yield ray
     ray.shutdown()
+
+
+def config_leaf_keys(node, prefix: str = "") -> list[str]:
+    """Every leaf key of a config dataclass instance (`client.lr`, ...), walked here
+    independently of fedsim's own config walkers (config_docs, tracking)."""
+    import dataclasses
+
+    keys = []
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            keys += config_leaf_keys(value, f"{prefix}{f.name}.")
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys

@@ -4,7 +4,6 @@ command of docs/getting-started.md runs."""
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import os
 import re
@@ -19,6 +18,7 @@ import pytest
 
 from fedsim import config_docs
 from fedsim.config import ExperimentConfig
+from tests.conftest import config_leaf_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -36,21 +36,9 @@ def test_config_reference_is_up_to_date():
     )
 
 
-def _leaf_keys(node, prefix: str = "") -> list[str]:
-    """Every leaf key of a config dataclass instance, walked here independently of config_docs."""
-    keys = []
-    for f in dataclasses.fields(node):
-        value = getattr(node, f.name)
-        if dataclasses.is_dataclass(value):
-            keys += _leaf_keys(value, f"{prefix}{f.name}.")
-        else:
-            keys.append(f"{prefix}{f.name}")
-    return keys
-
-
 def test_every_config_key_is_in_the_reference():
     text = (DOCS / "configuration-reference.md").read_text(encoding="utf-8")
-    keys = _leaf_keys(ExperimentConfig())
+    keys = config_leaf_keys(ExperimentConfig())
     assert len(keys) > 50
     missing = [k for k in keys if f"| `{k}` |" not in text]
     assert not missing, f"keys missing from docs/configuration-reference.md: {missing}"

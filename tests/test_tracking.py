@@ -37,7 +37,7 @@ from fedsim.tracking import (
     round_metrics,
     train_tracker,
 )
-from tests.conftest import tiny_experiment
+from tests.conftest import config_leaf_keys, tiny_experiment
 from tests.eval.conftest import SECRET, JudgeServer, judge_settings, leaks
 
 KEY_ENV = "FEDSIM_TEST_JUDGE_KEY"  # the variable judge_settings names
@@ -89,18 +89,9 @@ def test_params_are_the_config_flattened():
     assert params["model.lora.target_modules"] == json.dumps(cfg.model.lora.target_modules)
     assert params["tracking.wandb.project"] == "p" and params["run.name"] == cfg.run.name
     assert params["eval.judge.api_key_env"] == "OPENAI_API_KEY"  # the name, never a value
-    assert sorted(params) == sorted(_leaves(cfg))  # one param per key of the config, none lost
-
-
-def _leaves(node: Any, prefix: str = "") -> list[str]:
-    out = []
-    for f in dataclasses.fields(node):
-        value = getattr(node, f.name)
-        if dataclasses.is_dataclass(value):
-            out += _leaves(value, f"{prefix}{f.name}.")
-        else:
-            out.append(f"{prefix}{f.name}")
-    return out
+    assert sorted(params) == sorted(
+        config_leaf_keys(cfg)
+    )  # one param per key of the config, none lost
 
 
 def test_numbers_keep_finite_numbers_only():
