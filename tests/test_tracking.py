@@ -89,9 +89,8 @@ def test_params_are_the_config_flattened():
     assert params["model.lora.target_modules"] == json.dumps(cfg.model.lora.target_modules)
     assert params["tracking.wandb.project"] == "p" and params["run.name"] == cfg.run.name
     assert params["eval.judge.api_key_env"] == "OPENAI_API_KEY"  # the name, never a value
-    assert sorted(params) == sorted(
-        config_leaf_keys(cfg)
-    )  # one param per key of the config, none lost
+    # one param per key of the config, none lost
+    assert sorted(params) == sorted(config_leaf_keys(cfg))
 
 
 def test_numbers_keep_finite_numbers_only():
