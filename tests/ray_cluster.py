@@ -25,6 +25,10 @@ RAY = str(Path(sys.executable).with_name("ray"))
 STARTED = "Ray runtime started"
 
 
+WORKER_PORTS = 200
+"""Size of each node's worker-port range."""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -42,6 +46,8 @@ class LocalRayCluster:
         self.procs: list[subprocess.Popen] = []
         self.gcs_port = free_port()
         self.dashboard_port = free_port()
+        self._taken = {self.gcs_port, self.dashboard_port}
+        """Every port this cluster's nodes were given: no worker-port range may cover one."""
 
     @property
     def address(self) -> str:
@@ -54,16 +60,30 @@ class LocalRayCluster:
     def _ports(self) -> list[str]:
         """Explicit free ports for every listening service, so clusters of other tests and
         users on this machine never collide with this one."""
+        # Ray refuses to start when one of its ports falls inside the worker-port range (it
+        # happened: the GCS port drawn inside it), so the range and the ports stay apart.
         low = free_port()
+        while low + WORKER_PORTS > 65535 or any(
+            low <= p <= low + WORKER_PORTS for p in self._taken
+        ):
+            low = free_port()
+        self._taken.update(range(low, low + WORKER_PORTS + 1))
+
+        def port() -> int:
+            while (p := free_port()) in self._taken:
+                pass
+            self._taken.add(p)
+            return p
+
         return [
-            f"--node-manager-port={free_port()}",
-            f"--object-manager-port={free_port()}",
-            f"--metrics-export-port={free_port()}",
-            f"--dashboard-agent-listen-port={free_port()}",
-            f"--dashboard-agent-grpc-port={free_port()}",
-            f"--runtime-env-agent-port={free_port()}",
+            f"--node-manager-port={port()}",
+            f"--object-manager-port={port()}",
+            f"--metrics-export-port={port()}",
+            f"--dashboard-agent-listen-port={port()}",
+            f"--dashboard-agent-grpc-port={port()}",
+            f"--runtime-env-agent-port={port()}",
             f"--min-worker-port={low}",
-            f"--max-worker-port={low + 200}",
+            f"--max-worker-port={low + WORKER_PORTS}",
         ]
 
     def _start(self, name: str, args: list[str], wrap: list[str] | None = None) -> None:
