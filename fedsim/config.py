@@ -123,6 +123,9 @@ class DataConfig:
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     test_per_category: int = 0
     """Records of each category held out as the test split (split_file takes the file's `test`)."""
+    test_per_client: float = 0.0
+    """Fraction of each client's records held out as its own test slice (seeded, removed from its
+    training shard, listed in partition.json) for `fedsim eval --personalized`; 0: none."""
 
 
 @dataclass
@@ -515,6 +518,8 @@ class ExperimentConfig:
             tree.pop(section)
         if not self.system.enabled:  # off changes nothing (and keeps older runs' hashes)
             tree.pop("system")
+        if not self.data.test_per_client:  # likewise: runs from before it keep their hashes
+            tree["data"].pop("test_per_client")
         return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()
 
 
@@ -955,6 +960,8 @@ def validate(cfg: ExperimentConfig) -> list[str]:
     _positive(p, "data.builtin_records", d.builtin_records)
     _positive(p, "data.max_records", d.max_records)
     _positive(p, "data.test_per_category", d.test_per_category, zero_ok=True)
+    if not 0 <= d.test_per_client < 1:
+        p.append(f"data.test_per_client: expected a fraction in [0, 1), got {d.test_per_client}")
     _positive(p, "data.partition.alpha", d.partition.alpha)
     _positive(p, "data.partition.min_size", d.partition.min_size)
     _positive(p, "data.partition.shards_per_client", d.partition.shards_per_client)

@@ -52,6 +52,11 @@ class Stream(enum.IntEnum):
     """(): whether each asynchronous dispatch drops out, one uniform draw per dispatch in order."""
     ASYNC_TRAINING = 14
     """(dispatch): the local training of one asynchronous dispatch (batch order, LoRA dropout)."""
+    CLIENT_TEST = 15
+    """(client): which of a client's records are its held-out slice (`data.test_per_client`)."""
+    FINETUNE = 16
+    """(round, client): a client's local fine-tuning from a round's global adapter (`fedsim eval
+    --personalized --finetune-steps`: batch order, LoRA dropout)."""
 
 
 ARITY = {
@@ -69,6 +74,8 @@ ARITY = {
     Stream.ASYNC_SELECTION: 0,
     Stream.ASYNC_DROPOUT: 0,
     Stream.ASYNC_TRAINING: 1,
+    Stream.CLIENT_TEST: 1,
+    Stream.FINETUNE: 2,
 }
 """How many indices follow the seed in each stream."""
 

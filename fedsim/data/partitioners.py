@@ -7,8 +7,10 @@ and no client is left empty; a split that cannot satisfy that raises `FedsimInpu
 """
 
 import json
+import math
 import typing
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -313,6 +315,34 @@ def hold_out_test(
     test_positions = np.sort(np.concatenate(test)) if test else np.empty(0, dtype=np.int64)
     train_positions = np.setdiff1d(np.arange(len(categories)), test_positions)
     return train_positions.astype(np.int64), test_positions.astype(np.int64)
+
+
+def hold_out_per_client(
+    parts: list[np.ndarray], fraction: float, rngs: Sequence[np.random.Generator]
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(training positions, held-out positions) of each client, both sorted: a random
+    `fraction` of each client's records (rounded, at least one) is its own test slice, drawn with
+    that client's generator `rngs[c]`, so one client's slice never depends on another's records.
+    Every client keeps at least one record to train on."""
+    if not 0 < fraction < 1:
+        raise FedsimInputError(
+            f"data.test_per_client: expected a fraction in (0, 1), got {fraction}"
+        )
+    train: list[np.ndarray] = []
+    test: list[np.ndarray] = []
+    for client, (part, rng) in enumerate(zip(parts, rngs, strict=True)):
+        held = max(1, math.floor(fraction * len(part) + 0.5))  # half up: no banker's rounding
+        if held >= len(part):
+            raise FedsimInputError(
+                f"data.test_per_client: client {client} has {len(part)} record(s); holding out "
+                f"{held} leaves none to train on (raise data.partition.min_size or lower "
+                "data.num_clients)"
+            )
+        picked = np.zeros(len(part), dtype=bool)
+        picked[rng.permutation(len(part))[:held]] = True
+        train.append(np.sort(part[~picked]).astype(np.int64))
+        test.append(np.sort(part[picked]).astype(np.int64))
+    return train, test
 
 
 def category_histogram(categories: np.ndarray, indices: np.ndarray) -> dict[str, int]:

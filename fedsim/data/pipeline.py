@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from fedsim.config import DataConfig
 from fedsim.data.partitioners import (
     SplitFile,
     category_histogram,
+    hold_out_per_client,
     hold_out_test,
     make_partitioner,
     positions_for,
@@ -44,8 +45,12 @@ class PreparedData:
 
     table: pa.Table
     clients: list[np.ndarray]
+    """Each client's training records (its held-out slice removed)."""
     test: np.ndarray
     fingerprint: str
+    client_test: list[np.ndarray] = field(default_factory=list)
+    """Each client's held-out slice (`data.test_per_client`); empty when there is none."""
+    client_test_fraction: float = 0.0
 
     def categories(self) -> np.ndarray:
         return self.table.column("category").to_numpy(zero_copy_only=False)
@@ -55,13 +60,18 @@ class PreparedData:
         for part in [*self.clients, self.test]:
             digest.update(np.asarray(part, dtype=np.int64).tobytes())
             digest.update(b"|")
+        if self.client_test:  # only then: runs without slices keep their hashes
+            digest.update(b"client_test|")
+            for part in self.client_test:
+                digest.update(np.asarray(part, dtype=np.int64).tobytes())
+                digest.update(b"|")
         return digest.hexdigest()
 
     def summary(self) -> dict[str, Any]:
         """The content of partition.json."""
         categories = self.categories()
         source_index = self.table.column("source_index").to_numpy()
-        return {
+        summary = {
             "data_fingerprint": self.fingerprint,
             "partition_hash": self.partition_hash(),
             "num_records": self.table.num_rows,
@@ -76,6 +86,20 @@ class PreparedData:
                 for cid, pos in enumerate(self.clients)
             },
         }
+        if self.client_test:
+            summary["test_per_client"] = {
+                "fraction": self.client_test_fraction,
+                "records": sum(len(pos) for pos in self.client_test),
+                "clients": {
+                    str(cid): {
+                        "records": len(pos),
+                        "categories": category_histogram(categories, pos),
+                        "source_index": source_index[pos].tolist(),
+                    }
+                    for cid, pos in enumerate(self.client_test)
+                },
+            }
+        return summary
 
 
 def builtin_fingerprint(source: str, num_records: int, version: int = BUILTIN_VERSION) -> str:
@@ -131,7 +155,18 @@ def load_table(cfg: DataConfig) -> tuple[pa.Table, str]:
 
 
 def prepare_data(cfg: DataConfig, seed: int) -> PreparedData:
-    """Load, hold out and partition; raises FedsimInputError on any bad input."""
+    """Load, hold out, partition and hold out each client's slice; raises FedsimInputError on
+    any bad input."""
+    data = _partition(cfg, seed)
+    if not cfg.test_per_client:
+        return data
+    rngs = [generator(seed, Stream.CLIENT_TEST, c) for c in range(len(data.clients))]
+    train, held = hold_out_per_client(data.clients, cfg.test_per_client, rngs)
+    return PreparedData(data.table, train, data.test, data.fingerprint, held, cfg.test_per_client)
+
+
+def _partition(cfg: DataConfig, seed: int) -> PreparedData:
+    """Load, hold out the test split and partition the rest among the clients."""
     table, fingerprint = load_table(cfg)
     categories = table.column("category").to_numpy(zero_copy_only=False)
     p = cfg.partition
@@ -169,7 +204,12 @@ def format_partition_table(summary: dict[str, Any]) -> str:
     cats = sorted({c for client in summary["clients"].values() for c in client["categories"]})
     lines = [
         f"{summary['num_clients']} clients, {summary['num_records']} records, "
-        f"{summary['test']['records']} held out for test",
+        f"{summary['test']['records']} held out for test"
+        + (
+            f", {summary['test_per_client']['records']} in the clients' own test slices"
+            if "test_per_client" in summary
+            else ""
+        ),
         f"{'client':>6} {'records':>7}  category mix",
     ]
     for cid, client in summary["clients"].items():
