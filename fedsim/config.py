@@ -51,6 +51,8 @@ StrategyName = Literal[
     "flora",
 ]
 SelectionKind = Literal["uniform", "round_robin", "all", "availability"]
+ServerMode = Literal["sync", "async"]
+StalenessRuleName = Literal["constant", "polynomial", "hinge"]
 Weighting = Literal["samples", "uniform"]
 AvailabilityDistribution = Literal["constant", "uniform", "beta"]
 RobustRule = Literal["mean", "median", "trimmed_mean", "krum", "multi_krum"]
@@ -275,7 +277,34 @@ class DPConfig:
 
 
 @dataclass
+class StalenessConfig:
+    """Asynchronous training: how much an update counts by its staleness s, the server steps
+    applied since its client started (Xie et al. 2019). Every factor lies in (0, 1] and is 1 at
+    s = 0; see docs/async.md."""
+
+    rule: StalenessRuleName = "polynomial"
+    """constant (1), polynomial ((1 + s)^-a) or hinge (1 up to s = b, then 1 / (a (s - b) + 1))."""
+    a: float = 0.5
+    """polynomial: the exponent (0.5 is 1 / sqrt(1 + s)); hinge: the slope past b."""
+    b: float = 4.0
+    """hinge: the staleness up to which an update keeps its full weight."""
+
+
+ASYNC_KEYS = ("concurrency", "buffer_size", "staleness")
+"""server keys that only asynchronous training reads (left out of a sync run's training hash)."""
+
+
+@dataclass
 class ServerConfig:
+    mode: ServerMode = "sync"
+    """sync: rounds, each waiting for all its clients; async: buffered asynchronous training on
+    the simulated clock (FedBuff; FedAsync with buffer_size 1 and a server lr below 1), where
+    run.rounds counts server steps; it needs system.enabled. See docs/async.md."""
+    concurrency: int | None = None
+    """async: clients in training at any simulated moment; required with mode async."""
+    buffer_size: int = 10
+    """async: updates per server step (FedBuff's K)."""
+    staleness: StalenessConfig = field(default_factory=StalenessConfig)
     strategy: StrategyName = "fedavg"
     """How the server turns the round's averaged delta into the next global adapter."""
     selection: SelectionKind = "uniform"
@@ -520,6 +549,9 @@ class ExperimentConfig:
             tree.pop("system")
         if not self.data.test_per_client:  # likewise: runs from before it keep their hashes
             tree["data"].pop("test_per_client")
+        if self.server.mode == "sync":  # likewise for the asynchronous settings
+            for key in ("mode", *ASYNC_KEYS):
+                tree["server"].pop(key)
         return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()
 
 
@@ -914,6 +946,8 @@ UPPER_LIMITS: dict[str, float] = {
     "server.robust.num_byzantine": 1_000_000,
     "server.robust.multi_krum_m": 1_000_000,
     "server.min_updates": 1_000_000,
+    "server.concurrency": 1_000_000,
+    "server.buffer_size": 1_000_000,
     "cluster.num_workers": 100_000,
     "cluster.gpus_per_worker": 1024,
     "cluster.cpus_per_worker": 100_000,
@@ -1050,6 +1084,7 @@ def validate(cfg: ExperimentConfig) -> list[str]:
     if not 0 <= y.dropout <= 1:
         p.append(f"system.dropout: must be in [0, 1], got {y.dropout}")
     _validate_min_updates(p, cfg)
+    _validate_async(p, cfg)
     _validate_tracking(p, cfg.tracking)
     _upper_limits(p, cfg)
     return p
@@ -1094,6 +1129,62 @@ def _validate_min_updates(p: list[str], cfg: ExperimentConfig) -> None:
         p.append("server.min_updates: cannot over-select with server.client_ids or selection all")
     if s.dp.enabled:
         p.append("server.min_updates: DP accounting assumes clients_per_round clients a round")
+
+
+ASYNC_STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadagrad", "fedyogi", "fedadam", "ffa_lora")
+"""Strategies whose server step is a function of one mean delta, so an asynchronous step can
+apply it: the others keep per-client state between a client's turns (scaffold, fedsa_lora) or
+combine a whole round's factors from one global version (flexlora, flora)."""
+
+
+def _validate_async(p: list[str], cfg: ExperimentConfig) -> None:
+    """server.mode async and its settings: what asynchronous steps cannot do is refused."""
+    s = cfg.server
+    _positive(p, "server.concurrency", s.concurrency)
+    _positive(p, "server.buffer_size", s.buffer_size)
+    _positive(p, "server.staleness.a", s.staleness.a, zero_ok=True)
+    _positive(p, "server.staleness.b", s.staleness.b, zero_ok=True)
+    if s.mode == "sync":
+        if s.concurrency is not None:
+            p.append("server.concurrency: only server.mode async reads it")
+        return
+    n = cfg.data.num_clients
+    if s.concurrency is None:
+        p.append("server.concurrency: required with server.mode async (clients training at once)")
+    elif n > 0 and s.concurrency > n:
+        p.append(f"server.concurrency: {s.concurrency} is more than data.num_clients ({n})")
+    if not cfg.system.enabled:
+        p.append(
+            "system.enabled: server.mode async runs on the simulated clock of the system model; "
+            "set system.enabled: true (and system.speed_sigma for devices of different speeds)"
+        )
+    if s.strategy not in ASYNC_STRATEGIES:
+        p.append(
+            f"server.strategy: {s.strategy} cannot run asynchronously (it keeps per-client state "
+            f"or combines a whole round from one version); use one of {', '.join(ASYNC_STRATEGIES)}"
+        )
+    if s.robust.rule != "mean":
+        p.append(
+            f"server.robust.rule: {s.robust.rule} needs a whole round of updates from one global "
+            "version; asynchronous steps fold stale updates: use rule mean"
+        )
+    if s.dp.enabled:
+        p.append(
+            "server.dp.enabled: the accountant assumes a uniform sample of clients_per_round "
+            "clients a round, which asynchronous steps are not; turn DP off with server.mode async"
+        )
+    if s.client_ids is not None:
+        p.append("server.client_ids: asynchronous training draws each client among the idle ones")
+    if s.selection != "uniform":
+        p.append(
+            f"server.selection: asynchronous training draws each client uniformly among the idle "
+            f"ones; {s.selection} is for rounds: set uniform"
+        )
+    if s.min_updates is not None:
+        p.append(
+            "server.min_updates: over-selection is for rounds; asynchronous training keeps "
+            "server.concurrency clients in flight"
+        )
 
 
 def _quantization_problems(cfg: ExperimentConfig) -> list[str]:

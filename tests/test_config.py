@@ -397,7 +397,7 @@ def test_every_closed_choice_is_a_literal():
         "model.quantization", "client.backend", "client.lr_scheduler", "client.compression.kind",
         "server.strategy", "server.selection", "server.weighting",
         "server.availability.distribution", "server.robust.rule", "cluster.data_transport",
-        "tracking.wandb.mode",
+        "tracking.wandb.mode", "server.mode", "server.staleness.rule",
     }  # fmt: skip
 
 
