@@ -122,6 +122,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     from fedsim.eval.job import watch as watch_run
 
+    if args.personalized:
+        return _eval_personalized(args)
+    if args.round is not None or args.finetune_steps is not None:
+        raise FedsimInputError("--round and --finetune-steps go with --personalized")
     if args.watch:  # may start together with the trainer, before the run directory exists
         try:
             wait_for_first_round(Path(args.run_dir), poll=1.0, timeout=args.timeout)
@@ -162,6 +166,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
+    return 0
+
+
+def _eval_personalized(args: argparse.Namespace) -> int:
+    """`fedsim eval RUN_DIR --personalized`: one round, each client on its own held-out slice."""
+    from fedsim.eval.job import open_run
+    from fedsim.eval.personalized import evaluate_personalized
+
+    if args.rounds or args.all or args.watch:
+        raise FedsimInputError("--personalized scores one round: choose it with --round N")
+    if args.round is not None and args.round < 1:
+        raise FedsimInputError(f"--round: rounds are numbered from 1, got {args.round}")
+    run = open_run(args.run_dir, args.set)
+    evaluate_personalized(run, args.round, args.finetune_steps or 0)
     return 0
 
 
@@ -273,6 +291,21 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--nice", type=int, default=10, help="with --watch: lower this process's CPU priority"
+    )
+    p.add_argument(
+        "--personalized",
+        action="store_true",
+        help="score each client on its own held-out slice (data.test_per_client) with the global "
+        "model and the one it would use (FedSA-LoRA: its own B); writes "
+        "rounds/round_N/eval/personalized.json",
+    )
+    p.add_argument("--round", type=int, help="with --personalized: the round (default: latest)")
+    p.add_argument(
+        "--finetune-steps",
+        type=int,
+        metavar="K",
+        help="with --personalized: also score 'FedAvg + local fine-tune', K local steps from the "
+        "round's global adapter on each client's own records",
     )
 
 
