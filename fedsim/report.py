@@ -5,9 +5,11 @@ per-category breakdown of the newest evaluated round, a heat map of exact match 
 round, and which clients took part in which round. For several runs: one comparison table (each
 run's newest evaluated round), the same curves overlaid and the heat maps stacked; when the runs
 differ in registered clients and/or clients per round (a scalability sweep), also a table and a
-plot of round time, peak memory and object-store traffic against the number of clients. Everything
-is read from files the trainer and evaluation jobs wrote (metrics.jsonl, eval.jsonl, config.yaml,
-rounds/*/eval/summary.json); nothing is recomputed.
+plot of round time, peak memory and object-store traffic against the number of clients. Where
+`fedsim eval --personalized` has run, also each client's loss under the global and the
+personalized models, in one plot. Everything is read from files the trainer and evaluation jobs
+wrote (metrics.jsonl, eval.jsonl, config.yaml, rounds/*/eval/summary.json and personalized.json);
+nothing is recomputed.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from fedsim import checkpoint
 from fedsim.errors import FedsimInputError
 
 EVAL_FILE = "eval.jsonl"  # fedsim.eval.job.EVAL_FILE, without importing the evaluation stack
+PERSONALIZED_FILE = "personalized.json"  # fedsim.eval.personalized.RESULT_FILE, likewise
+PERSONALIZED_PLOT = "personalized.png"
 
 EVAL_METRICS: tuple[tuple[str, str], ...] = (
     ("loss", "held-out loss"),
@@ -501,6 +505,100 @@ def _sweep_markdown(points: list[SweepPoint], plot: Path | None) -> list[str]:
     return lines
 
 
+# ------------------------------------------------------------------------------------------
+# Personalized evaluation: global vs personalized loss per client
+# ------------------------------------------------------------------------------------------
+
+
+def newest_personalized(run: RunData) -> dict[str, Any] | None:
+    """The newest round's personalized.json (`fedsim eval --personalized`) whose adapter is
+    still the round's; None when there is none."""
+    adapters = _AdapterHashes(run.path)
+    for round_idx in reversed(checkpoint.list_rounds(run.path)):
+        path = (
+            run.path
+            / checkpoint.ROUNDS_DIR
+            / checkpoint.round_name(round_idx)
+            / "eval"
+            / PERSONALIZED_FILE
+        )
+        try:
+            result = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(result.get("models"), dict) and adapters.current(result):
+            return result
+    return None
+
+
+def plot_personalized(runs: list[RunData], out: Path) -> Path | None:
+    """One panel per run with personalized results: each client's held-out loss under the
+    global model and under each personalized one, clients ordered by their global loss."""
+    panels = [
+        (run, r) for run in runs if (r := newest_personalized(run)) and "global" in r["models"]
+    ]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7.5, 3.4 * len(panels)), squeeze=False)
+    for ax, (run, result) in zip(axes[:, 0], panels, strict=True):
+        models = result["models"]
+        glob = models["global"]["clients"]
+        order = sorted(glob, key=lambda c: (glob[c].get("loss") is None, glob[c].get("loss")))
+        xs = np.arange(len(order))
+        for name, model in models.items():
+            ys = [model["clients"].get(c, {}).get("loss") for c in order]
+            ys = [np.nan if y is None else y for y in ys]
+            style = {"color": "black", "marker": "o"} if name == "global" else {"marker": "^"}
+            label = f"{name} (mean {_fmt(model.get('mean_loss'), 3)})"
+            ax.plot(xs, ys, linestyle="none", markersize=5, label=label, **style)
+        ax.set_xticks(xs, order, fontsize=7)
+        ax.set_xlabel("client (ordered by its loss under the global model)")
+        ax.set_ylabel("held-out loss")
+        ax.set_title(f"{run.label}: round {result['round']}, each client's own slice", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("Global vs personalized loss per client")
+    return _save(fig, out / PERSONALIZED_PLOT)
+
+
+PERSONALIZED_HEADER = [
+    "model",
+    "mean loss",
+    "worst-decile loss",
+    "mean exact",
+    "worst-decile exact",
+]
+
+
+def _personalized_markdown(runs: list[RunData], plot: Path | None) -> list[str]:
+    """A table of each personalized result's summary (model, mean and worst decile), and the
+    plot; nothing when no run has one."""
+    keys = ("mean_loss", "worst_decile_loss", "mean_exact_match", "worst_decile_exact_match")
+    compare = len(runs) > 1
+    rows, rounds = [], []
+    for run in runs:
+        result = newest_personalized(run)
+        if result is None:
+            continue
+        rounds.append(result["round"])
+        for name, model in result["models"].items():
+            cells = [_fmt(model.get(k), 4 if "loss" in k else 3) for k in keys]
+            rows.append([*([run.label, str(result["round"])] if compare else []), name, *cells])
+    if not rows:
+        return []
+    lines = ["## Personalized evaluation", ""]
+    where = "at each run's newest round scored" if compare else f"at round {rounds[0]}"
+    lines += [
+        f"Each client on its own held-out slice (`fedsim eval --personalized`) {where}; means "
+        "and worst deciles over clients.",
+        "",
+    ]
+    lines += [*_table([*(["run", "round"] if compare else []), *PERSONALIZED_HEADER], rows), ""]
+    if plot is not None:
+        lines += [f"![global vs personalized loss per client]({PERSONALIZED_PLOT})", ""]
+    return lines
+
+
 def _save(fig: Any, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -738,6 +836,7 @@ def write_report(run_dirs: list[Path], out: Path | None = None) -> Path:
         if len(runs) == 1
         else _comparison_markdown(runs, plots)
     )
+    lines += _personalized_markdown(runs, plot_personalized(runs, out))
     if points is not None:
         lines += _sweep_markdown(points, plot_sweep(points, out))
     checkpoint.write_text_atomic(out / "report.md", "\n".join(lines).rstrip() + "\n")
