@@ -131,6 +131,8 @@ def run_experiment(
     pad_id = load_tokenizer(prep.model_path).pad_token_id
     spec = worker_spec(cfg, prep.model_path, shards_dir, pad_id)
     per_round = clients_per_round(cfg)
+    if cfg.server.mode == "async" and cfg.server.concurrency:  # the most that train at once
+        per_round = cfg.server.concurrency
     if prep.resume_from:  # finish a client-state commit that a crash cut short
         ClientStateStore(prep.run_dir).settle(prep.resume_from.round_idx)
 
@@ -148,6 +150,11 @@ def run_experiment(
     ):
         commits = Commits(prep.run_dir, result, scalars)
         rounds = _round_runner(prep, spec, pool, shards, commits, log, show_progress)
+        if cfg.server.mode == "async":  # server steps on the simulated clock (docs/async.md)
+            from fedsim.async_rounds import run_steps  # here: it builds on this module
+
+            run_steps(rounds, start_round, cfg.run.rounds, prep.resume_from, len(pool.actors))
+            return result
         log(
             f"run {prep.run_dir}: {cfg.data.num_clients} clients, {per_round} per round, "
             f"{len(pool.actors)} workers, rounds {start_round}..{cfg.run.rounds}"

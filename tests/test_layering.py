@@ -35,6 +35,7 @@ LAYERS = {
     "execution": 6,
     "prepare": 7,
     "driver": 8,
+    "async_rounds": 8,
     "eval": 8,
     "report": 8,
     "runs": 8,
@@ -52,6 +53,10 @@ ALLOWED_SIDEWAYS = {
         "driver",
         "eval",
     ),  # the per-round held-out probe (fedsim.eval.probe); eval never imports driver
+    # server.mode async: the driver hands its RoundRunner to the asynchronous step loop, which
+    # reuses the round's parts (aggregator, pool, checkpoints, commits)
+    ("driver", "async_rounds"),
+    ("async_rounds", "driver"),
 }
 
 

@@ -89,6 +89,8 @@ class Aggregator:
         self._sum: WeightedDeltaSum | None = None
         self._buffer: dict[int, TensorDict] = {}
         self._weights: dict[int, int] = {}
+        self._units: dict[int, int] | None = None
+        """Asynchronous steps: each update's n_i 2^30; the mean divides by the accepted ones'."""
         self._rejected: dict[int, str] = {}
         self._accepted: list[int] = []
         self._bytes: dict[int, int] = {}
@@ -143,6 +145,7 @@ class Aggregator:
             c: (n if self.weighting == "samples" else 1) for c, n in sample_counts.items()
         }
         self._sum = WeightedDeltaSum(self.global_adapter, max(1, sum(self._weights.values())))
+        self._units = None
         self._buffer = {}
         self._rejected, self._accepted = {}, []
         self._bytes, self._norms, self._fold_seconds = {}, {}, 0.0
@@ -153,8 +156,24 @@ class Aggregator:
         self.strategy.begin_round(len(sample_counts))
         faults.note(f"begin_round {round_idx}")  # fault tests only
 
-    def fold(self, client_id: int, upload: ClientUpload | TensorDict) -> str | None:
-        """Add one client's upload; returns the reason if it was rejected, else None."""
+    def begin_step(self, step: int, weights: dict[int, int], units: dict[int, int]) -> None:
+        """Asynchronous server step `step` (fedsim.async_rounds), instead of `begin_round`: its
+        updates are keyed by dispatch index, `weights` holds each one's integer fold weight
+        round(n_i s(tau_i) 2^30) and `units` its n_i 2^30 (`StepWeights.fold_weights`). The mean
+        divides by the units of the accepted updates: sum_i n_i s(tau_i) delta_i / sum_j n_j."""
+        self.begin_round(dict.fromkeys(weights, 1), step)
+        self._weights, self._units = dict(weights), dict(units)
+        self._sum = WeightedDeltaSum(self.global_adapter, max(1, sum(units.values())))
+
+    def fold(
+        self,
+        client_id: int,
+        upload: ClientUpload | TensorDict,
+        trained_from: TensorDict | None = None,
+    ) -> str | None:
+        """Add one client's upload; returns the reason if it was rejected, else None.
+        `trained_from`: the global adapter the client trained from, when not the current one
+        (an asynchronous update is a delta from its own start version)."""
         assert self._sum is not None, "begin_round first"
         if not isinstance(upload, ClientUpload):  # a bare adapter
             upload = ClientUpload(upload)
@@ -162,7 +181,7 @@ class Aggregator:
         self._bytes[client_id] = upload.nbytes()
         self._ranks[client_id] = upload.rank or _global_rank(self.global_adapter)
         try:
-            self._fold(client_id, upload)
+            self._fold(client_id, upload, trained_from)
         except UpdateRejected as err:
             self._rejected[client_id] = str(err)
             return str(err)
@@ -171,13 +190,16 @@ class Aggregator:
         self._accepted.append(client_id)
         return None
 
-    def _fold(self, client_id: int, upload: ClientUpload) -> None:
-        plain = upload.encoding == "raw" and upload.rank is None
+    def _fold(
+        self, client_id: int, upload: ClientUpload, trained_from: TensorDict | None = None
+    ) -> None:
+        plain = upload.encoding == "raw" and upload.rank is None and trained_from is None
         if plain and self.client_states is None and self.clip_norm is None and not self.buffered:
             # the common case: the trained adapter itself, folded in one checked streaming pass
             self._sum.add(upload.tensors, self._weights[client_id])  # type: ignore[union-attr]
             return
-        delta = decode_upload(upload, self.global_adapter, self.block_size)
+        reference = self.global_adapter if trained_from is None else trained_from
+        delta = decode_upload(upload, reference, self.block_size)
         if self.clip_norm is not None:
             delta, self._norms[client_id] = clip_delta(delta, self.clip_norm)
         state: TensorDict = {}
@@ -218,6 +240,8 @@ class Aggregator:
             return delta
         if not self._sum.count:
             return None
+        if self._units is not None:  # an asynchronous step: c_i = n_i s(tau_i) / sum_j n_j
+            return self._sum.mean(denominator=sum(self._units[c] for c in self._accepted))
         if not self.dp.enabled:
             return self._sum.mean()
         k = len(self._weights)  # fixed weights 1/k: a missing client contributes zero

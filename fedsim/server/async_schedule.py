@@ -40,6 +40,7 @@ from __future__ import annotations
 import bisect
 import heapq
 import math
+import typing
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -47,11 +48,12 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
+from fedsim.config import StalenessRuleName
 from fedsim.seeds import Stream, generator, seed_of
 from fedsim.server.system_model import SystemModel
 
 Outcome = Literal["update", "dropped_out", "straggler"]
-RULES = ("constant", "polynomial", "hinge")
+RULES: tuple[str, ...] = typing.get_args(StalenessRuleName)
 
 NO_PROGRESS_LIMIT = 100_000
 """Dispatches in a row that may end without an update before the schedule gives up: a run whose
@@ -508,11 +510,11 @@ def wasted_fraction(step: ServerStep) -> float:
 
 
 def step_metrics(step: ServerStep) -> dict[str, Any]:
-    """The schedule's numbers for a step's metrics line."""
+    """The schedule's numbers for a step's metrics line (its `round` is the version): the
+    simulated clock since time 0, the staleness of its updates, the pace and the waste so far."""
     stale = [u.staleness for u in step.updates]
     return {
-        "version": step.version,
-        "simulated_seconds": step.time,
+        "simulated_clock": step.time,
         "staleness_histogram": {str(s): n for s, n in staleness_histogram(step).items()},
         "staleness_mean": sum(stale) / len(stale),
         "staleness_max": max(stale),

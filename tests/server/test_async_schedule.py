@@ -108,7 +108,7 @@ def test_metrics_of_the_hand_written_schedule():
     metrics = step_metrics(step7)
     assert metrics["staleness_histogram"] == {"1": 1, "2": 1}
     assert (metrics["staleness_mean"], metrics["staleness_max"]) == (1.5, 2)
-    assert metrics["simulated_seconds"] == 21.0 and metrics["dispatched"] == 15
+    assert metrics["simulated_clock"] == 21.0 and metrics["dispatched"] == 15
     assert step7.to_json()["updates"][0] == {
         "client": 2,
         "dispatch": 10,
