@@ -18,6 +18,7 @@ import yaml
 from fedsim import checkpoint
 from fedsim.config import config_from_dict
 from fedsim.driver import RunResult, run_experiment
+from fedsim.faults import FAULTS_ENV
 from tests.conftest import assert_same_run_files, tiny_experiment
 from tests.faults.test_driver_faults import sigkill_driver_mid_round_two
 
@@ -157,3 +158,19 @@ def test_driver_sigkilled_mid_step_then_resumed_gives_the_same_bits(runs, tmp_pa
     resumed = _run(raw, resume=True)
     assert (resumed.first_round, resumed.last_round) == (2, STEPS)
     assert_same_run_files(reference, run_dir, range(1, STEPS + 1))
+
+
+@pytest.mark.slow
+def test_an_aggregator_that_dies_is_replaced_and_the_lost_steps_redone(runs, monkeypatch, tmp_path):
+    """Step 2 is aggregated, then its aggregator dies before writing it (once step 3 has
+    begun): the steps after round_0001 are redone from the files on disk, with the same bits."""
+    reference, _ = runs
+    fault = {"round": 2, "aggregator": "exit_before_checkpoint", "once_file": str(tmp_path / "x")}
+    monkeypatch.setenv(FAULTS_ENV, json.dumps([fault]))
+    messages: list[str] = []
+    result = run_experiment(config_from_dict(three_clients(tmp_path)), log=messages.append,
+                            show_progress=False)  # fmt: skip
+    redone = [m for m in messages if "the aggregator failed" in m]
+    assert len(redone) == 1 and "from round 2 on" in redone[0], messages
+    assert [m["round"] for m in result.metrics] == list(range(1, STEPS + 1))
+    assert_same_run_files(reference, result.run_dir, range(1, STEPS + 1))
