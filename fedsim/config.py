@@ -1052,6 +1052,7 @@ def validate(cfg: ExperimentConfig) -> list[str]:
         p.append(f"server.fraction: expected a value in (0, 1], got {s.fraction}")
     if (
         s.client_ids is None
+        and s.mode == "sync"  # async runs draw no rounds
         and s.clients_per_round
         and d.num_clients > 0
         and s.clients_per_round > d.num_clients

@@ -61,6 +61,11 @@ def test_what_async_cannot_do_is_refused_naming_the_field(extra, field):
     assert any(p.startswith(field) for p in found), found
 
 
+def test_clients_per_round_is_not_checked_against_the_clients_of_an_async_run():
+    raw = merged({"data": {"num_clients": 3}, "server": {"concurrency": 3}})
+    assert config_from_dict(raw).server.clients_per_round == 5  # default, unused
+
+
 def test_concurrency_without_async_is_refused():
     (problem,) = problems({"server": {"concurrency": 4}})
     assert problem == "server.concurrency: only server.mode async reads it"
