@@ -175,23 +175,28 @@ def summarize_model(per_client: dict[str, dict[str, Any]]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------
 
 
+def check_own_b_rounds(store: ClientStateStore, round_idx: int) -> None:
+    """FedSA-LoRA: refuse `round_idx` when a client's kept B was written after it: clients/
+    holds each client's latest B only, not the one it had at that round. Reads metadata only."""
+    for path in sorted(store.dir.glob("*.safetensors")) if store.dir.is_dir() else []:
+        with safe_open(str(path), "pt") as f:
+            written = int((f.metadata() or {}).get("round", "0"))
+        if written > round_idx:
+            raise FedsimInputError(
+                f"--round {round_idx}: {path} holds client {path.stem}'s B as of round "
+                f"{written}; clients/ keeps each client's latest B only, so score a round at or "
+                "after the last one any client trained in (the latest round)"
+            )
+
+
 def own_b_adapter(
-    store: ClientStateStore, client_id: int, round_idx: int, adapter: TensorDict
+    store: ClientStateStore, client_id: int, adapter: TensorDict
 ) -> TensorDict | None:
     """FedSA-LoRA: `adapter` with the client's own B (zero-padded to the adapter's rank), or
-    None when the client never trained. A B written after `round_idx` is not the one the
-    client had then: an input error."""
-    path = store.path(client_id)
-    if not path.exists():
+    None when the client never trained."""
+    own = store.load(client_id)
+    if own is None:
         return None
-    with safe_open(str(path), "pt") as f:
-        written = int((f.metadata() or {}).get("round", "0"))
-    if written > round_idx:
-        raise FedsimInputError(
-            f"--round {round_idx}: {path} holds client {client_id}'s B as of round {written}; "
-            "clients/ keeps each client's latest B only, so score a round at or after it"
-        )
-    own = store.load(client_id) or {}
     return {**adapter, **pad_adapter(own, {k: adapter[k] for k in own})}
 
 
@@ -254,6 +259,9 @@ def evaluate_personalized(
     adapter, adapter_sha = load_adapter(run, round_idx)
     data, clients = client_data(run)
     fedsa = cfg.server.strategy == "fedsa_lora"
+    store = ClientStateStore(run.run_dir)
+    if fedsa:  # before any model is loaded
+        check_own_b_rounds(store, round_idx)
     torch.set_num_threads(cfg.eval.num_threads)
     model = ModelPool().get(cfg)
     with_exact = any(q.exact for c in clients for q in c.questions)
@@ -269,10 +277,9 @@ def evaluate_personalized(
     )
     if fedsa:
         start = time.perf_counter()
-        store = ClientStateStore(run.run_dir)
         per_client = {}
         for c in clients:
-            own = own_b_adapter(store, c.client_id, round_idx, lora)
+            own = own_b_adapter(store, c.client_id, lora)
             model.use_adapter(adapter if own is None else {**adapter, **own})
             per_client[str(c.client_id)] = {
                 **score_client(model, run, c, with_exact),
