@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 from fedsim import checkpoint
 from fedsim.cli import main
 from fedsim.data.pipeline import load_table
-from fedsim.data.shards import IGNORE_INDEX, tokenize_records
+from fedsim.data.shards import IGNORE_INDEX, ShardStore, tokenize_records
 from fedsim.data.templates import get_template
 from fedsim.eval.job import open_run
 from fedsim.eval.personalized import (
@@ -130,6 +130,16 @@ def test_each_client_is_scored_with_its_own_b_and_the_global_model(
 
     result = read_result(result_path(open_run(run_dir), 2))
     assert set(result["models"]) == {GLOBAL, OWN_B}
+    # the clients trained on their records less their slices: the shards hold no more
+    partition = json.loads((run_dir / "partition.json").read_text())
+    shards = ShardStore(run_dir / "shards")
+    for c in range(6):
+        held = partition["test_per_client"]["clients"][str(c)]["records"]
+        assert shards.num_records(c) == partition["clients"][str(c)]["records"]
+        assert result["models"][GLOBAL]["clients"][str(c)]["records"] == held > 0
+    train = sum(partition["clients"][str(c)]["records"] for c in range(6))
+    held = partition["test_per_client"]["records"]
+    assert train + held + partition["test"]["records"] == partition["num_records"]
     store = ClientStateStore(run_dir)
     trained = [c for c in range(6) if store.path(c).exists()]
     assert 0 < len(trained) < 6  # 3 of 6 clients a round for 2 rounds: some never trained
