@@ -30,6 +30,7 @@ from fedsim.data.shard_builder import ShardBuilder
 from fedsim.eval.probe import HeldoutProbe
 from fedsim.execution import (
     FailurePolicy,
+    TaskInputLost,
     WorkerPool,
     ray_session,
     worker_pool,
@@ -434,9 +435,12 @@ class RoundRunner:
         def fold(task: ClientTask, adapter_ref: Any) -> None:
             folds.append(aggregator.fold.remote(task.client_id, adapter_ref))
 
-        outcomes = self.pool.run(
-            tasks, global_ref, fold, self.policy, self.log, self.show_progress, contexts
-        )
+        try:
+            outcomes = self.pool.run(
+                tasks, global_ref, fold, self.policy, self.log, self.show_progress, contexts
+            )
+        except TaskInputLost as err:  # the clients' contexts and adapter come from the aggregator
+            raise AggregatorLost(str(err)) from None
         for ref in folds:
             _aggregator_call(ref)
         return outcomes

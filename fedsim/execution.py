@@ -6,6 +6,10 @@ pool's placement.
 was training; `FailurePolicy` decides, per outcome, whether a client is retried or dropped. A
 client whose training raised is dropped at once (its traceback is in the outcome): the same input
 would fail again. Outcomes are values, never exceptions across the actor boundary.
+
+A task whose *input* could not be computed (a reference returned by an actor that has since died,
+such as the aggregator's client contexts) fails although its worker is alive and well: the pool
+raises `TaskInputLost` for it instead of counting a worker as dead, and the caller redoes the work.
 """
 
 from __future__ import annotations
@@ -48,6 +52,14 @@ VERBOSE_WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", console.VERBOSE_ENV: "1
 
 REVIVE_SECONDS = 120.0
 """How long a restarting worker may take to come back (it reloads the base model)."""
+
+
+class TaskInputLost(Exception):
+    """An input of a client's task came from an actor that died (its worker is fine)."""
+
+    def __init__(self, client_id: int, cause: ray.exceptions.RayActorError) -> None:
+        super().__init__(f"an input of client {client_id}'s task was lost ({type(cause).__name__})")
+        self.actor_id = cause.actor_id
 
 
 @dataclass(frozen=True)
@@ -112,44 +124,45 @@ class WorkerPool:
         pending: dict[Any, tuple[int, ClientTask, int, Any]] = {}
         reviving: dict[Any, tuple[int, float]] = {}  # ping ref -> (worker, deadline)
         outcomes: dict[int, ClientOutcome] = {}
-        bar = tqdm(total=len(tasks), desc="  clients", leave=False, disable=not show_progress)
-        while queue or pending:
-            if not free and not pending and not reviving:  # every worker is gone
-                for task, attempt in queue:
-                    outcomes[task.client_id] = ClientOutcome(
-                        task.client_id, ok=False, attempts=attempt, error="no live worker left"
+        with tqdm(
+            total=len(tasks), desc="  clients", leave=False, disable=not show_progress
+        ) as bar:
+            while queue or pending:
+                if not free and not pending and not reviving:  # every worker is gone
+                    for task, attempt in queue:
+                        outcomes[task.client_id] = ClientOutcome(
+                            task.client_id, ok=False, attempts=attempt, error="no live worker left"
+                        )
+                    break
+                while queue and free:
+                    w, (task, attempt) = free.pop(), queue.popleft()
+                    meta_ref, adapter_ref = (
+                        self.actors[w]
+                        .train.options(num_returns=2)
+                        .remote(task, global_ref, contexts.get(task.client_id))
                     )
-                break
-            while queue and free:
-                w, (task, attempt) = free.pop(), queue.popleft()
-                meta_ref, adapter_ref = (
-                    self.actors[w]
-                    .train.options(num_returns=2)
-                    .remote(task, global_ref, contexts.get(task.client_id))
-                )
-                pending[meta_ref] = (w, task, attempt, adapter_ref)
-            [done], _ = ray.wait([*pending, *reviving], num_returns=1)
-            if done in reviving:
-                w, deadline = reviving.pop(done)
-                if self._revived(done, w, deadline, reviving, log):
+                    pending[meta_ref] = (w, task, attempt, adapter_ref)
+                [done], _ = ray.wait([*pending, *reviving], num_returns=1)
+                if done in reviving:
+                    w, deadline = reviving.pop(done)
+                    if self._revived(done, w, deadline, reviving, log):
+                        free.append(w)
+                    continue
+                w, task, attempt, adapter_ref = pending.pop(done)
+                outcome = self._collect(done, w, task, attempt, log)
+                if outcome.worker_lost and w in self.alive:  # Ray is restarting it: wait until up
+                    reviving[self.actors[w].info.remote()] = (w, time.monotonic() + REVIVE_SECONDS)
+                elif w in self.alive:
                     free.append(w)
-                continue
-            w, task, attempt, adapter_ref = pending.pop(done)
-            outcome = self._collect(done, w, task, attempt, log)
-            if outcome.worker_lost and w in self.alive:  # Ray is restarting it: wait until up
-                reviving[self.actors[w].info.remote()] = (w, time.monotonic() + REVIVE_SECONDS)
-            elif w in self.alive:
-                free.append(w)
-            if policy.should_retry(outcome):
-                log(f"client {task.client_id}: {outcome.error}; retry {attempt}")
-                queue.append((task, attempt + 1))
-                continue
-            if outcome.ok:
-                on_update(task, adapter_ref)
-            outcomes[task.client_id] = outcome
-            bar.update(1)
-            bar.set_postfix(loss=f"{outcome.mean_loss:.3f}")
-        bar.close()
+                if policy.should_retry(outcome):
+                    log(f"client {task.client_id}: {outcome.error}; retry {attempt}")
+                    queue.append((task, attempt + 1))
+                    continue
+                if outcome.ok:
+                    on_update(task, adapter_ref)
+                outcomes[task.client_id] = outcome
+                bar.update(1)
+                bar.set_postfix(loss=f"{outcome.mean_loss:.3f}")
         return [outcomes[t.client_id] for t in tasks]
 
     def _revived(
@@ -181,6 +194,12 @@ class WorkerPool:
     ) -> ClientOutcome:
         try:
             outcome: ClientOutcome = ray.get(ref)
+        except ray.exceptions.RayTaskError as err:
+            # The actor error of an input arrives wrapped in a task error whose actor is the
+            # input's owner; a worker's own death is never wrapped. Other task errors are bugs.
+            if isinstance(err, ray.exceptions.RayActorError):
+                raise TaskInputLost(task.client_id, err) from None
+            raise
         except ray.exceptions.ActorDiedError:  # restarts used up: the worker is gone for good
             self.alive.remove(w)
             log(f"worker {w} is gone for good; {len(self.alive)} left")

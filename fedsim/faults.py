@@ -15,6 +15,10 @@
                                                            driver has moved on (round 3 begun, or
                                                            the run flushing): round 2 then exists
                                                            only in the process that died
+    {"round": 3, "aggregator": "exit_in_client_context"}   the aggregator process exits when
+                                                           asked for a round-3 client's context:
+                                                           every client task of round 3 then
+                                                           has an input that cannot be computed
 
 A fault with `"once_file": PATH` strikes only where it can create PATH, so it strikes once even
 in the fresh actor that replaces the one it ended. The driver forwards the variable to the actors
@@ -93,8 +97,9 @@ def exit_if_aggregator_fault(round_idx: int, where: str) -> None:
     """End this process at once (as a crash would) if a fault is injected here: after the driver
     has begun the next round or started flushing (the aggregator `note`s both), so the lost
     round is always one the driver believed handed over. A round written in line never sees
-    that, and exits after at most 30 s."""
+    that, and exits after at most 30 s. Anywhere else it exits at once."""
     for fault in injected_faults():
         if (fault.get("round"), fault.get("aggregator")) == (round_idx, where) and _strikes(fault):
-            _wait_for_any({f"begin_round {round_idx + 1}", "flush"}, timeout=30)
+            if where == "exit_before_checkpoint":
+                _wait_for_any({f"begin_round {round_idx + 1}", "flush"}, timeout=30)
             os._exit(1)

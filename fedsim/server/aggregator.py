@@ -120,6 +120,7 @@ class Aggregator:
     def client_context(self, client_id: int, lora_rank: int | None = None) -> ClientContext:
         """What client `client_id`'s local training needs this round (from the strategy, its
         stored state, and its LoRA rank)."""
+        exit_if_aggregator_fault(self._round, "exit_in_client_context")  # fault tests only
         state = self.client_states.load(client_id) if self.client_states else None
         context = self.strategy.client_context(self.global_adapter, state)
         context = dataclasses.replace(context, lora_rank=lora_rank)
