@@ -43,6 +43,7 @@ from fedsim.driver import (
     _round_line,
 )
 from fedsim.errors import FedsimInputError
+from fedsim.execution import TaskInputLost
 from fedsim.protocol import ClientOutcome, ClientTask
 from fedsim.server.async_schedule import (
     FOLD_SCALE_BITS,
@@ -247,9 +248,12 @@ class StepRunner:
         def keep(task: ClientTask, upload_ref: Any) -> None:
             uploads[task.client_id] = upload_ref
 
-        outcomes = rounds.pool.run(
-            tasks, global_ref, keep, rounds.policy, rounds.log, rounds.show_progress, contexts
-        )
+        try:
+            outcomes = rounds.pool.run(
+                tasks, global_ref, keep, rounds.policy, rounds.log, rounds.show_progress, contexts
+            )
+        except TaskInputLost as err:  # the contexts (and versions) come from the aggregator
+            raise AggregatorLost(str(err)) from None
         for d, outcome in zip(batch, outcomes, strict=True):
             self.trained[d.index] = (outcome, uploads.get(d.client))
             self.launched.append(d.index)
