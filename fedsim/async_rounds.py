@@ -137,6 +137,8 @@ class StepRunner:
     """Simulated seconds at the current version."""
     launched: list[int] = field(default_factory=list)
     """Dispatches trained for the step being run."""
+    launched_seconds: float = 0.0
+    """Their training seconds, summed (as the workers measured them)."""
 
     # --- resume ---------------------------------------------------------------------------
 
@@ -174,7 +176,7 @@ class StepRunner:
         rounds, v = self.rounds, step.version
         started = time.perf_counter()
         # --- launch: every dispatch that starts from version v - 1 ---
-        self.launched = []
+        self.launched, self.launched_seconds = [], 0.0
         self.launch(step.started, aggregator)
         # --- fold: the K updates, each against the version it started from ---
         weights = step_weights(step, self.rule, self._sample_weight)
@@ -257,6 +259,7 @@ class StepRunner:
         for d, outcome in zip(batch, outcomes, strict=True):
             self.trained[d.index] = (outcome, uploads.get(d.client))
             self.launched.append(d.index)
+            self.launched_seconds += outcome.train_seconds
 
     def _sample_weight(self, client: int) -> int:
         """n_i: the client's record count, or 1 under `server.weighting: uniform`."""
@@ -285,7 +288,12 @@ class StepRunner:
         return {
             "client_results": results,
             "bytes_downlink": self.rounds.adapter_bytes * len(self.launched),
-            "async": {**schedule, **step_metrics(step), "launched": sorted(self.launched)},
+            "async": {
+                **schedule,
+                **step_metrics(step),
+                "launched": sorted(self.launched),
+                "launched_train_seconds": round(self.launched_seconds, 4),
+            },
         }
 
     def _report(
