@@ -5,7 +5,8 @@ the sum is divided by the sample total of the step's accepted updates."""
 import pytest
 import torch
 
-from fedsim.config import ExperimentConfig, ServerConfig, StalenessConfig
+from fedsim.config import ExperimentConfig, RobustConfig, ServerConfig, StalenessConfig
+from fedsim.protocol import encode_upload
 from fedsim.server.aggregator import Aggregator
 from fedsim.server.async_schedule import (
     FOLD_SCALE_BITS,
@@ -108,3 +109,37 @@ def test_a_rejected_update_leaves_the_others_own_coefficients(tmp_path):
     # dispatch 0 (client 1) uploads NaN: dispatch 2 (client 0, n=1, fresh) makes the step alone
     g1 = apply(agg, one, versions, delta=lambda d: float("nan") if d == 0 else 3.0)
     assert g1 == pytest.approx(3.0, abs=1e-12)
+
+
+def one_update_step(agg: Aggregator, upload, trained_from: dict) -> dict:
+    """A step of one fresh update of weight 1 (c = 1): the new adapter is current + delta."""
+    step = three_clients(buffer_size=1).step(1)
+    d = step.updates[0].dispatch.index
+    agg.begin_step(1, {d: 1 << FOLD_SCALE_BITS}, {d: 1 << FOLD_SCALE_BITS})
+    assert agg.fold(d, upload, trained_from) is None
+    return agg.finish_round(1, {})[1]
+
+
+def test_a_compressed_lower_rank_upload_is_decoded_against_its_own_start(tmp_path):
+    """HetLoRA's rank-1 client with an fp16 delta: the trained first component moves by the
+    delta, the zero-padded second one goes to 0 - start (not 0 - current)."""
+    start = {"m.lora_A.weight": torch.tensor([[1.0, 2.0], [3.0, 4.0]]),
+             "m.lora_B.weight": torch.tensor([[0.5, 0.25]])}  # fmt: skip
+    current = {k: v + 1 for k, v in start.items()}
+    local = {"m.lora_A.weight": torch.tensor([[1.5, 2.5], [3.0, 4.0]]),
+             "m.lora_B.weight": torch.tensor([[0.75, 0.25]])}  # fmt: skip
+    agg = aggregator(tmp_path)
+    agg.set_global(current)
+    new = one_update_step(agg, encode_upload(local, start, "fp16", rank=1), start)
+    # A: current + ([[0.5, 0.5], [0, 0] - [3, 4]]); B: current + [[0.25, 0 - 0.25]]
+    assert torch.equal(new["m.lora_A.weight"], torch.tensor([[2.5, 3.5], [1.0, 1.0]]))
+    assert torch.equal(new["m.lora_B.weight"], torch.tensor([[1.75, 1.0]]))
+
+
+def test_clipping_applies_to_the_delta_from_the_start_version(tmp_path):
+    server = ServerConfig(mode="async", concurrency=3, robust=RobustConfig(clip_norm=2.5))
+    agg = Aggregator(str(tmp_path), ExperimentConfig(server=server), {"r": 1}, {})
+    start = {"w": torch.zeros(1, dtype=torch.float64)}
+    agg.set_global({"w": torch.ones(1, dtype=torch.float64)})
+    new = one_update_step(agg, {"w": start["w"] + 3.0}, start)
+    assert float(new["w"]) == 1.0 + 2.5  # delta 3 from the start, clipped to 2.5
