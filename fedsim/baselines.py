@@ -21,6 +21,12 @@ def centralized(cfg: ExperimentConfig, steps_factor: float = 1.0) -> ExperimentC
             "--centralized: data.partition.kind split_file fixes each client's records; "
             "use a seeded partition (its test split is held out the same way for both runs)"
         )
+    if cfg.data.test_per_client:
+        raise FedsimInputError(
+            "--centralized: data.test_per_client holds out a slice of each federated client, "
+            "which one client cannot hold out alike; run the baseline with "
+            "--set data.test_per_client=0 (it then also trains on those slices)"
+        )
     raw = cfg.to_dict()
     share = clients_per_round(cfg) * steps_factor
     if cfg.client.local_steps is not None:

@@ -71,3 +71,13 @@ def test_a_fixed_split_file_has_no_centralized_baseline(tmp_path) -> None:
 
     with pytest.raises(FedsimInputError, match="split_file"):
         centralized(config_from_dict(raw))
+
+
+def test_per_client_slices_have_no_centralized_baseline(tmp_path) -> None:
+    # one client cannot hold out the federated clients' own slices: refused, not approximated
+    raw = tiny_experiment(tmp_path, data={"test_per_client": 0.2})
+
+    with pytest.raises(FedsimInputError, match=r"data\.test_per_client.*test_per_client=0"):
+        centralized(config_from_dict(raw))
+    raw["data"]["test_per_client"] = 0
+    assert centralized(config_from_dict(raw)).data.num_clients == 1
