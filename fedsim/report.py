@@ -599,6 +599,62 @@ def _personalized_markdown(runs: list[RunData], plot: Path | None) -> list[str]:
     return lines
 
 
+SIMULATED_TIME_PLOT = "loss_vs_simulated_time.png"
+
+
+def simulated_hours(run: RunData) -> dict[int, float] | None:
+    """Round -> the simulated clock after it, in hours: an asynchronous step's
+    `simulated_clock`, or the sum of the rounds' `simulated_seconds` (the system model's round
+    times). None when a round has neither: the run has no simulated clock."""
+    clock, hours = 0.0, {}
+    for m in run.train:
+        if "simulated_clock" in m:
+            clock = float(m["simulated_clock"])
+        elif m.get("simulated_seconds") is not None:
+            clock += float(m["simulated_seconds"])
+        else:
+            return None
+        hours[int(m["round"])] = clock / 3600
+    return hours or None
+
+
+def _loss_set(runs: list[RunData]) -> str | None:
+    """The question set whose held-out loss the simulated-time plot shows (`test` first)."""
+    names = [n for n in _set_names(runs) if any(
+        "loss" in rec for run in runs for rec in run.evals.get(n, {}).values())]  # fmt: skip
+    return "test" if "test" in names else (names[0] if names else None)
+
+
+def plot_loss_vs_simulated_time(runs: list[RunData], out: Path) -> Path | None:
+    """Held-out loss against the simulated clock, every run with a clock on one chart: how sync
+    rounds and asynchronous steps compare in (simulated) wall time rather than per round."""
+    name = _loss_set(runs)
+    curves = []
+    for run in runs:
+        hours = simulated_hours(run)
+        if name is None or hours is None:
+            continue
+        points = sorted(
+            (hours[r], rec["loss"])
+            for r, rec in run.evals.get(name, {}).items()
+            if "loss" in rec and r in hours
+        )
+        if points:
+            curves.append((run.label, points))
+    if not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for label, points in curves:
+        xs, ys = zip(*points, strict=True)
+        ax.plot(xs, ys, marker="o", markersize=3, label=label)
+    ax.set_xlabel("simulated hours")
+    ax.set_ylabel(f"held-out loss ('{name}')")
+    ax.set_title("Held-out loss against the simulated clock")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, out / SIMULATED_TIME_PLOT)
+
+
 def _save(fig: Any, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -837,6 +893,9 @@ def write_report(run_dirs: list[Path], out: Path | None = None) -> Path:
         else _comparison_markdown(runs, plots)
     )
     lines += _personalized_markdown(runs, plot_personalized(runs, out))
+    if plot_loss_vs_simulated_time(runs, out) is not None:
+        lines += ["## Held-out loss against the simulated clock", "",
+                  f"![loss against simulated time]({SIMULATED_TIME_PLOT})", ""]  # fmt: skip
     if points is not None:
         lines += _sweep_markdown(points, plot_sweep(points, out))
     checkpoint.write_text_atomic(out / "report.md", "\n".join(lines).rstrip() + "\n")
