@@ -24,8 +24,9 @@ plot draws held-out loss against simulated hours, every run on one chart.
 `--quick` checks the pipeline in minutes: 40 clients, 12 rounds, 5 clients a round, concurrency
 10, K = 5, seed 0.
 
-Runs go to runs/async_vs_sync (`--set run.output_dir=...`); the table to results.md and the plot
-to loss_vs_simulated_hours.png there. `--reuse` keeps runs that are finished.
+Runs go to runs/async_vs_sync (`--set run.output_dir=...`); the table to results.md, the plot
+to loss_vs_simulated_hours.png and a `fedsim report` of every run to report/ there. `--reuse` keeps
+runs that are finished (and their scores).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from fedsim.config import apply_override, config_from_dict
 from fedsim.driver import run_experiment
 from fedsim.eval.job import Evaluator, evaluate_rounds, latest_round, open_run
 from fedsim.execution import WORKER_ENV
+from fedsim.report import write_report
 from fedsim.server.system_model import SystemModel
 
 METHODS = ("sync", "sync_deadline", "fedbuff")
@@ -292,9 +294,13 @@ def main() -> None:
     text += f"\nTraining {trained / 60:.1f} min, scoring {scoring / 60:.1f} min.\n"
     (out / "results.md").write_text(text)
     plot(curves, target, out / "loss_vs_simulated_hours.png")
+    report = write_report([run_dir for _, _, run_dir in runs], out / "report")
     print()
     print(text)
-    print(f"results: {out / 'results.md'}; plot: {out / 'loss_vs_simulated_hours.png'}")
+    print(
+        f"results: {out / 'results.md'}; plot: {out / 'loss_vs_simulated_hours.png'}; "
+        f"report: {report / 'report.md'}"
+    )
 
 
 if __name__ == "__main__":
