@@ -18,6 +18,7 @@ import yaml
 from fedsim import checkpoint
 from fedsim.config import config_from_dict
 from fedsim.driver import RunResult, run_experiment
+from fedsim.errors import FedsimInputError
 from fedsim.faults import FAULTS_ENV
 from tests.conftest import assert_same_run_files, tiny_experiment
 from tests.faults.test_driver_faults import sigkill_driver_mid_round_two
@@ -59,9 +60,9 @@ def three_clients(tmp: Path, rounds: int = STEPS, workers: int = 2) -> dict:
     )
 
 
-def _run(raw: dict, resume: bool = False) -> RunResult:
+def _run(raw: dict, resume: bool = False, **options: bool) -> RunResult:
     return run_experiment(config_from_dict(raw), resume=resume, log=lambda _: None,
-                          show_progress=False)  # fmt: skip
+                          show_progress=False, **options)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -175,3 +176,20 @@ def test_an_aggregator_that_dies_is_replaced_and_the_lost_steps_redone(runs, mon
     assert len(redone) == 1 and "from round 2 on" in redone[0], messages
     assert [m["round"] for m in result.metrics] == list(range(1, STEPS + 1))
     assert_same_run_files(reference, result.run_dir, range(1, STEPS + 1))
+
+
+@pytest.mark.slow
+def test_resume_names_a_damaged_version_that_updates_in_flight_started_from(runs, tmp_path):
+    """After step 2 the updates in flight started from version 1: with round_0001's adapter
+    damaged, --resume stops with exit 2's error naming it instead of training from wrong bits."""
+    reference, _ = runs
+    raw = three_clients(tmp_path)
+    run_dir = tmp_path / "runs" / "t"
+    run_dir.parent.mkdir(parents=True)
+    shutil.copytree(reference, run_dir)
+    for version in range(3, STEPS + 1):
+        shutil.rmtree(run_dir / f"rounds/round_{version:04d}")
+    checkpoint.point_latest(run_dir, 2)
+    (run_dir / "rounds/round_0001/adapter_model.safetensors").write_bytes(b"damaged")
+    with pytest.raises(FedsimInputError, match="round_0001 is needed"):
+        _run(raw, resume=True, allow_config_change=True)  # the copy was written elsewhere
