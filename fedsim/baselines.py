@@ -14,7 +14,9 @@ def centralized(cfg: ExperimentConfig, steps_factor: float = 1.0) -> ExperimentC
     averaging of that one update (FedAvg, server lr 1: the client's own training, continued).
 
     Whatever only makes sense across clients is off: server optimisers and robust rules, client
-    DP, the system model and client profiles. The run is named `<name>_centralized`.
+    DP, the system model and client profiles. An asynchronous run's baseline is synchronous, with
+    K (`server.buffer_size`) clients' steps a round: one round per server step. The run is named
+    `<name>_centralized`.
     """
     if cfg.data.partition.kind == "split_file":
         raise FedsimInputError(
@@ -28,7 +30,9 @@ def centralized(cfg: ExperimentConfig, steps_factor: float = 1.0) -> ExperimentC
             "--set data.test_per_client=0 (it then also trains on those slices)"
         )
     raw = cfg.to_dict()
-    share = clients_per_round(cfg) * steps_factor
+    # a round's clients, or an asynchronous step's K updates: the baseline's steps per round
+    updates = cfg.server.buffer_size if cfg.server.mode == "async" else clients_per_round(cfg)
+    share = updates * steps_factor
     if cfg.client.local_steps is not None:
         raw["client"]["local_steps"] = max(1, round(cfg.client.local_steps * share))
     else:  # epochs over one client's records -> the same passes over the round's share of all
@@ -42,6 +46,8 @@ def centralized(cfg: ExperimentConfig, steps_factor: float = 1.0) -> ExperimentC
     for key in ("availability", "robust", "dp"):
         server.pop(key)
     server.update(
+        mode="sync",
+        concurrency=None,
         strategy="fedavg",
         selection="uniform",
         clients_per_round=1,

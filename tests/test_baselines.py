@@ -81,3 +81,19 @@ def test_per_client_slices_have_no_centralized_baseline(tmp_path) -> None:
         centralized(config_from_dict(raw))
     raw["data"]["test_per_client"] = 0
     assert centralized(config_from_dict(raw)).data.num_clients == 1
+
+
+def test_an_async_run_has_a_synchronous_baseline_with_k_clients_steps_a_round(tmp_path) -> None:
+    raw = tiny_experiment(
+        tmp_path,
+        data={"num_clients": 6},
+        client={"local_steps": 3},
+        server={"mode": "async", "concurrency": 4, "buffer_size": 2},
+        system={"enabled": True},
+    )
+
+    central = centralized(config_from_dict(raw))
+
+    assert (central.server.mode, central.server.concurrency) == ("sync", None)
+    assert central.client.local_steps == 3 * 2  # one round per server step of K = 2 updates
+    assert central.system.enabled is False and central.data.num_clients == 1
