@@ -61,7 +61,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"\ninterrupted; continue with: {resume_command(args)}", file=sys.stderr)
         return 130
     print(f"done: {result.run_dir} (latest round {result.last_round})")
-    print(next_commands(args, result.run_dir, result.last_round))
+    unit = "server steps" if cfg.server.mode == "async" else "rounds"
+    print(next_commands(args, result.run_dir, result.last_round, unit))
     return 0
 
 
@@ -81,14 +82,17 @@ def resume_command(args: argparse.Namespace, rounds: int | None = None) -> str:
     return shlex.join([*words, "--resume"])
 
 
-def next_commands(args: argparse.Namespace, run_dir: Path, last_round: int) -> str:
+def next_commands(
+    args: argparse.Namespace, run_dir: Path, last_round: int, unit: str = "rounds"
+) -> str:
     """What `fedsim run` prints last: the commands to evaluate, report and continue the run,
-    each ready to paste (the explanation is a shell comment)."""
+    each ready to paste (the explanation is a shell comment). `unit`: what `run.rounds` counts
+    (an asynchronous run's are server steps)."""
     run = shlex.quote(str(run_dir))
     lines = [
         (f"fedsim eval {run}", "score the newest round on the held-out questions"),
         (f"fedsim report {run}", f"write {run_dir / 'report' / 'report.md'} with plots"),
-        (resume_command(args, last_round + MORE_ROUNDS), f"{MORE_ROUNDS} more rounds"),
+        (resume_command(args, last_round + MORE_ROUNDS), f"{MORE_ROUNDS} more {unit}"),
     ]
     # comments line up, except after a command too long to wait for
     width = max((len(c) for c, _ in lines if len(c) <= ALIGN_COMMENTS_UP_TO), default=0)

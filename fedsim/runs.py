@@ -123,7 +123,10 @@ def _setup(config: dict[str, Any]) -> tuple[int | None, str | None, int | None, 
         per_round: int | None = clients_per_round(config_from_dict(config))
     except (FedsimInputError, TypeError, ValueError, AttributeError):
         per_round = server.get("clients_per_round")
-    return run.get("rounds"), server.get("strategy", "fedavg"), data.get("num_clients"), per_round
+    strategy = server.get("strategy", "fedavg")
+    if server.get("mode") == "async":  # clients in flight, not a round's
+        strategy, per_round = f"{strategy} (async)", server.get("concurrency")
+    return run.get("rounds"), strategy, data.get("num_clients"), per_round
 
 
 def _eval_loss(evals: dict[str, dict[int, dict[str, Any]]]) -> tuple[float | None, int | None]:

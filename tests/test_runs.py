@@ -138,3 +138,15 @@ def test_fedsim_runs_on_one_run_directory_and_on_a_folder_without_runs(tmp_path,
     assert capsys.readouterr().out == f"no runs in {tmp_path / 'nothing'}\n"
     assert main(["runs", str(tmp_path / "missing")]) == 2
     assert "no such folder" in capsys.readouterr().err
+
+
+def test_an_async_run_shows_its_clients_in_flight(tmp_path: Path):
+    run_dir = make_run(tmp_path / "runs", "async", planned=3, rounds=1)
+    raw = yaml.safe_load((run_dir / "config.yaml").read_text())
+    raw["server"].update(mode="async", concurrency=3, buffer_size=2)
+    raw["system"] = {"enabled": True}
+    rundir.write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(raw))
+
+    row = read_run(run_dir)
+
+    assert (row.strategy, row.per_round, row.rounds_planned) == ("fedavg (async)", 3, 3)
