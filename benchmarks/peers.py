@@ -38,7 +38,10 @@ Measured per run, from this (parent) process:
             gcs_server, raylet, the dashboard and its agents, the log monitor and every worker,
             all started by the driver or by the raylet. Processes the variant did not start
             (another Ray instance on the machine, this parent) are not counted. A process that
-            lives less than one sampling interval can be missed.
+            lives less than one sampling interval can be missed (--sample-ms sets the interval).
+  sampler   this process's own CPU time during the run (reading smaps_rollup costs more the more
+            processes there are, so it weighs more on the Ray variants), printed as a share of
+            the wall time below the table
 Run it on an otherwise idle machine; the figures are noisy, the paired ratios less so.
 """
 
@@ -67,7 +70,6 @@ DESCRIPTIONS = {
     "fedsim-2x1": "fedsim, 2 workers x 1 CPU",
 }
 VARIANTS = tuple(DESCRIPTIONS)
-SAMPLE_SECONDS = 0.05
 
 
 @dataclass(frozen=True)
@@ -552,7 +554,7 @@ def pss_kib(pid: int, proc: Path = Path("/proc")) -> int:
     return 0
 
 
-def measure(cmd: list[str], log: Path, env: dict[str, str]) -> dict:
+def measure(cmd: list[str], log: Path, env: dict[str, str], interval_s: float = 0.05) -> dict:
     """Run `cmd` to its end; its wall seconds, exit code and the peak PSS of its process tree."""
     me = os.getpid()
     peak_kib, peak_procs, samples = 0, 0, 0
@@ -566,7 +568,7 @@ def measure(cmd: list[str], log: Path, env: dict[str, str]) -> dict:
                 peak_kib, peak_procs = total, len(tree)
             samples += 1
             _reap(tree - {child.pid})
-            time.sleep(SAMPLE_SECONDS)
+            time.sleep(interval_s)
         wall = time.perf_counter() - start
     return {
         "wall_s": round(wall, 3),
@@ -655,6 +657,13 @@ def main() -> None:
         help="where the peers' virtual environments are built",
     )
     parser.add_argument(
+        "--sample-ms",
+        type=float,
+        default=50.0,
+        help="PSS sampling interval (default 50); each sample costs this process CPU time, more "
+        "the more processes the variant runs (see sampler CPU below the table)",
+    )
+    parser.add_argument(
         "--smoke",
         action="store_true",
         help="1 round of 2 local steps: checks that every variant runs; the figures mean nothing",
@@ -703,7 +712,12 @@ def main() -> None:
                 continue
             log = work / "logs" / f"{v}-pair{pair}.log"
             log.parent.mkdir(parents=True, exist_ok=True)
-            r = {"pair": pair, "variant": v, **measure(commands[v], log, env), "log": str(log)}
+            r = {
+                "pair": pair,
+                "variant": v,
+                **measure(commands[v], log, env, args.sample_ms / 1000),
+                "log": str(log),
+            }
             r["ok"] = r["rc"] == 0
             if not r["ok"]:
                 r["error"] = f"run failed (exit {r['rc']}), see {log}"
@@ -717,6 +731,12 @@ def main() -> None:
     table = summarise(runs, variants, notes)
     print()
     print(table)
+    print("\nsampler CPU (this process reading /proc while the variant ran, % of its wall):")
+    for v in variants:
+        ok = [r for r in runs if r["variant"] == v and r["ok"]]
+        if ok:
+            share = sum(r["sampler_cpu_s"] for r in ok) / sum(r["wall_s"] for r in ok)
+            print(f"  {v:<11} {100 * share:4.1f} %")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     report = {
         "workload": dataclasses.asdict(w),
