@@ -83,3 +83,16 @@ def test_the_script_imports_nothing_heavy_at_module_level():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_peer_whose_environment_fails_is_reported(peers, tmp_path, monkeypatch):
+    def pip_fails(step, **_):
+        rc = 1 if "flwr[simulation]" in step else 0
+        return subprocess.CompletedProcess(step, rc, "", "ERROR: No matching distribution found")
+
+    monkeypatch.setattr(peers.subprocess, "run", pip_fails)
+    python, note = peers.ensure_venv(tmp_path, "flower", ["flwr[simulation]", "peft==0.21.2"])
+    assert python is None
+    assert note.startswith("environment not built: ")
+    assert note.endswith("ERROR: No matching distribution found")
+    assert not (tmp_path / "flower" / ".installed").exists()
