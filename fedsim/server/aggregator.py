@@ -44,6 +44,7 @@ from fedsim.resources import peak_rss_mb
 from fedsim.round_record import RoundRecord, TrainedRound
 from fedsim.server.aggregation import WeightedDeltaSum, clip_delta, decode_upload
 from fedsim.server.client_state import ClientStateStore
+from fedsim.server.lora_native import is_lora_a, is_lora_b
 from fedsim.server.privacy import dp_epsilon, gaussian_noise
 from fedsim.server.robust import min_updates, robust_aggregate
 from fedsim.server.strategies import make_strategy
@@ -318,15 +319,21 @@ class Aggregator:
         if self.clip_norm is not None:
             aggregation["clip_norm"] = self.clip_norm
             aggregation["update_norms"] = {str(c): n for c, n in sorted(self._norms.items())}
+        sizes = {
+            "adapter": adapter_nbytes(self.global_adapter),
+            "uplink": sum(self._bytes.values()),
+            "uplink_by_client": {str(c): b for c, b in sorted(self._bytes.items())},
+        }
+        if self.strategy.merges_into_base and applied:
+            # what a client of the next round downloads on top of the adapter to merge this
+            # round's update into its base: the stacked factors, of rank sum_i r_i
+            stacked_rank = sum(self._ranks[c] for c in self._accepted)
+            sizes["merged_stack"] = stacked_rank * _bytes_per_rank(self.global_adapter)
         return {
             "aggregation": aggregation,
             "aggregator": f"{socket.gethostname()}:{os.getpid()}",
             "aggregator_peak_rss_mb": peak_rss_mb(),
-            "bytes": {
-                "adapter": adapter_nbytes(self.global_adapter),
-                "uplink": sum(self._bytes.values()),
-                "uplink_by_client": {str(c): b for c, b in sorted(self._bytes.items())},
-            },
+            "bytes": sizes,
         }
 
     def _dp_summary(self, round_idx: int) -> dict[str, Any]:
@@ -394,6 +401,13 @@ class Aggregator:
             done["client_states_written"] = self.client_states.commit(round_idx)
         done["checkpoint_seconds"] = round(time.perf_counter() - start, 6)
         return done
+
+
+def _bytes_per_rank(adapter: TensorDict) -> int:
+    """The bytes one rank adds to an adapter: a row of every lora_A, a column of every lora_B."""
+    a = sum(v.shape[1] * v.element_size() for k, v in adapter.items() if is_lora_a(k))
+    b = sum(v.shape[0] * v.element_size() for k, v in adapter.items() if is_lora_b(k))
+    return a + b
 
 
 def _global_rank(adapter: TensorDict) -> int:

@@ -39,7 +39,9 @@ def _saved(tmp_path, round_idx: int) -> torch.Tensor:
 
 def test_each_round_reports_the_previous_checkpoint_once_it_is_on_disk(tmp_path):
     agg = _aggregator(tmp_path)
-    assert _round(agg, 1, 0.4)["checkpoints_written"] == []
+    first = _round(agg, 1, 0.4)
+    assert first["checkpoints_written"] == []
+    assert "merged_stack" not in first["bytes"]  # FLoRA's alone
     written = _round(agg, 2, 0.8)["checkpoints_written"]
     assert [w["round"] for w in written] == [1]
     assert written[0]["checkpoint_seconds"] > 0

@@ -328,8 +328,11 @@ def test_flora_merges_the_stacked_product_into_the_base_and_starts_fresh(tmp_pat
     agg.fold(0, ClientUpload({FA: torch.eye(2), FB: torch.tensor([[2.0, 0.0], [0.0, 0.0]])}))
     low = {FA: torch.tensor([[1.0, 1.0]]), FB: torch.tensor([[0.0], [4.0]])}
     agg.fold(1, ClientUpload(low, rank=1))
-    _, fresh = agg.finish_round(1, {})
+    summary, fresh = agg.finish_round(1, {})
     agg.flush()  # the checkpoint is written in the background
+    # the next round's clients download the stack: rank 2 + 1, a row of A and a column of B
+    # (2 floats each) per rank
+    assert summary["bytes"]["merged_stack"] == (2 + 1) * (2 + 2) * 4
     expected = torch.tensor([[1.0, 0.0], [6.0, 6.0]], dtype=torch.float64)
     state = load_file(str(tmp_path / "rounds/round_0001/server_state.safetensors"))
     assert list(state) == ["base_delta/m.weight"]
