@@ -39,14 +39,14 @@ from safetensors import safe_open
 
 from fedsim import rundir
 from fedsim.client.trainer import TorchTrainer, TrainSettings
-from fedsim.data.pipeline import BUILTIN_PREFIX, PreparedData, prepare_data
+from fedsim.data.pipeline import PreparedData, prepare_data
 from fedsim.data.profiles import load_profiles
 from fedsim.data.shards import tokenize_records
 from fedsim.errors import FedsimInputError
 from fedsim.eval.generation import AnswerModel
 from fedsim.eval.job import EVAL_DIR, EvalRun, ModelPool, _locked, latest_round, load_adapter
 from fedsim.eval.metrics import exact_match
-from fedsim.eval.questions import Question
+from fedsim.eval.questions import Question, answers_are_exact, record_questions
 from fedsim.lora_ranks import BASE_DELTA_PREFIX, pad_adapter
 from fedsim.protocol import ClientContext
 from fedsim.seeds import Stream, seed_of
@@ -99,24 +99,11 @@ def client_data(run: EvalRun) -> tuple[PreparedData, list[ClientData]]:
             f"data.source: the records or their partition differ from {path}; "
             "personalized evaluation needs the data the run was trained on"
         )
-    exact = run.cfg.eval.exact_match
-    if exact is None:  # generated tasks have exactly one right answer; human answers do not
-        exact = run.cfg.data.source.startswith(BUILTIN_PREFIX)
+    exact = answers_are_exact(run.cfg)
     clients = []
     for cid, (train, held) in enumerate(zip(data.clients, data.client_test, strict=True)):
         rows = data.table.take(pa.array(held, type=pa.int64())).to_pylist()
-        questions = tuple(
-            Question(
-                qid=f"client{cid}-{row['source_index']}",
-                category=row["category"],
-                turns=(row["instruction"],),
-                context=row["context"],
-                references=(row["response"],),
-                exact=exact,
-            )
-            for row in rows
-        )
-        clients.append(ClientData(cid, questions, train))
+        clients.append(ClientData(cid, record_questions(rows, f"client{cid}", exact), train))
     return data, clients
 
 

@@ -130,13 +130,22 @@ def test_split(run_dir: Path, cfg: ExperimentConfig) -> tuple[Question, ...]:
     positions = positions_for(
         table.column("source_index").to_numpy(), np.asarray(wanted), str(partition_path), "test"
     )
-    exact = cfg.eval.exact_match
-    if exact is None:  # generated tasks have exactly one right answer; human answers do not
-        exact = cfg.data.source.startswith(BUILTIN_PREFIX)
-    rows = table.take(positions).to_pylist()
+    return record_questions(table.take(positions).to_pylist(), "test", answers_are_exact(cfg))
+
+
+def answers_are_exact(cfg: ExperimentConfig) -> bool:
+    """Whether the run's reference answers have one right form (`eval.exact_match`; unset:
+    generated tasks have exactly one right answer, human answers do not)."""
+    if cfg.eval.exact_match is not None:
+        return cfg.eval.exact_match
+    return cfg.data.source.startswith(BUILTIN_PREFIX)
+
+
+def record_questions(rows: list[dict[str, Any]], prefix: str, exact: bool) -> tuple[Question, ...]:
+    """Held-out records (Arrow rows) as single-turn questions, ids `<prefix>-<source_index>`."""
     return tuple(
         Question(
-            qid=f"test-{row['source_index']}",
+            qid=f"{prefix}-{row['source_index']}",
             category=row["category"],
             turns=(row["instruction"],),
             context=row["context"],
