@@ -21,20 +21,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-MB = 1024 * 1024
+# run as `python benchmarks/async_scale.py`: benchmarks/ is on the path
+from scale import MB, peak_rss_bytes, run_sizes
 
 
 def peak_rss_mb() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return (peak if sys.platform == "darwin" else peak * 1024) / MB
+    return peak_rss_bytes() / MB
 
 
 def one_size(clients: int, args: argparse.Namespace) -> dict:
@@ -96,17 +93,7 @@ def main() -> None:
         return
 
     print(f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-    results = []
-    for n in args.clients:
-        child = subprocess.run(
-            [sys.executable, __file__, "--one", str(n), *sys.argv[1:]],
-            capture_output=True,
-            text=True,
-        )
-        lines = [x for x in child.stdout.splitlines() if x.startswith("RESULT ")]
-        if child.returncode or not lines:
-            sys.exit(f"{n} clients failed:\n{child.stdout[-3000:]}\n{child.stderr[-3000:]}")
-        results.append(json.loads(lines[-1].removeprefix("RESULT ")))
+    results = run_sizes(__file__, args.clients)
     print(
         f"{'clients':>8} {'total s':>8} {'step s':>7} {'peak RSS MB':>11} "
         f"{'training share':>14} {'dispatched':>10}"

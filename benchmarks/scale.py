@@ -98,6 +98,23 @@ def one_size(clients: int, per_round: int, records: int, rounds: int, workers: i
     }
 
 
+def run_sizes(script: str, sizes: list[int]) -> list[dict]:
+    """Run `script --one N` (plus this process's own arguments) in a fresh driver process per
+    size, so that peak memory and Ray start fresh; returns each child's `RESULT` JSON."""
+    results = []
+    for n in sizes:
+        child = subprocess.run(
+            [sys.executable, script, "--one", str(n), *sys.argv[1:]],
+            capture_output=True,
+            text=True,
+        )
+        lines = [x for x in child.stdout.splitlines() if x.startswith("RESULT ")]
+        if child.returncode or not lines:
+            sys.exit(f"{n} clients failed:\n{child.stdout[-3000:]}\n{child.stderr[-3000:]}")
+        results.append(json.loads(lines[-1].removeprefix("RESULT ")))
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--clients", type=int, nargs="+", default=[100, 10_000])
@@ -113,17 +130,7 @@ def main() -> None:
         return
 
     print(f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-    results = []
-    for n in args.clients:
-        child = subprocess.run(
-            [sys.executable, __file__, "--one", str(n), *sys.argv[1:]],
-            capture_output=True,
-            text=True,
-        )
-        lines = [x for x in child.stdout.splitlines() if x.startswith("RESULT ")]
-        if child.returncode or not lines:
-            sys.exit(f"{n} clients failed:\n{child.stdout[-3000:]}\n{child.stderr[-3000:]}")
-        results.append(json.loads(lines[-1].removeprefix("RESULT ")))
+    results = run_sizes(__file__, args.clients)
     print(
         f"{'clients':>8} {'total s':>8} {'start s':>8} {'round s':>8} {'ckpt s':>7} "
         f"{'ckpt/round':>10} {'wait/round':>10} {'peak RSS MB':>11} {'RSS +rounds MB':>14} "
