@@ -9,8 +9,13 @@ at one accumulator per tensor however many clients a round has.
 
 from __future__ import annotations
 
+import functools
 import math
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
 
+import numpy as np
 import torch
 
 from fedsim.compression import decompress
@@ -91,9 +96,73 @@ def clip_delta(delta: TensorDict, max_norm: float) -> tuple[TensorDict, float]:
 
 
 FOLD_CHUNK = 1 << 16
-"""Elements folded at a time (512 KiB of float64): temporaries stay in the CPU's L2 cache, and a
-chunk is large enough for torch to split each op over two threads (its grain is 32,768); 1.5x
-the fold throughput of 1 << 15 and of 1 << 17 in benchmarks/aggregation.py on 2 cores."""
+"""Elements whose delta is checked together when an update is rejected: an update with several bad
+values (non-finite ones, ones beyond the range) gets the error of the first chunk holding one, in
+the reference's key order, as it always has."""
+
+FOLD_BLOCK = 1 << 15
+"""Elements folded at a time: the block's float64 buffer and its slices of the update, the global
+adapter and the accumulator (896 KiB in all) stay in a core's L2 cache, while each numpy call has
+enough elements that its fixed cost (~1 us, ~6 calls a block) stays small; 1 << 14 and 1 << 16
+measured no better in benchmarks/aggregation.py --cluster."""
+
+_MAGIC = 1.5 * 2.0**52
+"""For a float64 |x| < 2**51, x + _MAGIC lies in [2**52, 2**53], where the float64 grid is the
+integers: the addition rounds x half to even (as torch.round and numpy.rint do), and the sum's bits
+minus _MAGIC's are that integer as int64. One add and one integer subtract replace a round and a
+float-to-int conversion, the two slowest steps of the fold."""
+_MAGIC_BITS = np.float64(_MAGIC).view(np.int64)
+_MAGIC_RANGE = 2.0**51
+
+
+def _flat_array(tensor: torch.Tensor) -> np.ndarray:
+    """`tensor`'s values as a flat numpy array (a view where it can be), exactly: dtypes numpy
+    lacks (bfloat16) widen to float64, which holds every one of their values."""
+    flat = tensor.detach().cpu().reshape(-1)
+    if flat.dtype not in (torch.float32, torch.float64, torch.float16):
+        flat = flat.to(torch.float64)
+    return flat.numpy()
+
+
+def _fold_block(
+    update: np.ndarray,
+    reference: np.ndarray,
+    acc: np.ndarray,
+    scale: float,
+    sign: int,
+    buf: np.ndarray,
+) -> bool:
+    """acc += sign * round(float64(update - reference) * scale), element by element, rounding half
+    to even: the bits of `torch.round` on the same float64 product. Returns False, adding nothing,
+    when a delta is not finite or reaches 2**DELTA_LIMIT_EXP."""
+    limit = 2.0**DELTA_LIMIT_EXP
+    x = np.subtract(update, reference, out=buf[: len(update)], dtype=np.float64)
+    np.multiply(x, scale, out=x)
+    # |x| < limit * scale implies |delta| < limit (limit is a power of two, so limit * scale is
+    # exact, and rounding is monotone); NaN fails both comparisons
+    bound = min(limit * scale, _MAGIC_RANGE)
+    if -bound < x.min() and x.max() < bound:
+        ints = np.add(x, _MAGIC, out=x).view(np.int64)
+        np.subtract(ints, _MAGIC_BITS, out=ints)
+    else:  # a delta near the range's edge, or a rejected one: today's arithmetic, step by step
+        delta = np.subtract(update, reference, dtype=np.float64)
+        if not (-limit < delta.min() and delta.max() < limit):
+            return False
+        ints = np.rint(np.multiply(delta, scale, out=delta), out=delta).astype(np.int64)
+    if sign > 0:
+        np.add(acc, ints, out=acc)
+    else:
+        np.subtract(acc, ints, out=acc)
+    return True
+
+
+@functools.cache
+def _pool(threads: int) -> ThreadPoolExecutor:
+    # one pool per thread count for the process's lifetime: rounds come and go, threads stay
+    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fedsim-fold")
+
+
+Block = tuple[str, int, int]
 
 
 class WeightedDeltaSum:
@@ -103,17 +172,34 @@ class WeightedDeltaSum:
     of its selected clients); it fixes the fixed-point scale so that the int64 sum cannot overflow:
     |sum| <= W * 2**DELTA_LIMIT_EXP * 2**shift < 2**62. The mean's resolution is then
     2**-(62 - DELTA_LIMIT_EXP) = 2**-50, finer than float32 carries for any value above ~1e-7.
+
+    `threads` > 1 shards each `add` over that many threads by element ranges (numpy releases the
+    GIL in its loops). Every element's integer term is the same whichever thread computes it, and
+    integer addition is exact, so the sums do not depend on the thread count either.
+
+    Memory: the int64 accumulator and a float64 copy of `reference`, 4x a float32 adapter's bytes;
+    `reference` is read once, by the first `add`, so it must not change in place after that.
     """
 
-    def __init__(self, reference: TensorDict, max_total_weight: int) -> None:
+    def __init__(self, reference: TensorDict, max_total_weight: int, threads: int = 1) -> None:
         if max_total_weight < 1:
             raise ValueError("max_total_weight must be >= 1")
+        if threads < 1:
+            raise ValueError("threads must be >= 1")
         self.reference = reference
         self.max_total_weight = max_total_weight
+        self.threads = threads
         self.shift = 62 - DELTA_LIMIT_EXP - math.ceil(math.log2(max_total_weight))
         self.total_weight = 0
         self.count = 0
         self._acc = {k: torch.zeros(v.shape, dtype=torch.int64) for k, v in reference.items()}
+        self._acc_flat = {k: acc.numpy().reshape(-1) for k, acc in self._acc.items()}
+        self._ref_flat: dict[str, np.ndarray] = {}  # float64, made by the first `add`
+        self._blocks: list[Block] = [
+            (k, lo, min(lo + FOLD_BLOCK, acc.size))
+            for k, acc in self._acc_flat.items()
+            for lo in range(0, acc.size, FOLD_BLOCK)
+        ]
 
     def add(self, update: TensorDict, weight: int) -> None:
         """Fold one client's adapter in with an integer weight (its sample count, or 1).
@@ -123,34 +209,61 @@ class WeightedDeltaSum:
             raise ValueError(f"weight {weight} exceeds the round's bound {self.max_total_weight}")
         check_structure(update, self.reference)
         scale = float(weight) * 2.0**self.shift
-        folded: list[str] = []
-        try:
-            for key in self._acc:
-                self._fold(key, update[key], scale, sign=1)
-                folded.append(key)
-        except UpdateRejected:
-            for key in folded:  # integer sums undo exactly
-                self._fold(key, update[key], scale, sign=-1)
-            raise
+        if not self._ref_flat:  # float64 once a round, not once a client: the widest step halves
+            self._ref_flat = {
+                k: v.detach().cpu().reshape(-1).to(torch.float64).numpy()
+                for k, v in self.reference.items()
+            }
+        flat = {k: _flat_array(update[k]) for k in self._acc}
+        rejected = threading.Event()
+        blocks = iter(self._blocks)  # shared by the threads: each next() hands out one block
+        if self.threads == 1:
+            done = self._fold_blocks(blocks, flat, scale, rejected)
+        else:
+            shards = [
+                _pool(self.threads).submit(self._fold_blocks, blocks, flat, scale, rejected)
+                for _ in range(self.threads)
+            ]
+            wait(shards)  # all of them, even when one fails: none may write after add returns
+            done = [block for shard in shards for block in shard.result()]
+        if rejected.is_set():
+            buf = np.empty(FOLD_BLOCK)
+            for key, lo, hi in done:  # integer sums undo exactly
+                ref, acc = self._ref_flat[key], self._acc_flat[key]
+                _fold_block(flat[key][lo:hi], ref[lo:hi], acc[lo:hi], scale, -1, buf)
+            self._raise_first_rejection(update)
         self.total_weight += weight
         self.count += 1
 
-    def _fold(self, key: str, value: torch.Tensor, scale: float, sign: int) -> None:
-        # In cache-sized chunks, so that the float64 and int64 temporaries never reach memory.
-        flat = value.reshape(-1)
-        for lo in range(0, flat.numel(), FOLD_CHUNK):
-            try:
-                self._fold_chunk(key, flat, lo, scale, sign)
-            except UpdateRejected:
-                for done in range(0, lo, FOLD_CHUNK):  # this tensor's chunks already added
-                    self._fold_chunk(key, flat, done, scale, -sign)
-                raise
+    def _fold_blocks(
+        self,
+        blocks: Iterator[Block],
+        flat: dict[str, np.ndarray],
+        scale: float,
+        rejected: threading.Event,
+    ) -> list[Block]:
+        """Fold blocks from `blocks` until it runs out or some block is rejected; the ones added."""
+        buf = np.empty(FOLD_BLOCK)
+        done: list[Block] = []
+        with np.errstate(all="ignore"):  # NaN and infinity are rejected, not warned about
+            for key, lo, hi in blocks:
+                if rejected.is_set():
+                    break
+                ref, acc = self._ref_flat[key], self._acc_flat[key]
+                if not _fold_block(flat[key][lo:hi], ref[lo:hi], acc[lo:hi], scale, 1, buf):
+                    rejected.set()
+                    break
+                done.append((key, lo, hi))
+        return done
 
-    def _fold_chunk(self, key: str, flat: torch.Tensor, lo: int, scale: float, sign: int) -> None:
-        hi = lo + FOLD_CHUNK
-        delta = flat[lo:hi].to(torch.float64).sub_(self.reference[key].reshape(-1)[lo:hi])
-        _check_delta(key, delta)
-        self._acc[key].view(-1)[lo:hi].add_(delta.mul_(scale).round_().to(torch.int64), alpha=sign)
+    def _raise_first_rejection(self, update: TensorDict) -> None:
+        """Raise the error the first bad chunk of `update` gets, in key and FOLD_CHUNK order."""
+        for key, ref in self.reference.items():
+            value, ref_flat = update[key].reshape(-1), ref.reshape(-1)
+            for lo in range(0, value.numel(), FOLD_CHUNK):
+                hi = lo + FOLD_CHUNK
+                _check_delta(key, value[lo:hi].to(torch.float64).sub_(ref_flat[lo:hi]))
+        raise AssertionError("a block of the update was rejected but no chunk of it fails")
 
     def add_delta(self, delta: TensorDict, weight: int) -> None:
         """Fold in a float64 delta (decoded, possibly clipped) with an integer weight; checked

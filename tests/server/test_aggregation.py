@@ -1,10 +1,18 @@
 import itertools
+import math
 
 import pytest
 import torch
 
 from fedsim.errors import UpdateRejected
-from fedsim.server.aggregation import WeightedDeltaSum, check_update, weighted_mean
+from fedsim.server.aggregation import (
+    DELTA_LIMIT_EXP,
+    FOLD_BLOCK,
+    FOLD_CHUNK,
+    WeightedDeltaSum,
+    check_update,
+    weighted_mean,
+)
 from tests.conftest import same_bits
 
 
@@ -108,3 +116,124 @@ def test_a_bad_value_late_in_a_large_tensor_leaves_the_sum_exactly_as_it_was():
     with pytest.raises(UpdateRejected, match="a: non-finite"):
         dirty.add({"a": bad}, 3)
     assert same_bits(dirty.mean()["a"], clean.mean()["a"])
+
+
+# Before the fold was streamlined and sharded over threads, it computed, for each element,
+# round(float64(update - reference) * weight * 2**shift) and added it as int64. `_straight_sums`
+# spells that out; the tests below hold the fold to its sums, and to its errors, bit for bit.
+
+
+def _straight_sums(
+    reference: dict[str, torch.Tensor], added: list[tuple[dict[str, torch.Tensor], int]], max_w: int
+) -> dict[str, torch.Tensor]:
+    shift = 62 - DELTA_LIMIT_EXP - math.ceil(math.log2(max_w))
+    sums = {k: torch.zeros(v.shape, dtype=torch.int64) for k, v in reference.items()}
+    for update, weight in added:
+        scale = float(weight) * 2.0**shift
+        for k, ref in reference.items():
+            delta = update[k].double() - ref.double()
+            sums[k] += torch.round(delta * scale).to(torch.int64)
+    return sums
+
+
+def _awkward(dtype: torch.dtype, count: int, seed: int = 3) -> tuple[dict, list[dict]]:
+    """A reference spanning several fold blocks (odd sizes), and updates whose deltas include
+    tiny ones, huge ones within the range, ties on the fixed-point grid, -0.0 and subnormals."""
+    gen = torch.Generator().manual_seed(seed)
+    n = 2 * FOLD_BLOCK + 11
+    reference = {
+        "big": torch.randn(n, generator=gen).to(dtype),
+        "odd": (torch.randn(5, 7, generator=gen) * 1e-3).to(dtype),
+        "zero": torch.zeros(2, dtype=dtype),
+    }
+    reference["big"][:8] = 0.0
+    reference["big"][-3:] = 0.0
+    huge = 4080.0 if dtype == torch.bfloat16 else 4095.5
+    tiniest = 5e-324 if dtype == torch.float64 else 1e-45
+    updates = []
+    for i in range(count):
+        update = {
+            k: (ref.double() + torch.randn(ref.shape, generator=gen) * 10.0 ** -(i % 5)).to(dtype)
+            for k, ref in reference.items()
+        }
+        head = [huge, -huge, 2.0**-11, 3 * 2.0**-11, -(2.0**-11), 5 * 2.0**-11, 1e-30, -1e-38]
+        update["big"][:8] = torch.tensor(head, dtype=torch.float64).to(dtype)
+        update["big"][-3:] = torch.tensor([1e-40, -3e-45, tiniest], dtype=torch.float64).to(dtype)
+        update["big"][100:110] = reference["big"][100:110]  # zero deltas
+        update["zero"] = torch.tensor([-0.0, tiniest], dtype=torch.float64).to(dtype)
+        updates.append(update)
+    return reference, updates
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("max_w", "weights"),
+    # max_w 1: weight * 2**shift = 2**50, so deltas >= 2 take the fold's slow path;
+    # 2**40: weight 1 scales by 2**10 and the deltas k * 2**-11 fall on ties (half to even)
+    [(1, [1]), (7, [1, 2, 4]), (1000, [3, 250, 700, 47]), (2**40, [1, 2**39, 12345])],
+)
+def test_fold_keeps_the_straightforward_arithmetics_bits(dtype, max_w, weights):
+    reference, updates = _awkward(dtype, len(weights))
+    added = list(zip(updates, weights, strict=True))
+    acc = WeightedDeltaSum(reference, max_w)
+    for update, weight in added:
+        acc.add(update, weight)
+    expected = _straight_sums(reference, added, max_w)
+    for k in reference:
+        assert torch.equal(acc._acc[k], expected[k]), k
+
+
+def test_sums_do_not_depend_on_the_thread_count_or_the_arrival_order():
+    reference, updates = _awkward(torch.float32, 5, seed=4)
+    weights = [9, 1, 30, 2, 17]
+    expected = _straight_sums(reference, list(zip(updates, weights, strict=True)), 100)
+    for threads, order in [(1, [0, 1, 2, 3, 4]), (2, [4, 2, 0, 3, 1]), (3, [1, 3, 4, 0, 2])]:
+        acc = WeightedDeltaSum(reference, 100, threads=threads)
+        for i in order:
+            acc.add(updates[i], weights[i])
+        for k in reference:
+            assert torch.equal(acc._acc[k], expected[k]), (threads, k)
+
+
+def _spoiled(reference: dict, key: str, bad: dict[int, float]) -> dict[str, torch.Tensor]:
+    update = {k: v + 0.125 for k, v in reference.items()}
+    for index, value in bad.items():
+        update[key][index] = value
+    return update
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize(
+    ("key", "bad", "error"),
+    # the error is that of the first FOLD_CHUNK elements holding a bad value, key by key
+    [
+        ("big", {5: 1e6, FOLD_CHUNK + 1: float("nan")}, "big: delta from the global adapter"),
+        ("big", {5: float("nan"), FOLD_CHUNK + 1: 1e6}, "big: non-finite values"),
+        ("big", {5: 1e6, 6: float("-inf")}, "big: non-finite values"),
+        ("big", {-1: 4096.0}, "big: delta from the global adapter reaches 2**12"),
+        ("big", {0: -4096.0}, "big: delta from the global adapter reaches 2**12"),
+        ("odd", {3: float("inf")}, "odd: non-finite values"),
+    ],
+)
+def test_rejections_name_the_same_key_and_reason_and_leave_the_sum_as_it_was(
+    threads, key, bad, error
+):
+    reference = {"big": torch.zeros(2 * FOLD_CHUNK + 5), "odd": torch.zeros(12)}
+    before = _spoiled(reference, "big", {})
+    acc = WeightedDeltaSum(reference, 10, threads=threads)
+    acc.add(before, 3)
+    kept = {k: v.clone() for k, v in acc._acc.items()}
+    with pytest.raises(UpdateRejected) as raised:
+        acc.add(_spoiled(reference, key, bad), 5)
+    assert str(raised.value).startswith(error)
+    assert acc.count == 1 and acc.total_weight == 3
+    for k in reference:
+        assert torch.equal(acc._acc[k], kept[k]), k
+
+
+def test_deltas_just_inside_the_range_are_folded():
+    reference = {"a": torch.zeros(4)}
+    update = {"a": torch.tensor([4095.9998, -4095.9998, 4095.0, -0.0])}  # float32 below 4096
+    acc = WeightedDeltaSum(reference, 3)
+    acc.add(update, 3)
+    assert torch.equal(acc._acc["a"], _straight_sums(reference, [(update, 3)], 3)["a"])
