@@ -29,8 +29,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import ray
-
 from fedsim import checkpoint
 from fedsim.config import ExperimentConfig, StalenessConfig
 from fedsim.driver import (
@@ -152,10 +150,10 @@ class StepRunner:
         pending = self.schedule.pending_after(version)
         for start in sorted({d.start_version for d in pending}):
             if start not in self.versions:
-                self.versions[start] = self._version_from_disk(start, version)
+                self.versions[start] = self._version_from_disk(start, version, aggregator)
             self.launch([d for d in pending if d.start_version == start], aggregator)
 
-    def _version_from_disk(self, start: int, version: int) -> Any:
+    def _version_from_disk(self, start: int, version: int, aggregator: Any) -> Any:
         """The global adapter of version `start`: the seed's initial one, or round_<start>."""
         if start == 0:
             return self.rounds.pool.first().initial_adapter.remote()
@@ -166,7 +164,7 @@ class StepRunner:
                 f"resume: {path.name} is needed (clients in flight after step {version} "
                 f"started from it), but {problem}"
             )
-        return ray.put(checkpoint.load_round(path).adapter)
+        return aggregator.read_adapter.remote(str(path))  # the driver never holds tensors
 
     # --- one server step ------------------------------------------------------------------
 

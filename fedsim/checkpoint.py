@@ -9,20 +9,21 @@ metadata JSON.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors.torch import load_file
+from typing import TYPE_CHECKING, Any
 
 from fedsim import rundir
 
-TensorDict = dict[str, torch.Tensor]
+if TYPE_CHECKING:  # tensors are read only where they are used: the driver never imports torch
+    import torch
+
+TensorDict = dict[str, "torch.Tensor"]
 
 ADAPTER_FILE = "adapter_model.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
@@ -52,15 +53,27 @@ def sha256_file(path: Path) -> str:
 write_text_atomic = rundir.write_text_atomic  # kept for callers outside the run loop
 
 
-@dataclass(frozen=True)
+@dataclass
 class RoundCheckpoint:
-    """A verified round read back from disk."""
+    """A verified round on disk: its number and round.json; its tensors are read on first use
+    (the driver that finds a resume point never reads them: the aggregator does)."""
 
     round_idx: int
     path: Path
-    adapter: TensorDict
-    server_state: TensorDict
     info: dict[str, Any]
+
+    @functools.cached_property
+    def adapter(self) -> TensorDict:
+        from safetensors.torch import load_file
+
+        return load_file(str(self.path / ADAPTER_FILE))
+
+    @functools.cached_property
+    def server_state(self) -> TensorDict:
+        from safetensors.torch import load_file
+
+        state_path = self.path / SERVER_STATE_FILE
+        return load_file(str(state_path)) if state_path.exists() else {}
 
 
 def write_round(
@@ -171,14 +184,7 @@ def list_rounds(run_dir: Path) -> list[int]:
 def load_round(path: Path) -> RoundCheckpoint:
     """Read a round directory (call `verify_round` first)."""
     info = json.loads((path / ROUND_INFO_FILE).read_text())
-    state_path = path / SERVER_STATE_FILE
-    return RoundCheckpoint(
-        round_idx=int(info["round"]),
-        path=path,
-        adapter=load_file(str(path / ADAPTER_FILE)),
-        server_state=load_file(str(state_path)) if state_path.exists() else {},
-        info=info,
-    )
+    return RoundCheckpoint(round_idx=int(info["round"]), path=path, info=info)
 
 
 def find_resume_point(run_dir: Path, log: Callable[[str], None] = print) -> RoundCheckpoint | None:

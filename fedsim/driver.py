@@ -22,8 +22,8 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from fedsim import checkpoint
-from fedsim.client.trainer import TrainSettings
-from fedsim.client.worker import WorkerSpec
+from fedsim.actors import AggregatorActor
+from fedsim.client.spec import TrainSettings, WorkerSpec
 from fedsim.config import ExperimentConfig, clients_per_round
 from fedsim.data.profiles import ClientProfile
 from fedsim.data.shard_builder import ShardBuilder
@@ -36,7 +36,7 @@ from fedsim.execution import (
     worker_pool,
 )
 from fedsim.faults import forwarded_env
-from fedsim.model import load_tokenizer
+from fedsim.model_files import load_tokenizer
 from fedsim.prepare import (
     Log,
     PreparedRun,
@@ -50,7 +50,6 @@ from fedsim.protocol import ClientOutcome, ClientTask
 from fedsim.resources import peak_rss_mb, round_object_store_bytes
 from fedsim.round_record import TrainedRound
 from fedsim.seeds import STREAMS_VERSION
-from fedsim.server.aggregator import AggregatorActor, adapter_nbytes
 from fedsim.server.client_state import ClientStateStore
 from fedsim.server.selection import (
     Selection,
@@ -181,7 +180,7 @@ def _round_runner(
         pool=pool,
         commits=commits,
         sample_counts=[len(c) for c in prep.data.clients],
-        adapter_config=ray.get(pool.first().adapter_config.remote()),
+        adapter_config=pool.first().adapter_config.remote(),
         provenance={
             "config_hash": cfg.training_hash(),
             "partition_hash": prep.data.partition_hash(),
@@ -300,7 +299,9 @@ class RoundRunner:
     pool: WorkerPool
     commits: Commits
     sample_counts: list[int]
-    adapter_config: dict[str, Any]
+    adapter_config: Any
+    """The first worker's reply to `adapter_config` (an ObjectRef of adapter_config.json's
+    content), which every aggregator of the run gets."""
     provenance: dict[str, str]
     train_settings: TrainSettings
     shards: ShardBuilder
@@ -329,18 +330,17 @@ class RoundRunner:
         # even when the other nodes share no filesystem with it.
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         aggregator = AggregatorActor.options(scheduling_strategy=here, **forwarded_env()).remote(
-            str(self.run_dir.resolve()), self.cfg, self.adapter_config, self.provenance
+            str(self.run_dir.resolve()), self.cfg, [self.adapter_config], self.provenance
         )
         if state is None and last_round > 0:
             path = self.run_dir / checkpoint.ROUNDS_DIR / checkpoint.round_name(last_round)
             state = checkpoint.load_round(path)
-        if state is not None:
-            global_ref = ray.put(state.adapter)
-            _aggregator_call(aggregator.set_global.remote(global_ref, state.server_state))
+        if state is not None:  # the aggregator reads the tensors; the driver never holds them
+            global_ref = aggregator.restore.remote(str(state.path))
         else:
             global_ref = self.pool.first().initial_adapter.remote()
             _aggregator_call(aggregator.set_global.remote(global_ref))
-        self.adapter_bytes = adapter_nbytes(ray.get(global_ref))
+        self.adapter_bytes = _aggregator_call(aggregator.global_nbytes.remote())
         return aggregator, global_ref
 
     def replace_aggregator(self, lost: Any, round_idx: int, err: Exception) -> tuple[Any, Any, int]:

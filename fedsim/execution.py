@@ -34,7 +34,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from tqdm import tqdm
 
 from fedsim import console, ray_auth
-from fedsim.client.worker import ClientWorkerActor, WorkerSpec, pack_directory
+from fedsim.actors import ClientWorkerActor
+from fedsim.client.spec import WorkerSpec, pack_directory
 from fedsim.config import ClusterConfig, ExperimentConfig
 from fedsim.data.shards import INDEX_FILE
 from fedsim.errors import FedsimInputError

@@ -15,17 +15,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
-import fcntl
-import hashlib
 import json
 import math
 import os
-import re
-import shutil
-import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,11 +41,10 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from fedsim import console
 from fedsim.config import LoraConfig
 from fedsim.errors import FedsimInputError
-
-# Bump when the way the tiny model is built changes, so old cache entries are not reused.
-_TINY_BUILD_VERSION = 2
+from fedsim.model_files import TinyModelSpec, check_weights_format
 
 # LLaMA's convention for the first ids (unk 0, bos 1, eos 2); pad gets its own id so that masking
 # padding in the labels never masks a real end-of-sequence.
@@ -63,101 +57,29 @@ _DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
 }
 
-# A hub id is `name` or `owner/name`; anything else (absolute, ./, ~, deeper paths) is local.
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+
+def quiet_libraries() -> None:
+    """Silence transformers' warnings (such as 'Token indices sequence length is longer than the
+    specified maximum', which fedsim's own truncation warning replaces), its per-load progress
+    bars and deprecation chatter, unless `--verbose` (fedsim.console) asks for them.
+
+    On a machine without CUDA, DeepSpeed (which the deepspeed backend imports, and transformers
+    may import on its own in some code paths) is told it runs on the CPU instead of warning that
+    it found no GPU, verbose or not: that warning is wrong for a CPU run."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if console.verbose():
+        return
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 # ---------------------------------------------------------------------------------------------
 # The built-in tiny model
 # ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TinyModelSpec:
-    """Architecture and pretraining recipe of the built-in tiny model.
-
-    Every field is part of the cache key: changing any of them builds a new model.
-    """
-
-    vocab_size: int = 1024
-    """Tokenizer vocabulary size (byte-level BPE: 256 bytes + 4 special tokens + merges)."""
-    hidden_size: int = 128
-    """Width of the residual stream."""
-    num_layers: int = 2
-    """Number of decoder layers."""
-    num_heads: int = 4
-    """Attention heads per layer (no grouped-query attention)."""
-    intermediate_size: int = 344
-    """Width of the SwiGLU MLP."""
-    max_position: int = 256
-    """Longest sequence the model (and tokenizer's ``model_max_length``) accepts."""
-    pretrain_steps: int = 1500
-    """Optimizer steps of causal-LM pretraining on the corpus: at 1500 the model answers the
-    built-in tasks' plain-text instances (8 to 10 of 10 per category); at 300 it had not."""
-    pretrain_lr: float = 3e-3
-    """Peak AdamW learning rate (linear warmup, cosine decay to 10 %)."""
-    pretrain_batch_size: int = 16
-    """Sequences per pretraining step."""
-    pretrain_seq_len: int = 64
-    """Tokens per pretraining sequence (lines are packed, separated by bos/eos)."""
-    seed: int = 0
-    """Seed for weight init and batch order."""
-
-
-def default_cache_dir() -> Path:
-    """``$FEDSIM_CACHE_DIR`` if set, else ``~/.cache/fedsim``."""
-    env = os.environ.get("FEDSIM_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "fedsim"
-
-
-def tiny_model_key(spec: TinyModelSpec, corpus: list[str]) -> str:
-    """Hex sha256 identifying the model built from `spec` and `corpus`."""
-    corpus_hash = hashlib.sha256(json.dumps(corpus).encode()).hexdigest()
-    payload = {
-        "build_version": _TINY_BUILD_VERSION,
-        "spec": dataclasses.asdict(spec),
-        "corpus_sha256": corpus_hash,
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-
-def ensure_tiny_model(
-    spec: TinyModelSpec,
-    corpus: list[str],
-    cache_dir: Path | None = None,
-    log: Callable[[str], None] = print,
-) -> Path:
-    """Return the directory of the tiny model for `spec` and `corpus`, building it once if needed.
-
-    The directory holds ``config.json``, ``model.safetensors``, tokenizer files and
-    ``pretrain.json`` (first/last pretraining loss, timings), and loads with
-    ``AutoModelForCausalLM.from_pretrained`` / ``AutoTokenizer.from_pretrained``. It is built under
-    a temporary name and renamed into place, under a file lock, so concurrent callers build it
-    once and no reader ever sees half a model.
-    """
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    key = tiny_model_key(spec, corpus)[:16]
-    final = cache / f"tiny-{key}"
-    if final.is_dir():
-        log(f"fedsim: tiny model cache hit {final}")
-        return final
-    cache.mkdir(parents=True, exist_ok=True)
-    with _file_lock(cache / f"tiny-{key}.lock"):
-        # Another process may have finished the build while we waited for the lock.
-        if final.is_dir():
-            log(f"fedsim: tiny model cache hit {final}")
-            return final
-        # Holding the lock, any temp dir for this key is a leftover of a killed build.
-        for stale in cache.glob(f".tmp-tiny-{key}-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-tiny-{key}-", dir=cache))
-        try:
-            _build_tiny_model(spec, corpus, tmp, log)
-            tmp.chmod(0o755)  # mkdtemp makes it owner-only; the cache may be shared
-            os.replace(tmp, final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
 
 
 @contextlib.contextmanager
@@ -173,17 +95,7 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _build_tiny_model(
+def build_tiny_model(
     spec: TinyModelSpec, corpus: list[str], out: Path, log: Callable[[str], None]
 ) -> None:
     start = time.perf_counter()
@@ -342,29 +254,6 @@ def _pretrain(model: LlamaForCausalLM, stream: torch.Tensor, spec: TinyModelSpec
 # ---------------------------------------------------------------------------------------------
 
 
-def resolve_model_path(name_or_path: str) -> str:
-    """Turn ``model.name_or_path`` into what ``from_pretrained`` takes.
-
-    An existing local directory comes back as an absolute path (workers may run in another working
-    directory); a hub id such as ``owner/name`` not present on disk comes back unchanged; anything
-    else that looks like a local path but does not exist is a `FedsimInputError`. ``tiny`` is
-    resolved by the caller through `ensure_tiny_model`.
-    """
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise FedsimInputError(
-                f"model.name_or_path: {name_or_path} has no config.json (expected a Hugging Face "
-                "model directory)"
-            )
-        return str(path.resolve())
-    if path.exists():
-        raise FedsimInputError(f"model.name_or_path: not a directory: {name_or_path}")
-    if _HUB_ID.match(name_or_path):
-        return name_or_path
-    raise FedsimInputError(f"model.name_or_path: no such directory: {name_or_path}")
-
-
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     """Load the tokenizer at `path` with right padding and a pad token.
 
@@ -512,7 +401,7 @@ def check_model(path: str, lora: LoraConfig) -> None:
     targets exist and are at least as wide as the rank. The model is built on the meta device,
     so this costs a second, not a model load. Raises FedsimInputError."""
     where = f"model.name_or_path: {path}"
-    _check_weights_format(path)
+    check_weights_format(path)
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as err:
@@ -533,25 +422,6 @@ def check_model(path: str, lora: LoraConfig) -> None:
 
 def _first_line(err: Exception) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-
-
-def _check_weights_format(path: str) -> None:
-    """A local model folder must hold safetensors weights: transformers would unpickle a
-    `pytorch_model.bin`, which can run arbitrary code. (A hub id is loaded with
-    `use_safetensors=True`, which refuses pickled weights in the same way.)"""
-    folder = Path(path)
-    if not folder.is_dir():
-        return
-    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.safetensors.index.json")):
-        pickled = sorted(p.name for p in folder.glob("*.bin")) + sorted(
-            p.name for p in folder.glob("*.pt")
-        )
-        found = f" (found only {', '.join(pickled[:3])}, pickled weights)" if pickled else ""
-        raise FedsimInputError(
-            f"model.name_or_path: {path} has no .safetensors weights{found}; fedsim never "
-            "unpickles: convert the model to safetensors (save_pretrained(..., "
-            "safe_serialization=True))"
-        )
 
 
 def get_adapter(model: PeftModel) -> dict[str, torch.Tensor]:

@@ -17,7 +17,6 @@ from pathlib import Path
 import ray
 
 from fedsim import checkpoint, ray_auth, rundir
-from fedsim.client.worker import quiet_libraries
 from fedsim.config import ExperimentConfig
 from fedsim.data.pipeline import PreparedData, prepare_data, write_partition
 from fedsim.data.profiles import ClientProfile, load_profiles
@@ -27,7 +26,7 @@ from fedsim.data.synthetic import generic_text
 from fedsim.data.templates import get_template, template_text
 from fedsim.errors import FedsimInputError
 from fedsim.execution import cluster_address
-from fedsim.model import (
+from fedsim.model_files import (
     TinyModelSpec,
     check_model,
     ensure_tiny_model,
@@ -63,7 +62,6 @@ class PreparedRun:
 
 def prepare_model(cfg: ExperimentConfig, log: Log = _print) -> str:
     """Path of the base model: the cached built-in tiny model, or the user's model path/hub id."""
-    quiet_libraries()
     if cfg.model.name_or_path != "tiny":
         return resolve_model_path(cfg.model.name_or_path)
     spec = TinyModelSpec(**dataclasses.asdict(cfg.model.tiny))

@@ -9,14 +9,12 @@ an upload back with `fedsim.server.aggregation.decode_upload`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # the driver builds tasks and reads outcomes without torch
+    import torch
 
-from fedsim.compression import compress
-from fedsim.lora_ranks import truncate_adapter
-
-TensorDict = dict[str, torch.Tensor]
+TensorDict = dict[str, "torch.Tensor"]
 
 
 @dataclass(frozen=True)
@@ -134,6 +132,9 @@ def encode_upload(
     rank: int | None = None,
 ) -> ClientUpload:
     """The upload of a client whose trained adapter is `local`."""
+    from fedsim.compression import compress
+    from fedsim.lora_ranks import truncate_adapter
+
     if rank is not None:
         local, global_adapter = (
             truncate_adapter(local, rank),

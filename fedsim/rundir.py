@@ -24,9 +24,7 @@ import shutil
 import struct
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from fedsim.config import run_name_problem
 from fedsim.errors import FedsimInputError
@@ -35,18 +33,22 @@ RUN_MARKER = ".fedsim-run"
 """File whose presence (with the content `MARKER_TEXT`) says that fedsim created the directory."""
 MARKER_TEXT = '{"created_by": "fedsim", "format": 1}\n'
 
+if TYPE_CHECKING:  # only the processes that write tensors import torch (not the driver)
+    import torch
+
 _SAFETENSORS_DTYPES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
+    "float64": "F64",
+    "float32": "F32",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "int64": "I64",
+    "int32": "I32",
+    "int16": "I16",
+    "int8": "I8",
+    "uint8": "U8",
+    "bool": "BOOL",
 }
+"""torch dtype name -> safetensors dtype."""
 
 
 def fsync_dir(path: str | Path) -> None:
@@ -118,16 +120,19 @@ def tensor_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str
     the tensors' data back to back) with the header's keys, the metadata's included, sorted and
     the data in name order; `safetensors.torch.load_file` and PEFT read it like any other.
     """
+    import torch
+
     header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
     chunks: list[bytes] = []
     offset = 0
     for name in sorted(tensors):
         tensor = tensors[name].detach().to("cpu").contiguous()
-        if tensor.dtype not in _SAFETENSORS_DTYPES:
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        if dtype not in _SAFETENSORS_DTYPES:
             raise TypeError(f"tensor {name}: dtype {tensor.dtype} cannot be saved")
         raw = tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
         header[name] = {
-            "dtype": _SAFETENSORS_DTYPES[tensor.dtype],
+            "dtype": _SAFETENSORS_DTYPES[dtype],
             "shape": list(tensor.shape),
             "data_offsets": [offset, offset + len(raw)],
         }

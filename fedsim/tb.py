@@ -8,6 +8,7 @@ writer; `fedsim.tracking.TensorBoardTracker` feeds it, beside the MLflow and W&B
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +16,9 @@ TENSORBOARD_DIR = "tensorboard"
 
 
 def tensorboard_available() -> bool:
-    """Whether torch's SummaryWriter can be imported (it needs the tensorboard package)."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether torch's SummaryWriter can work: the tensorboard package is installed. (Asked
+    without importing either: the driver imports torch only if it writes a scalar.)"""
+    return importlib.util.find_spec("tensorboard") is not None
 
 
 class ScalarLog:

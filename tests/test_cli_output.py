@@ -1,6 +1,7 @@
 """What the command line prints: a real `fedsim run` in a child process (not a terminal) prints
 only fedsim's own lines and ends with the next commands; `--verbose` lets the libraries' logs
-through; a torch-backend run never imports DeepSpeed, in the driver or in any Ray worker; each
+through; a torch-backend run never imports DeepSpeed, in the driver or in any Ray worker, and
+the driver never imports torch, transformers or peft; each
 command's help is written for users, with an example.
 
 The line shapes below are an allowlist: a new line from Ray, DeepSpeed or transformers (or a new
@@ -49,7 +50,7 @@ IMPORT_WATCH = textwrap.dedent(
     """
     import importlib.machinery, os, sys
 
-    WATCHED = ("deepspeed", "peft")
+    WATCHED = ("deepspeed", "peft", "torch", "transformers")
 
     class _Recorded:
         def __init__(self, name, loader):
@@ -124,7 +125,7 @@ def run_cli(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, Pa
 
 
 @pytest.mark.ray
-def test_a_run_prints_only_fedsim_lines_ends_with_the_next_commands_and_never_imports_deepspeed(
+def test_a_run_prints_only_fedsim_lines_ends_with_the_next_commands_and_imports_only_what_it_uses(
     tmp_path,
 ):
     # one round on one worker: the least Ray time that still has a worker train a client
@@ -149,12 +150,15 @@ def test_a_run_prints_only_fedsim_lines_ends_with_the_next_commands_and_never_im
     ]
     assert lines[lines.index("next:") - 1] == f"done: {run_dir} (latest round 1)"
 
-    # The import records reach the workers (peft is imported by the driver and every worker,
-    # and the aggregator); deepspeed is imported by none of them.
+    # The import records reach the workers (every worker imports torch, transformers and peft;
+    # the aggregator torch); deepspeed is imported by none of them, and the driver (the `fedsim
+    # run` process), which only schedules and tokenises, imports none of the four.
     assert any("default_worker.py" in cmd for cmd in imports_of(watch, "peft")), list(
         watch.iterdir()
     )
     assert imports_of(watch, "deepspeed") == []
+    for module in ("torch", "transformers", "peft"):
+        assert [cmd for cmd in imports_of(watch, module) if " run " in cmd] == [], module
 
 
 @pytest.mark.ray

@@ -29,10 +29,12 @@ LAYERS = {
     "tracking": 4,
     "protocol": 4,
     "model": 4,
+    "model_files": 4,
     "data": 4,
     "client": 5,
     "server": 5,
     "execution": 6,
+    "actors": 6,
     "prepare": 7,
     "driver": 8,
     "async_rounds": 8,
@@ -48,6 +50,10 @@ ALLOWED_SIDEWAYS = {
     ("data", "checkpoint"),
     ("protocol", "compression"),
     ("protocol", "lora_ranks"),
+    # model_files reads the model's files without torch and leaves the rest to model
+    ("model_files", "model"),
+    ("model", "model_files"),
+    ("execution", "actors"),  # the pool starts the ClientWorker actors
     ("runs", "report"),  # the runs table reads a run as the report does (report.load_run)
     (
         "driver",

@@ -15,17 +15,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from fedsim.config import LoraConfig
 from fedsim.errors import FedsimInputError
 from fedsim.model import (
-    TinyModelSpec,
     adapter_config_dict,
     attach_lora,
     count_parameters,
-    ensure_tiny_model,
     get_adapter,
     load_base_model,
     load_tokenizer,
-    resolve_model_path,
     set_adapter,
 )
+from fedsim.model_files import TinyModelSpec, ensure_tiny_model, resolve_model_path
 from tests.peft_checks import (
     assert_differs_from_a_fresh_adapter,
     assert_model_holds_the_file,

@@ -16,7 +16,7 @@ from ray._private.authentication.authentication_token_generator import (
 )
 
 from fedsim.checkpoint import verify_round
-from fedsim.model import default_cache_dir
+from fedsim.model_files import default_cache_dir
 from tests.conftest import tiny_experiment
 from tests.ray_cluster import LocalRayCluster, can_hide_paths, token_env
 

@@ -1,13 +1,9 @@
-"""Local training and the ClientWorker actor.
+"""Local training and the ClientWorker.
 
-`trainer.py` holds the one local-training loop and the torch backend, `context.py` what a
-strategy changes about local training (FedProx, SCAFFOLD, rank masks), `deepspeed_trainer.py`
-the DeepSpeed backend. `TRAINERS` (in `trainer.py`) maps `client.backend` to its trainer class;
-backends in modules of their own register here, so the registry is complete whichever module is
-imported first.
+`spec.py` holds what the driver hands a worker (torch-free), `trainer.py` the one local-training
+loop and the torch backend, `context.py` what a strategy changes about local training (FedProx,
+SCAFFOLD, rank masks), `deepspeed_trainer.py` the DeepSpeed backend, `worker.py` the ClientWorker
+that builds the model once and trains client after client. `trainer.BACKENDS` maps
+`client.backend` to its trainer class. Nothing is imported here, so that the driver can import
+`spec` without torch.
 """
-
-from fedsim.client.deepspeed_trainer import DeepSpeedTrainer
-from fedsim.client.trainer import TRAINERS
-
-TRAINERS.setdefault("deepspeed", DeepSpeedTrainer)

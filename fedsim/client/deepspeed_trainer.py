@@ -37,7 +37,8 @@ import torch
 from fedsim.client.context import WeightUpdate
 from fedsim.client.trainer import ExtraLoss, Trainer, TrainSettings
 from fedsim.deepspeed_config import worker_config
-from fedsim.model import adapter_parameters, default_cache_dir
+from fedsim.model import adapter_parameters
+from fedsim.model_files import default_cache_dir
 
 TensorDict = dict[str, torch.Tensor]
 

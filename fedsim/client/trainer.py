@@ -14,13 +14,12 @@ micro-batch, take the optimizer step, set the lr, rewrite its weights); `TorchTr
 
 from __future__ import annotations
 
-import dataclasses
+import importlib
 import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
@@ -35,39 +34,13 @@ from fedsim.client.context import (
     rank_masks,
     zero_gradients_of,
 )
-from fedsim.config import ClientConfig
+from fedsim.client.spec import TrainSettings
 from fedsim.model import adapter_parameters, get_adapter, set_adapter
 from fedsim.protocol import ClientContext
 
 IGNORE_INDEX = -100
 TensorDict = dict[str, torch.Tensor]
 ExtraLoss = Callable[[], torch.Tensor]
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    """What local training reads: the config's `client` section as it is, and the tokenizer's
-    pad id (which the config does not know)."""
-
-    client: ClientConfig
-    pad_token_id: int = 0
-
-    @property
-    def accumulation(self) -> int:
-        """Micro-batches per optimizer step."""
-        return self.client.batch_size // self.client.micro_batch_size
-
-    def num_steps(self, num_examples: int) -> int:
-        """Optimizer steps for a shard of `num_examples` records."""
-        c = self.client
-        if c.local_steps is not None:
-            return c.local_steps
-        assert c.local_epochs is not None
-        return max(1, math.ceil(c.local_epochs * num_examples / c.batch_size))
-
-    def with_client(self, **changes: Any) -> TrainSettings:
-        """These settings with some `client.*` fields changed."""
-        return dataclasses.replace(self, client=dataclasses.replace(self.client, **changes))
 
 
 @dataclass
@@ -331,6 +304,15 @@ class TorchTrainer(Trainer):
                 p.copy_(update(key, p.detach()))
 
 
-TRAINERS: dict[str, type[Trainer]] = {"torch": TorchTrainer}
-"""`client.backend` -> trainer class; `fedsim/client/__init__.py` adds the backends that live in
-modules of their own (deepspeed), which import this one."""
+BACKENDS: dict[str, str] = {
+    "torch": "fedsim.client.trainer:TorchTrainer",
+    "deepspeed": "fedsim.client.deepspeed_trainer:DeepSpeedTrainer",
+}
+"""`client.backend` -> where its trainer class lives, imported only when a worker uses it (the
+DeepSpeed backend's module imports this one)."""
+
+
+def trainer_class(backend: str) -> type[Trainer]:
+    """The trainer class of `client.backend` `backend`."""
+    module, name = BACKENDS[backend].split(":")
+    return getattr(importlib.import_module(module), name)

@@ -14,19 +14,15 @@ import socket
 import tempfile
 import time
 import traceback
-import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import ray
 import torch
 
-from fedsim import console
 from fedsim.client.context import scaffold_client_variate
-from fedsim.client.trainer import TRAINERS, TrainResult, TrainSettings
-from fedsim.config import CompressionConfig, LoraConfig
+from fedsim.client.spec import WorkerSpec
+from fedsim.client.trainer import TrainResult, trainer_class
 from fedsim.data.shards import ShardStore
 from fedsim.errors import FedsimInputError
 from fedsim.faults import raise_client_fault
@@ -38,6 +34,7 @@ from fedsim.model import (
     greedy_generate,
     load_base_model,
     load_tokenizer,
+    quiet_libraries,
 )
 from fedsim.protocol import (
     ClientContext,
@@ -52,57 +49,8 @@ from fedsim.seeds import Stream, seed_of
 TensorDict = dict[str, torch.Tensor]
 
 
-@dataclass(frozen=True)
-class WorkerSpec:
-    """Everything a worker needs to build its model and trainer once.
-
-    The shards, and the model when it is the built-in tiny one, can come through Ray's object
-    store (`shards_ref`, `model_files_ref`) instead of paths, so that workers on nodes that do
-    not share the driver's filesystem get them too.
-    """
-
-    model_path: str
-    model_name: str
-    dtype: str
-    lora: LoraConfig
-    seed: int
-    shards_dir: str
-    backend: str
-    settings: TrainSettings
-    num_threads: int = 1
-    device: str = "cpu"
-    """cpu, or cuda for workers given GPUs (Ray sets CUDA_VISIBLE_DEVICES per worker)."""
-    quantization: str | None = None
-    shards_ref: Any = None
-    """ObjectRef of the shard index (`index.json`'s text); when set, `shards_dir` is not read
-    and each task brings its client's block (`ClientTask.shard_ref`)."""
-    model_files_ref: Any = None
-    """ObjectRef of `pack_directory(model_path)`; when set, `model_path` is not read."""
-    compression: CompressionConfig = field(default_factory=CompressionConfig)
-    """Uplink compression of the client's delta (`client.compression`)."""
-
-
 def raise_injected_fault(task: ClientTask) -> None:
     raise_client_fault(task.round_idx, task.client_id)  # fault tests only (fedsim.faults)
-
-
-def quiet_libraries() -> None:
-    """Silence transformers' warnings (such as 'Token indices sequence length is longer than the
-    specified maximum', which fedsim's own truncation warning replaces), its per-load progress
-    bars and deprecation chatter, unless `--verbose` (fedsim.console) asks for them.
-
-    On a machine without CUDA, DeepSpeed (which the deepspeed backend imports, and transformers
-    may import on its own in some code paths) is told it runs on the CPU instead of warning that
-    it found no GPU, verbose or not: that warning is wrong for a CPU run."""
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    if console.verbose():
-        return
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 class ClientWorker:
@@ -123,7 +71,7 @@ class ClientWorker:
         self._merged = MergedBase()  # FLoRA's delta merged into the base weights
         self._tokenizer: Any = None  # loaded on the first probe only
         self.store = _open_shards(spec)
-        self.trainer = TRAINERS[spec.backend](spec.settings)
+        self.trainer = trainer_class(spec.backend)(spec.settings)
         self.trainer.prepare(self.model)  # e.g. the DeepSpeed engine, built once per worker
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
@@ -231,17 +179,6 @@ def _resolved(value: Any) -> Any:
     return ray.get(value) if isinstance(value, ray.ObjectRef) else value
 
 
-def pack_directory(path: str | Path) -> dict[str, np.ndarray]:
-    """Every file under `path` as {relative path: bytes as uint8}, for `ray.put` (numpy arrays
-    come back from the object store without a copy)."""
-    root = Path(path)
-    return {
-        f.relative_to(root).as_posix(): np.frombuffer(f.read_bytes(), dtype=np.uint8)
-        for f in sorted(root.rglob("*"))
-        if f.is_file()
-    }
-
-
 def _load_base(spec: WorkerSpec) -> tuple[torch.nn.Module, tempfile.TemporaryDirectory | None]:
     """The frozen base model, and the scratch copy it was loaded from when it came through the
     object store (kept while the worker lives: PEFT looks up the model's config.json there)."""
@@ -265,6 +202,3 @@ def _open_shards(spec: WorkerSpec) -> ShardStore:
     if spec.shards_ref is None:
         return ShardStore(Path(spec.shards_dir))
     return ShardStore.from_index(ray.get(spec.shards_ref), where=spec.shards_dir)
-
-
-ClientWorkerActor = ray.remote(ClientWorker)

@@ -32,7 +32,6 @@ import torch
 import yaml
 
 from fedsim import checkpoint, rundir
-from fedsim.client.worker import quiet_libraries
 from fedsim.config import (
     ConfigError,
     ExperimentConfig,
@@ -47,6 +46,7 @@ from fedsim.eval.generation import Answer, AnswerModel
 from fedsim.eval.metrics import exact_match, perplexity, rouge_l, summarize
 from fedsim.eval.questions import Question, QuestionSet, load_question_sets
 from fedsim.lora_ranks import BASE_DELTA_PREFIX
+from fedsim.model import quiet_libraries
 from fedsim.tracking import eval_tracker
 
 Log = Callable[[str], None]

@@ -321,7 +321,7 @@ class JudgeCache:
 
 
 def default_cache_dir() -> Path:
-    from fedsim.model import default_cache_dir as fedsim_cache
+    from fedsim.model_files import default_cache_dir as fedsim_cache
 
     return fedsim_cache() / "judge"
 

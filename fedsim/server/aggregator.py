@@ -118,6 +118,24 @@ class Aggregator:
         self.global_adapter = {k: v.clone() for k, v in adapter.items()}
         self.strategy.load_state_dict(server_state or {})
 
+    def restore(self, round_dir: str) -> TensorDict:
+        """Start from the checkpoint in `round_dir` (verified by the caller), as `set_global`;
+        returns its adapter, which the workers then train from."""
+        state = checkpoint.load_round(Path(round_dir))
+        self.set_global(state.adapter, state.server_state)
+        return state.adapter
+
+    def read_adapter(self, round_dir: str) -> TensorDict:
+        """The adapter of the checkpoint in `round_dir` (asynchronous clients in flight started
+        from an older version)."""
+        return checkpoint.load_round(Path(round_dir)).adapter
+
+    def global_nbytes(self) -> int:
+        """Bytes of the global adapter, what each client downloads."""
+        if not self.global_adapter:  # set_global or restore has not run, or failed
+            raise RuntimeError("the aggregator holds no global adapter")
+        return adapter_nbytes(self.global_adapter)
+
     def client_context(self, client_id: int, lora_rank: int | None = None) -> ClientContext:
         """What client `client_id`'s local training needs this round (from the strategy, its
         stored state, and its LoRA rank)."""
@@ -413,6 +431,3 @@ def _bytes_per_rank(adapter: TensorDict) -> int:
 def _global_rank(adapter: TensorDict) -> int:
     """The rank of the global adapter (rows of any lora_A; 0 for an adapter without one)."""
     return next((v.shape[0] for k, v in adapter.items() if "lora_A" in k), 0)
-
-
-AggregatorActor = ray.remote(num_cpus=0)(Aggregator)

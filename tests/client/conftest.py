@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from fedsim.client.trainer import TRAINERS, TrainResult, TrainSettings
+from fedsim.client.trainer import TrainResult, TrainSettings, trainer_class
 from fedsim.config import ClientConfig, config_from_dict
 from fedsim.driver import worker_spec
 from fedsim.model import load_tokenizer
@@ -37,7 +37,7 @@ class TinyTrainer:
 
     def __init__(self, backend: str, s: TrainSettings, vocab_size: int, lora_seed: int) -> None:
         self.model = tiny_lora_llama(vocab_size=vocab_size, lora_seed=lora_seed)
-        self.trainer = TRAINERS[backend](s)
+        self.trainer = trainer_class(backend)(s)
         self.trainer.prepare(self.model)
 
     def train(
