@@ -181,7 +181,7 @@ def materialise(prep: PreparedRun, overwrite: bool, log: Log = _print) -> Path:
         rundir.mark_run_dir(run_dir)
     first_round = prep.resume_from.round_idx + 1 if prep.resume_from else 1
     rundir.record_config(run_dir, cfg.to_yaml(), first_round)
-    write_partition(run_dir / "partition.json", data.summary())
+    write_partition(run_dir / "partition.json", data)
     if replaced is not None:  # the new run directory exists: only now is the old one deleted
         shutil.rmtree(replaced)
 

@@ -2,19 +2,21 @@
 
 What grows with the registered clients must stay cheap: the partition (seconds), partition.json
 (a few hundred bytes per client), the shard index (one offset per client) and the driver's
-bookkeeping (one record count per client). The default tests need no Ray; the Ray round with
-10,000 registered clients is in the slow tier.
+bookkeeping (one record count per client). Issue 16: at 100,000 clients the prepared data holds
+arrays, not a Python object per client or per record, and partition.json is written in pieces.
+The default tests need no Ray; the Ray round with 10,000 registered clients is in the slow tier.
 """
 
 import json
 import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from fedsim.config import config_from_dict, load_config
-from fedsim.data.partitioners import IID, Dirichlet
+from fedsim.config import DataConfig, PartitionConfig, config_from_dict, load_config
+from fedsim.data.partitioners import IID, ClientPositions, Dirichlet
 from fedsim.data.pipeline import prepare_data, write_partition
 from fedsim.data.shards import INDEX_FILE, ShardStore, write_shards
 from fedsim.errors import FedsimInputError
@@ -63,7 +65,7 @@ def test_partition_json_and_shard_index_grow_by_bytes_per_client(
     prepared: tuple, tmp_path: Path
 ) -> None:
     _, data, _ = prepared
-    write_partition(tmp_path / "partition.json", data.summary())
+    write_partition(tmp_path / "partition.json", data)
     summary = json.loads((tmp_path / "partition.json").read_text())
     assert summary["num_clients"] == CLIENTS and len(summary["clients"]) == CLIENTS
     assert (tmp_path / "partition.json").stat().st_size < 400 * CLIENTS
@@ -79,6 +81,54 @@ def test_partition_json_and_shard_index_grow_by_bytes_per_client(
     last = store.client_examples(CLIENTS - 1)
     assert len(last) == len(data.clients[-1])
     assert [int(last[k][0][0]) for k in range(len(last))] == data.clients[-1].tolist()
+
+
+def _tiny_clients(num_clients: int) -> DataConfig:
+    """`num_clients` clients of 2 generated records each, an iid split, no test split."""
+    return DataConfig(
+        builtin_records=2 * num_clients,
+        num_clients=num_clients,
+        test_per_category=0,
+        partition=PartitionConfig(kind="iid"),
+    )
+
+
+def _traced_peak_mb(step: object) -> float:
+    """Peak Python and numpy memory (tracemalloc) while `step()` runs, in MiB."""
+    tracemalloc.start()
+    try:
+        step()  # type: ignore[operator]
+        return tracemalloc.get_traced_memory()[1] / 2**20
+    finally:
+        tracemalloc.stop()
+
+
+def test_prepared_100k_clients_are_arrays_not_python_objects_per_client() -> None:
+    prepare_data(_tiny_clients(10), seed=0)  # lazy imports happen outside the measurement
+    cfg = _tiny_clients(100_000)
+    prepare_data(cfg, seed=0)  # the generated records' cache file too
+    holder: dict[str, object] = {}
+
+    peak = _traced_peak_mb(lambda: holder.update(data=prepare_data(cfg, seed=0)))
+
+    data = holder["data"]
+    assert isinstance(data.clients, ClientPositions)
+    assert data.clients.flat.dtype == np.int64 and len(data.clients.offsets) == 100_001
+    # Two arrays of 200,000 and 100,001 int64 plus transients: ~5 MiB. A numpy array per client
+    # (~13 MiB) or a Python string per record's category (~12 MiB) would not fit.
+    assert peak < 12, f"preparing 100,000 clients traced {peak:.1f} MiB"
+
+
+def test_partition_json_is_written_in_pieces(tmp_path: Path) -> None:
+    data = prepare_data(_tiny_clients(20_000), seed=0)
+    path = tmp_path / "partition.json"
+
+    peak = _traced_peak_mb(lambda: write_partition(path, data))
+
+    # The file is 2.6 MB; built as one dict (~30 MiB traced) it would not fit.
+    assert peak < 8, f"writing partition.json of 20,000 clients traced {peak:.1f} MiB"
+    summary = json.loads(path.read_text())
+    assert len(summary["clients"]) == 20_000 and summary["clients"]["19999"]["records"] == 2
 
 
 def test_impossible_dirichlet_split_at_10k_clients_is_a_quick_error() -> None:

@@ -4,19 +4,102 @@ A partitioner sees only the records' categories (the label that makes data heter
 returns, per client, the sorted positions of its records. Every record lands in exactly one client
 and no client is left empty; a split that cannot satisfy that raises `FedsimInputError`.
 `SplitFile` is the exception: it reads a fixed split (source line numbers) from a JSON file.
+
+A split is a `ClientPositions`: every client's positions in one flat array plus offsets, so that
+100,000 or 1,000,000 clients cost two arrays, not one numpy object per client. Categories may be
+strings or integer codes ranked in the names' sorted order (`category_codes`): the splits are
+the same.
 """
 
+from __future__ import annotations
+
 import json
-import math
 import typing
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from fedsim.config import PartitionKind
 from fedsim.errors import FedsimInputError
+
+
+class ClientPositions(Sequence[np.ndarray]):
+    """Each client's record positions: client c holds `flat[offsets[c]:offsets[c + 1]]`.
+
+    Indexing gives a read-only int64 view, so code written for a list of per-client arrays
+    (`len(parts)`, `parts[c]`, iteration) keeps working without one object per client.
+    """
+
+    def __init__(self, flat: np.ndarray, offsets: np.ndarray) -> None:
+        # Read-only views (the caller's arrays stay writable): parts are handed out as views,
+        # and nobody may edit the split through one.
+        self.flat = np.asarray(flat, dtype=np.int64).view()
+        self.offsets = np.asarray(offsets, dtype=np.int64).view()
+        if len(self.offsets) < 1 or self.offsets[0] != 0 or self.offsets[-1] != len(self.flat):
+            raise ValueError("offsets must run from 0 to len(flat)")
+        self.flat.flags.writeable = False
+        self.offsets.flags.writeable = False
+
+    @classmethod
+    def from_parts(cls, parts: Sequence[np.ndarray]) -> ClientPositions:
+        """The positions of a list of per-client arrays (copied)."""
+        sizes = np.fromiter((len(p) for p in parts), dtype=np.int64, count=len(parts))
+        flat = np.concatenate(parts).astype(np.int64) if len(parts) else np.empty(0, np.int64)
+        return cls(flat, np.concatenate(([0], np.cumsum(sizes))))
+
+    @classmethod
+    def from_owner(cls, owner: np.ndarray, num_clients: int) -> ClientPositions:
+        """Client c holds the positions i with owner[i] == c, ascending."""
+        sizes = np.bincount(owner, minlength=num_clients)
+        order = np.argsort(owner, kind="stable")  # stable: each client's positions ascending
+        return cls(order, np.concatenate(([0], np.cumsum(sizes))))
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @typing.overload
+    def __getitem__(self, client: int) -> np.ndarray: ...
+
+    @typing.overload
+    def __getitem__(self, client: slice) -> list[np.ndarray]: ...
+
+    def __getitem__(self, client: int | slice) -> np.ndarray | list[np.ndarray]:
+        if isinstance(client, slice):  # as a list would: the parts, one view each
+            return [self[c] for c in range(*client.indices(len(self)))]
+        n = len(self)
+        if not -n <= client < n:
+            raise IndexError(f"client {client} out of range for {n} clients")
+        client %= n
+        return self.flat[self.offsets[client] : self.offsets[client + 1]]
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for start, stop in zip(self.offsets[:-1].tolist(), self.offsets[1:].tolist(), strict=True):
+            yield self.flat[start:stop]
+
+    def sizes(self) -> np.ndarray:
+        """Records per client."""
+        return np.diff(self.offsets)
+
+    def owners(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """The client of each position in `flat[offsets[start]:offsets[stop]]`."""
+        stop = len(self) if stop is None else stop
+        return np.repeat(np.arange(start, stop), np.diff(self.offsets[start : stop + 1]))
+
+    def map(self, values: np.ndarray) -> ClientPositions:
+        """The same clients holding `values[p]` for each of their positions p."""
+        return ClientPositions(np.asarray(values)[self.flat], self.offsets)
+
+    @classmethod
+    def empty(cls) -> ClientPositions:
+        """No clients."""
+        return cls(np.empty(0, dtype=np.int64), np.zeros(1, dtype=np.int64))
+
+    @classmethod
+    def single(cls, positions: np.ndarray) -> ClientPositions:
+        """One part holding `positions` (the test split, say)."""
+        return cls(positions, np.array([0, len(positions)]))
 
 
 class Partitioner(ABC):
@@ -27,7 +110,7 @@ class Partitioner(ABC):
     @abstractmethod
     def split(
         self, categories: np.ndarray, num_clients: int, rng: np.random.Generator
-    ) -> list[np.ndarray]:
+    ) -> ClientPositions:
         """Per client, a sorted int64 array of record positions; together a partition of all."""
 
 
@@ -38,10 +121,17 @@ class IID(Partitioner):
 
     def split(
         self, categories: np.ndarray, num_clients: int, rng: np.random.Generator
-    ) -> list[np.ndarray]:
-        _check_counts(self.kind, len(categories), num_clients)
-        order = rng.permutation(len(categories))
-        return _finish(self.kind, np.array_split(order, num_clients))
+    ) -> ClientPositions:
+        n = len(categories)
+        _check_counts(self.kind, n, num_clients)
+        order = rng.permutation(n)
+        # Client c takes the c-th of np.array_split(order, num_clients): the first n % k parts
+        # hold one record more.
+        sizes = np.full(num_clients, n // num_clients, dtype=np.int64)
+        sizes[: n % num_clients] += 1
+        owner = np.empty(n, dtype=_owner_dtype(num_clients))
+        owner[order] = np.repeat(np.arange(num_clients, dtype=owner.dtype), sizes)
+        return _finish(self.kind, ClientPositions.from_owner(owner, num_clients))
 
 
 class Dirichlet(Partitioner):
@@ -68,7 +158,7 @@ class Dirichlet(Partitioner):
 
     def split(
         self, categories: np.ndarray, num_clients: int, rng: np.random.Generator
-    ) -> list[np.ndarray]:
+    ) -> ClientPositions:
         n = len(categories)
         _check_counts(self.kind, n, num_clients)
         if num_clients * self.min_size > n:
@@ -104,8 +194,7 @@ class Dirichlet(Partitioner):
                 sizes += counts
             short = int(np.count_nonzero(sizes < self.min_size))
             if short == 0:
-                order = np.argsort(owner, kind="stable")  # stable: positions stay ascending
-                return _finish(self.kind, np.split(order, np.cumsum(sizes)[:-1]))
+                return _finish(self.kind, ClientPositions.from_owner(owner, num_clients))
             fewest_short = min(fewest_short, short)
         raise FedsimInputError(
             f"data.partition: kind=dirichlet could not reach min_size={self.min_size} for "
@@ -131,7 +220,7 @@ class Shards(Partitioner):
 
     def split(
         self, categories: np.ndarray, num_clients: int, rng: np.random.Generator
-    ) -> list[np.ndarray]:
+    ) -> ClientPositions:
         n = len(categories)
         _check_counts(self.kind, n, num_clients)
         num_shards = num_clients * self.shards_per_client
@@ -142,9 +231,16 @@ class Shards(Partitioner):
                 f"are only {n} records; lower data.partition.shards_per_client"
             )
         by_category = np.argsort(categories, kind="stable")  # stable: ties keep position order
-        shards = np.array_split(by_category, num_shards)
-        owners = rng.permutation(num_shards).reshape(num_clients, self.shards_per_client)
-        return _finish(self.kind, [np.concatenate([shards[s] for s in row]) for row in owners])
+        # Shard s is the s-th of np.array_split(by_category, num_shards); client c takes the
+        # shards in row c of the drawn permutation.
+        shard_sizes = np.full(num_shards, n // num_shards, dtype=np.int64)
+        shard_sizes[: n % num_shards] += 1
+        drawn = rng.permutation(num_shards)
+        shard_owner = np.empty(num_shards, dtype=np.int64)
+        shard_owner[drawn] = np.repeat(np.arange(num_clients), self.shards_per_client)
+        owner = np.empty(n, dtype=np.int64)
+        owner[by_category] = np.repeat(shard_owner, shard_sizes)
+        return _finish(self.kind, ClientPositions.from_owner(owner, num_clients))
 
 
 class ByCategory(Partitioner):
@@ -159,21 +255,21 @@ class ByCategory(Partitioner):
 
     def split(
         self, categories: np.ndarray, num_clients: int, rng: np.random.Generator
-    ) -> list[np.ndarray]:
+    ) -> ClientPositions:
         _check_counts(self.kind, len(categories), num_clients)
         groups = list(_category_groups(categories).values())
-        parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+        owner = np.empty(len(categories), dtype=np.int64)
         if num_clients >= len(groups):
             for j, members in enumerate(groups):
-                clients = range(j, num_clients, len(groups))
-                for client, piece in zip(
-                    clients, np.array_split(rng.permutation(members), len(clients)), strict=True
-                ):
-                    parts[client].append(piece)
+                clients = np.arange(j, num_clients, len(groups))
+                # As np.array_split(shuffled, len(clients)): the first pieces one record larger.
+                sizes = np.full(len(clients), len(members) // len(clients), dtype=np.int64)
+                sizes[: len(members) % len(clients)] += 1
+                owner[rng.permutation(members)] = np.repeat(clients, sizes)
         else:
             for j, members in enumerate(groups):
-                parts[j % num_clients].append(members)
-        return _finish(self.kind, [np.concatenate(p) for p in parts])
+                owner[members] = j % num_clients
+        return _finish(self.kind, ClientPositions.from_owner(owner, num_clients))
 
 
 class SplitFile:
@@ -298,17 +394,22 @@ def make_partitioner(
 
 
 def hold_out_test(
-    categories: np.ndarray, per_category: int, rng: np.random.Generator
+    categories: np.ndarray,
+    per_category: int,
+    rng: np.random.Generator,
+    names: Sequence[str] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(train positions, test positions), both sorted: `per_category` random records of every
-    category are held out for testing, as the reference code does (10 per Dolly category)."""
+    category are held out for testing, as the reference code does (10 per Dolly category).
+    With integer codes for `categories`, `names[code]` names a category in errors."""
     if per_category < 0:
         raise FedsimInputError(f"data.test_per_category: must be >= 0, got {per_category}")
     test: list[np.ndarray] = []
     for category, members in _category_groups(categories).items():
         if len(members) < per_category + 1:
+            name = category if names is None else names[int(category)]
             raise FedsimInputError(
-                f"data.test_per_category: category '{category}' has {len(members)} records; "
+                f"data.test_per_category: category '{name}' has {len(members)} records; "
                 f"holding out {per_category} needs at least {per_category + 1}"
             )
         test.append(rng.permutation(members)[:per_category])
@@ -318,37 +419,60 @@ def hold_out_test(
 
 
 def hold_out_per_client(
-    parts: list[np.ndarray], fraction: float, rngs: Sequence[np.random.Generator]
-) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    parts: Sequence[np.ndarray], fraction: float, rngs: Sequence[np.random.Generator]
+) -> tuple[ClientPositions, ClientPositions]:
     """(training positions, held-out positions) of each client, both sorted: a random
     `fraction` of each client's records (rounded, at least one) is its own test slice, drawn with
     that client's generator `rngs[c]`, so one client's slice never depends on another's records.
-    Every client keeps at least one record to train on."""
+    Every client keeps at least one record to train on. `rngs` is indexed once per client, so it
+    may build each generator on demand."""
     if not 0 < fraction < 1:
         raise FedsimInputError(
             f"data.test_per_client: expected a fraction in (0, 1), got {fraction}"
         )
-    train: list[np.ndarray] = []
-    test: list[np.ndarray] = []
-    for client, (part, rng) in enumerate(zip(parts, rngs, strict=True)):
-        held = max(1, math.floor(fraction * len(part) + 0.5))  # half up: no banker's rounding
-        if held >= len(part):
-            raise FedsimInputError(
-                f"data.test_per_client: client {client} has {len(part)} record(s); holding out "
-                f"{held} leaves none to train on (raise data.partition.min_size or lower "
-                "data.num_clients)"
-            )
+    if len(parts) != len(rngs):
+        raise ValueError(f"{len(parts)} clients but {len(rngs)} generators")
+    sizes = np.fromiter((len(p) for p in parts), dtype=np.int64, count=len(parts))
+    # Half up, as math.floor(fraction * n + 0.5) on each client (same float64 arithmetic).
+    held = np.maximum(1, np.floor(fraction * sizes + 0.5).astype(np.int64))
+    short = np.flatnonzero(held >= sizes)
+    if short.size:
+        client = int(short[0])
+        raise FedsimInputError(
+            f"data.test_per_client: client {client} has {sizes[client]} record(s); holding out "
+            f"{held[client]} leaves none to train on (raise data.partition.min_size or lower "
+            "data.num_clients)"
+        )
+    train_offsets = np.concatenate(([0], np.cumsum(sizes - held)))
+    test_offsets = np.concatenate(([0], np.cumsum(held)))
+    train = np.empty(train_offsets[-1], dtype=np.int64)
+    test = np.empty(test_offsets[-1], dtype=np.int64)
+    # One generator per client is inherent (each slice has its own stream); the results go
+    # straight into the two flat arrays.
+    for client, part in enumerate(parts):
         picked = np.zeros(len(part), dtype=bool)
-        picked[rng.permutation(len(part))[:held]] = True
-        train.append(np.sort(part[~picked]).astype(np.int64))
-        test.append(np.sort(part[picked]).astype(np.int64))
-    return train, test
+        picked[rngs[client].permutation(len(part))[: held[client]]] = True
+        train[train_offsets[client] : train_offsets[client + 1]] = np.sort(part[~picked])
+        test[test_offsets[client] : test_offsets[client + 1]] = np.sort(part[picked])
+    return ClientPositions(train, train_offsets), ClientPositions(test, test_offsets)
 
 
 def category_histogram(categories: np.ndarray, indices: np.ndarray) -> dict[str, int]:
     """Records per category among `indices`, keyed by category in sorted order."""
     names, counts = np.unique(np.asarray(categories)[indices], return_counts=True)
     return {str(name): int(count) for name, count in zip(names, counts, strict=True)}
+
+
+def category_counts(
+    codes: np.ndarray, parts: ClientPositions, num_categories: int, start: int = 0, stop: int = -1
+) -> np.ndarray:
+    """Records per category code of clients `start`..`stop - 1` (all by default): one row per
+    client, one column per code (one bincount, no per-client work)."""
+    stop = len(parts) if stop < 0 else stop
+    lo, hi = parts.offsets[start], parts.offsets[stop]
+    cells = (parts.owners(start, stop) - start) * num_categories + codes[parts.flat[lo:hi]]
+    counts = np.bincount(cells, minlength=(stop - start) * num_categories)
+    return counts.reshape(stop - start, num_categories)
 
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -365,6 +489,11 @@ def _category_groups(categories: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
+def _owner_dtype(num_clients: int) -> type[np.integer]:
+    """int32 client ids where they fit: half the memory of int64 for an owner per record."""
+    return np.int32 if num_clients < 2**31 else np.int64
+
+
 def _check_counts(kind: str, num_records: int, num_clients: int) -> None:
     if num_clients < 1:
         raise FedsimInputError(f"data.num_clients: must be >= 1, got {num_clients}")
@@ -375,15 +504,15 @@ def _check_counts(kind: str, num_records: int, num_clients: int) -> None:
         )
 
 
-def _finish(kind: str, parts: list[np.ndarray]) -> list[np.ndarray]:
-    """Sort each client's positions and reject a split that leaves a client empty."""
-    for client, part in enumerate(parts):
-        if len(part) == 0:
-            raise FedsimInputError(
-                f"data.partition: client {client} would get no records with kind={kind}; "
-                "use fewer clients or another partition"
-            )
-    return [np.sort(part).astype(np.int64) for part in parts]
+def _finish(kind: str, parts: ClientPositions) -> ClientPositions:
+    """Reject a split that leaves a client empty."""
+    empty = np.flatnonzero(parts.sizes() == 0)
+    if empty.size:
+        raise FedsimInputError(
+            f"data.partition: client {empty[0]} would get no records with kind={kind}; "
+            "use fewer clients or another partition"
+        )
+    return parts
 
 
 def _first_overlap(clients: list[np.ndarray]) -> tuple[int, int, int] | None:

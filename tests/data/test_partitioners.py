@@ -10,6 +10,7 @@ import pytest
 from fedsim.data.partitioners import (
     IID,
     ByCategory,
+    ClientPositions,
     Dirichlet,
     Partitioner,
     Shards,
@@ -266,3 +267,50 @@ def test_positions_for_out_of_range_line(dolly_table: pa.Table) -> None:
         match=r"s\.json: clients\[3\] names line 20000 but the source has 15011 records",
     ):
         positions_for(source_index, np.array([5, 20000]), "s.json", key="clients[3]")
+
+
+# --- the split as flat arrays, categories as codes (issue 16) ---------------------------------
+
+
+def test_client_positions_behave_as_a_list_of_arrays() -> None:
+    parts = [np.array([3, 5]), np.array([0]), np.array([1, 2, 4])]
+    positions = ClientPositions.from_parts(parts)
+
+    assert len(positions) == 3 and positions.sizes().tolist() == [2, 1, 3]
+    assert [p.tolist() for p in positions] == [p.tolist() for p in parts]
+    assert positions[-1].tolist() == [1, 2, 4] and positions[1].dtype == np.int64
+    assert [p.tolist() for p in positions[1:]] == [[0], [1, 2, 4]]
+    assert positions.owners().tolist() == [0, 0, 1, 2, 2, 2]
+    assert positions.owners(1, 3).tolist() == [1, 2, 2, 2]
+    assert positions.map(np.arange(10) * 10)[0].tolist() == [30, 50]
+    with pytest.raises(IndexError):
+        positions[3]
+    with pytest.raises(ValueError, match="read-only"):
+        positions[0][0] = 7  # a view into the split: nobody edits it through one
+    flat = np.array([2, 0, 1])
+    ClientPositions(flat, np.array([0, 1, 3]))
+    flat[0] = 9  # the caller's own array stays writable
+    assert len(ClientPositions.empty()) == 0
+    assert ClientPositions.single(np.array([4, 7]))[0].tolist() == [4, 7]
+
+
+@pytest.mark.parametrize("partitioner", PARTITIONERS, ids=lambda p: p.kind)
+def test_integer_codes_split_as_the_names_do(
+    partitioner: Partitioner, dolly_categories: np.ndarray
+) -> None:
+    names, codes = np.unique(dolly_categories, return_inverse=True)  # codes rank the names
+
+    by_name = partitioner.split(dolly_categories, 30, rng(0))
+    by_code = partitioner.split(codes.astype(np.int32), 30, rng(0))
+
+    assert isinstance(by_code, ClientPositions)
+    assert np.array_equal(by_name.flat, by_code.flat)
+    assert np.array_equal(by_name.offsets, by_code.offsets)
+    train, test = hold_out_test(dolly_categories, 3, rng(0))
+    train_c, test_c = hold_out_test(codes, 3, rng(0), list(names))
+    assert np.array_equal(train, train_c) and np.array_equal(test, test_c)
+
+
+def test_a_short_category_is_named_when_split_by_code() -> None:
+    with pytest.raises(FedsimInputError, match="category 'b' has 1 records"):
+        hold_out_test(np.array([0, 0, 1]), 1, rng(), ["a", "b"])
