@@ -289,6 +289,14 @@ def ray_init_options() -> dict[str, Any]:
     }
 
 
+LOCAL_SYSTEM_CONFIG = {
+    "_system_config": {"enable_worker_prestart": False, "prestart_worker_first_driver": False}
+}
+"""Settings of a local Ray instance: no idle Python workers started ahead of need (Ray starts one
+per CPU for tasks; fedsim runs only actors, which get processes of their own, so the prestarted
+ones sat idle, ~45 MB each, issue 16)."""
+
+
 @contextmanager
 def ray_session(cluster: ClusterConfig) -> Iterator[None]:
     """Attach to `cluster.address`/RAY_ADDRESS, or start a local instance; shut down what we
@@ -302,7 +310,7 @@ def ray_session(cluster: ClusterConfig) -> Iterator[None]:
         if address:
             ray.init(address=address, **ray_init_options())
         else:  # no dashboard: a local simulation needs none, and it costs seconds and a port
-            ray.init(include_dashboard=False, **ray_init_options())
+            ray.init(include_dashboard=False, **LOCAL_SYSTEM_CONFIG, **ray_init_options())
         started = True
     try:
         yield
