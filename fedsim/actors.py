@@ -45,6 +45,9 @@ class ClientWorker:
     def train(self, task: Any, global_adapter: Any, context: Any = None) -> tuple[Any, Any]:
         return self._worker.train(task, global_adapter, context)
 
+    def train_batch(self, tasks: list[Any], global_adapter: Any, *contexts: Any) -> tuple[Any, Any]:
+        return self._worker.train_batch(tasks, global_adapter, *contexts)
+
 
 class Aggregator:
     """The aggregator actor: see `fedsim.server.aggregator.Aggregator`.
@@ -79,6 +82,9 @@ class Aggregator:
     def client_context(self, client_id: int, lora_rank: int | None = None) -> Any:
         return self._impl.client_context(client_id, lora_rank)
 
+    def client_contexts(self, client_ids: list[int], lora_ranks: list[Any] | None = None) -> Any:
+        return self._impl.client_contexts(client_ids, lora_ranks)
+
     def begin_round(self, sample_counts: dict[int, int], round_idx: int = 0) -> None:
         self._impl.begin_round(sample_counts, round_idx)
 
@@ -87,6 +93,11 @@ class Aggregator:
 
     def fold(self, client_id: int, upload: Any, trained_from: Any = None) -> Any:
         return self._impl.fold(client_id, upload, trained_from)
+
+    def fold_batch(
+        self, client_ids: list[Any], uploads: list[Any], trained_from: Any = None
+    ) -> Any:
+        return self._impl.fold_batch(client_ids, uploads, trained_from)
 
     def finish_round(self, round_idx: int, info: dict[str, Any], trained: Any = None) -> Any:
         return self._impl.finish_round(round_idx, info, trained)

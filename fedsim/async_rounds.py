@@ -39,6 +39,7 @@ from fedsim.driver import (
     _client_info,
     _eta,
     _round_line,
+    client_contexts,
 )
 from fedsim.errors import FedsimInputError
 from fedsim.execution import TaskInputLost
@@ -130,7 +131,8 @@ class StepRunner:
     """Global version -> the reference of its adapter, for every version a pending update
     starts from (and the current one)."""
     trained: dict[int, tuple[ClientOutcome, Any]] = field(default_factory=dict)
-    """Dispatch index -> (its outcome, the reference of its upload, None when it failed)."""
+    """Dispatch index -> (its outcome, where its upload is: the reference of its batch's
+    uploads, its place there and their number; None when it failed)."""
     clock: float = 0.0
     """Simulated seconds at the current version."""
     launched: list[int] = field(default_factory=list)
@@ -185,13 +187,19 @@ class StepRunner:
             aggregator.begin_step.remote(v, dict(zip(keys, fold, strict=True)),
                                          dict(zip(keys, units, strict=True)))
         )  # fmt: skip
-        outcomes, folds = [], []
+        outcomes: list[ClientOutcome] = []
+        batches: dict[Any, tuple[list[int | None], int]] = {}  # uploads ref -> (keys, version)
         for u in step.updates:
             outcome, upload = self.trained.pop(u.dispatch.index)
             outcomes.append(outcome)
-            if upload is not None:
-                start = self.versions[u.start_version]
-                folds.append(aggregator.fold.remote(u.dispatch.index, upload, start))
+            if upload is not None:  # fold it from its batch of uploads, with its start version
+                ref, position, size = upload
+                keys, _ = batches.setdefault(ref, ([None] * size, u.start_version))
+                keys[position] = u.dispatch.index
+        folds = [
+            aggregator.fold_batch.remote(keys, ref, self.versions[version])
+            for ref, (keys, version) in batches.items()
+        ]
         for ref in folds:
             _aggregator_call(ref)
         # --- finish: apply, checkpoint in the background, drop the versions no longer needed ---
@@ -239,14 +247,12 @@ class StepRunner:
             )
             for d in batch
         ]
-        contexts = {
-            c: aggregator.client_context.remote(c, rounds.ranks[c] if rounds.ranks else None)
-            for c in clients
-        }
-        uploads: dict[int, Any] = {}
+        contexts = client_contexts(aggregator, clients, rounds.ranks)
+        uploads: dict[int, tuple[Any, int, int]] = {}
 
-        def keep(task: ClientTask, upload_ref: Any) -> None:
-            uploads[task.client_id] = upload_ref
+        def keep(succeeded: list[ClientTask], uploads_ref: Any) -> None:
+            for position, task in enumerate(succeeded):
+                uploads[task.client_id] = (uploads_ref, position, len(succeeded))
 
         try:
             outcomes = rounds.pool.run(

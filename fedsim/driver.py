@@ -419,21 +419,20 @@ class RoundRunner:
     def train(
         self, round_idx: int, tasks: list[ClientTask], aggregator: Any, global_ref: Any
     ) -> list[ClientOutcome]:
-        """Train the tasks on the pool, streaming each update from its worker straight into the
-        aggregator; returns every client's outcome once all updates are folded in."""
+        """Train the tasks on the pool, streaming each worker's batch of updates straight into
+        the aggregator; returns every client's outcome once all updates are folded in."""
         clients = [t.client_id for t in tasks]
         _aggregator_call(
             aggregator.begin_round.remote({c: self.sample_counts[c] for c in clients}, round_idx)
         )
-        # what each client's training needs from the strategy (FedProx mu, SCAFFOLD correction)
-        contexts = {
-            c: aggregator.client_context.remote(c, self.ranks[c] if self.ranks else None)
-            for c in clients
-        }
+        # what each client's training needs from the strategy (FedProx mu, SCAFFOLD correction),
+        # asked for before any update is folded in
+        contexts = client_contexts(aggregator, clients, self.ranks)
         folds: list[Any] = []
 
-        def fold(task: ClientTask, adapter_ref: Any) -> None:
-            folds.append(aggregator.fold.remote(task.client_id, adapter_ref))
+        def fold(succeeded: list[ClientTask], uploads_ref: Any) -> None:
+            ids = [task.client_id for task in succeeded]
+            folds.append(aggregator.fold_batch.remote(ids, uploads_ref))
 
         try:
             outcomes = self.pool.run(
@@ -510,6 +509,20 @@ class RoundRunner:
         self.reported_at.append(time.perf_counter())
         line = _round_line(record, self.cfg.run.rounds, outcomes)
         self.log(line + _eta(self.reported_at, record, self.cfg.run.rounds))
+
+
+def client_contexts(
+    aggregator: Any, clients: list[int], ranks: list[int | None] | None
+) -> dict[int, Any]:
+    """Client id -> the reference of its `ClientContext` for `clients`, from one aggregator call
+    with a return value per client (so a worker fetches only its own clients' contexts)."""
+    if not clients:
+        return {}
+    own = [ranks[c] for c in clients] if ranks else None
+    if len(clients) == 1:  # a call of one return value returns the value, not a list of one
+        return {clients[0]: aggregator.client_context.remote(clients[0], own[0] if own else None)}
+    refs = aggregator.client_contexts.options(num_returns=len(clients)).remote(clients, own)
+    return dict(zip(clients, refs, strict=True))
 
 
 def _system_model(

@@ -74,8 +74,19 @@ class FailurePolicy:
         return outcome.worker_lost and outcome.attempts <= self.max_client_retries
 
 
+Batch = list[tuple[ClientTask, int]]
+"""Clients handed to a worker in one task, each with the try it is on."""
+
+
 class WorkerPool:
-    """The ClientWorker actors of a run; a free worker takes the next client of the round."""
+    """The ClientWorker actors of a run; a free worker takes the next clients of the round.
+
+    A worker is handed a batch of clients per Ray task (`batch_size`): a round of many clients
+    of short local training would otherwise spend a good part of its time dispatching one task,
+    fetching one outcome and folding one update per client while the worker waits."""
+
+    max_batch: int = 16
+    """The most clients in one task; 1 hands out one client per task."""
 
     def __init__(
         self,
@@ -106,23 +117,31 @@ class WorkerPool:
         """A live worker, for the one-off calls (initial adapter, adapter config)."""
         return self.actors[self.alive[0]]
 
+    def batch_size(self, queued: int) -> int:
+        """Clients for the next free worker when `queued` wait: half a fair share of them
+        (guided self-scheduling, so batches shrink as the round ends and no worker is left
+        with a long tail), at most `max_batch`."""
+        share = math.ceil(queued / (2 * max(1, len(self.alive))))
+        return max(1, min(self.max_batch, share))
+
     def run(
         self,
         tasks: list[ClientTask],
         global_ref: Any,
-        on_update: Callable[[ClientTask, Any], None],
+        on_update: Callable[[list[ClientTask], Any], None],
         policy: FailurePolicy,
         log: Callable[[str], None],
         show_progress: bool = False,
         contexts: dict[int, Any] | None = None,
     ) -> list[ClientOutcome]:
-        """Train `tasks`, calling `on_update(task, adapter_ref)` as each client succeeds; returns
-        the final outcome of every task, in task order. `contexts` maps a client id to its
-        `ClientContext` (or a reference to one) for the worker."""
+        """Train `tasks`, calling `on_update(succeeded, uploads_ref)` as each batch of clients
+        returns: `uploads_ref` holds the uploads of the tasks `succeeded`, in their order.
+        Returns the final outcome of every task, in task order. `contexts` maps a client id to
+        its `ClientContext` (or a reference to one) for the worker."""
         contexts = contexts or {}
         queue = deque((t, 1) for t in tasks)
         free = list(self.alive)
-        pending: dict[Any, tuple[int, ClientTask, int, Any]] = {}
+        pending: dict[Any, tuple[int, Batch, Any]] = {}
         reviving: dict[Any, tuple[int, float]] = {}  # ping ref -> (worker, deadline)
         outcomes: dict[int, ClientOutcome] = {}
         with tqdm(
@@ -136,35 +155,47 @@ class WorkerPool:
                         )
                     break
                 while queue and free:
-                    w, (task, attempt) = free.pop(), queue.popleft()
-                    meta_ref, adapter_ref = (
-                        self.actors[w]
-                        .train.options(num_returns=2)
-                        .remote(task, global_ref, contexts.get(task.client_id))
-                    )
-                    pending[meta_ref] = (w, task, attempt, adapter_ref)
+                    w = free.pop()
+                    batch = [queue.popleft() for _ in range(self.batch_size(len(queue)))]
+                    outcomes_ref, uploads_ref = self._submit(w, batch, global_ref, contexts)
+                    pending[outcomes_ref] = (w, batch, uploads_ref)
                 [done], _ = ray.wait([*pending, *reviving], num_returns=1)
                 if done in reviving:
                     w, deadline = reviving.pop(done)
                     if self._revived(done, w, deadline, reviving, log):
                         free.append(w)
                     continue
-                w, task, attempt, adapter_ref = pending.pop(done)
-                outcome = self._collect(done, w, task, attempt, log)
-                if outcome.worker_lost and w in self.alive:  # Ray is restarting it: wait until up
+                w, batch, uploads_ref = pending.pop(done)
+                collected = self._collect(done, w, batch, log)
+                if any(o.worker_lost for o in collected) and w in self.alive:
+                    # Ray is restarting it: wait until it is up
                     reviving[self.actors[w].info.remote()] = (w, time.monotonic() + REVIVE_SECONDS)
                 elif w in self.alive:
                     free.append(w)
-                if policy.should_retry(outcome):
-                    log(f"client {task.client_id}: {outcome.error}; retry {attempt}")
-                    queue.append((task, attempt + 1))
-                    continue
-                if outcome.ok:
-                    on_update(task, adapter_ref)
-                outcomes[task.client_id] = outcome
-                bar.update(1)
-                bar.set_postfix(loss=f"{outcome.mean_loss:.3f}")
+                succeeded = []
+                for (task, attempt), outcome in zip(batch, collected, strict=True):
+                    if policy.should_retry(outcome):
+                        log(f"client {task.client_id}: {outcome.error}; retry {attempt}")
+                        queue.append((task, attempt + 1))
+                        continue
+                    if outcome.ok:
+                        succeeded.append(task)
+                    outcomes[task.client_id] = outcome
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{outcome.mean_loss:.3f}", refresh=False)
+                if succeeded:
+                    on_update(succeeded, uploads_ref)
         return [outcomes[t.client_id] for t in tasks]
+
+    def _submit(
+        self, w: int, batch: Batch, global_ref: Any, contexts: dict[int, Any]
+    ) -> tuple[Any, Any]:
+        """Hand `batch` to worker `w`: (the reference of its outcomes, that of its uploads)."""
+        clients = [task for task, _ in batch]
+        # each context a top-level argument: Ray resolves it (a reference) before the call
+        own = [contexts[t.client_id] for t in clients] if contexts else []
+        train = self.actors[w].train_batch.options(num_returns=2)
+        return train.remote(clients, global_ref, *own)
 
     def _revived(
         self,
@@ -191,29 +222,34 @@ class WorkerPool:
         return False
 
     def _collect(
-        self, ref: Any, w: int, task: ClientTask, attempt: int, log: Callable[[str], None]
-    ) -> ClientOutcome:
+        self, ref: Any, w: int, batch: Batch, log: Callable[[str], None]
+    ) -> list[ClientOutcome]:
+        """The outcome of each client of `batch`, in order. A worker that died mid-batch takes
+        the whole batch with it: each of its clients is a client whose worker died."""
         try:
-            outcome: ClientOutcome = ray.get(ref)
+            outcomes: list[ClientOutcome] = ray.get(ref)
         except ray.exceptions.RayTaskError as err:
             # The actor error of an input arrives wrapped in a task error whose actor is the
             # input's owner; a worker's own death is never wrapped. Other task errors are bugs.
             if isinstance(err, ray.exceptions.RayActorError):
-                raise TaskInputLost(task.client_id, err) from None
+                raise TaskInputLost(batch[0][0].client_id, err) from None
             raise
         except ray.exceptions.ActorDiedError:  # restarts used up: the worker is gone for good
             self.alive.remove(w)
             log(f"worker {w} is gone for good; {len(self.alive)} left")
-            outcome = ClientOutcome(
-                task.client_id, ok=False, worker_lost=True,
-                error="its worker died and cannot be restarted",
-            )  # fmt: skip
+            why = "its worker died and cannot be restarted"
+            outcomes = [_lost(task, why) for task, _ in batch]
         except ray.exceptions.RayActorError as err:  # died mid-task; Ray restarts the worker
-            outcome = ClientOutcome(
-                task.client_id, ok=False, worker_lost=True,
-                error=f"its worker died ({type(err).__name__})",
-            )  # fmt: skip
-        return dataclasses.replace(outcome, attempts=attempt)
+            why = f"its worker died ({type(err).__name__})"
+            outcomes = [_lost(task, why) for task, _ in batch]
+        return [
+            dataclasses.replace(outcome, attempts=attempt)
+            for outcome, (_, attempt) in zip(outcomes, batch, strict=True)
+        ]
+
+
+def _lost(task: ClientTask, why: str) -> ClientOutcome:
+    return ClientOutcome(task.client_id, ok=False, worker_lost=True, error=why)
 
 
 # ------------------------------------------------------------------------------------------

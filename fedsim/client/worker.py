@@ -138,6 +138,23 @@ class ClientWorker:
         )
         return outcome, upload
 
+    def train_batch(
+        self, tasks: list[ClientTask], global_adapter: TensorDict, *contexts: ClientContext
+    ) -> tuple[list[ClientOutcome], list[ClientUpload]]:
+        """Train `tasks` one after another, each from `global_adapter` (and from its context:
+        `contexts` holds one per task, in order, or none for plain ones), as `train` would one
+        per call; returns every task's outcome, in order, and the uploads of those that
+        succeeded, in order. One call for many clients: the global adapter is deserialised
+        once, and the driver pays one task, not one per client."""
+        outcomes: list[ClientOutcome] = []
+        uploads: list[ClientUpload] = []
+        for i, task in enumerate(tasks):
+            outcome, upload = self.train(task, global_adapter, contexts[i] if contexts else None)
+            outcomes.append(outcome)
+            if outcome.ok:
+                uploads.append(upload)
+        return outcomes, uploads
+
     def _merge_base(self, ctx: ClientContext) -> None:
         """FLoRA: make the base weights W0 + the merged delta of `ctx` (W0 for any other
         strategy), once per merged round: a worker's clients of one round share it."""

@@ -148,6 +148,15 @@ class Aggregator:
             context = dataclasses.replace(context, base_delta=delta, base_version=version)
         return context
 
+    def client_contexts(
+        self, client_ids: list[int], lora_ranks: list[int | None] | None = None
+    ) -> list[ClientContext]:
+        """`client_context` of each of `client_ids` (with its rank from `lora_ranks`), in one
+        call: the driver asks for a round's contexts at once, as separate return values
+        (`num_returns`), so each worker fetches only its own clients'."""
+        ranks = lora_ranks or [None] * len(client_ids)
+        return [self.client_context(c, r) for c, r in zip(client_ids, ranks, strict=True)]
+
     def _base_delta_handle(self) -> tuple[int, Any]:
         """FLoRA: (the rounds merged so far, their merged delta), the delta put in the object
         store once per round so that each client's context carries only its reference."""
@@ -209,6 +218,23 @@ class Aggregator:
             self._fold_seconds += time.perf_counter() - start
         self._accepted.append(client_id)
         return None
+
+    def fold_batch(
+        self,
+        client_ids: list[int | None],
+        uploads: list[ClientUpload | TensorDict],
+        trained_from: TensorDict | None = None,
+    ) -> list[str | None]:
+        """`fold` each of `uploads` as the update of the client at the same place in
+        `client_ids`, skipping the places that hold None (an asynchronous step folds part of a
+        batch of uploads; a later step the rest); returns each one's reason for rejection, or
+        None. One call for a worker's batch of clients: the fold is exact, so it equals one call
+        per client in any order."""
+        return [
+            self.fold(c, upload, trained_from)
+            for c, upload in zip(client_ids, uploads, strict=True)
+            if c is not None
+        ]
 
     def _fold(
         self, client_id: int, upload: ClientUpload, trained_from: TensorDict | None = None
