@@ -56,6 +56,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             allow_config_change=args.allow_config_change,
             show_progress=sys.stderr.isatty(),  # a bar in a terminal, not in CI logs
+            exit_follows=True,
         )
     except KeyboardInterrupt:
         print(f"\ninterrupted; continue with: {resume_command(args)}", file=sys.stderr)
@@ -63,6 +64,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"done: {result.run_dir} (latest round {result.last_round})")
     unit = "server steps" if cfg.server.mode == "async" else "rounds"
     print(next_commands(args, result.run_dir, result.last_round, unit))
+    if result.ray_left_running:  # the run's files are durable: end Ray with the process
+        from fedsim.execution import end_process
+
+        end_process(0)
     return 0
 
 

@@ -74,6 +74,8 @@ class RunResult:
     first_round: int
     last_round: int
     metrics: list[dict[str, Any]] = field(default_factory=list)
+    ray_left_running: bool = False
+    """The local Ray instance was left for the process's exit to end (`exit_follows`)."""
 
 
 # ------------------------------------------------------------------------------------------
@@ -109,8 +111,11 @@ def run_experiment(
     allow_config_change: bool = False,
     log: Log = _print,
     show_progress: bool = True,
+    exit_follows: bool = False,
 ) -> RunResult:
-    """Run (or resume) the experiment described by `cfg`; see the module docstring."""
+    """Run (or resume) the experiment described by `cfg`; see the module docstring.
+    `exit_follows`: the caller ends the process right after (`execution.end_process`), so a
+    local Ray instance is left to end with it (see `execution.ray_session`)."""
     # --- 1. prepare: every input error surfaces here ---
     prep = prepare_run(
         cfg, resume=resume, overwrite=overwrite, allow_config_change=allow_config_change, log=log
@@ -143,7 +148,7 @@ def run_experiment(
     }
     options.update(forwarded_env())  # failure tests inject faults into the workers
     with (
-        ray_session(cfg.cluster),
+        ray_session(cfg.cluster, exit_follows=exit_follows) as session,
         worker_pool(cfg, spec, per_round, options, log) as pool,
         shard_builder(prep, shards_dir, log) as shards,
         train_tracker(prep.run_dir, cfg) as scalars,  # TensorBoard, MLflow, W&B
@@ -154,12 +159,13 @@ def run_experiment(
             from fedsim.async_rounds import run_steps  # here: it builds on this module
 
             run_steps(rounds, start_round, cfg.run.rounds, prep.resume_from, len(pool.actors))
-            return result
-        log(
-            f"run {prep.run_dir}: {cfg.data.num_clients} clients, {per_round} per round, "
-            f"{len(pool.actors)} workers, rounds {start_round}..{cfg.run.rounds}"
-        )
-        run_rounds(rounds, start_round, cfg.run.rounds, prep.resume_from)
+        else:
+            log(
+                f"run {prep.run_dir}: {cfg.data.num_clients} clients, {per_round} per round, "
+                f"{len(pool.actors)} workers, rounds {start_round}..{cfg.run.rounds}"
+            )
+            run_rounds(rounds, start_round, cfg.run.rounds, prep.resume_from)
+    result.ray_left_running = session.left_running
     return result
 
 

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
@@ -333,11 +333,25 @@ per CPU for tasks; fedsim runs only actors, which get processes of their own, so
 ones sat idle, ~45 MB each, issue 16)."""
 
 
+@dataclass
+class RaySession:
+    """What `ray_session` did: whether it started a local instance, and whether it left that
+    instance running for the process's exit to end (`end_process`)."""
+
+    started_local: bool = False
+    left_running: bool = False
+
+
 @contextmanager
-def ray_session(cluster: ClusterConfig) -> Iterator[None]:
+def ray_session(cluster: ClusterConfig, *, exit_follows: bool = False) -> Iterator[RaySession]:
     """Attach to `cluster.address`/RAY_ADDRESS, or start a local instance; shut down what we
     started, also on Ctrl-C. Token authentication is on unless `cluster.allow_unauthenticated`
-    accepts a cluster without it (fedsim.ray_auth)."""
+    accepts a cluster without it (fedsim.ray_auth).
+
+    `exit_follows`: the caller ends the process (`end_process`) right after a block that
+    finished normally, so a local instance is left running instead of shut down (Linux only,
+    where its processes share the driver's fate)."""
+    session = RaySession()
     started = False
     if not ray.is_initialized():
         address = cluster_address(cluster)
@@ -347,12 +361,30 @@ def ray_session(cluster: ClusterConfig) -> Iterator[None]:
             ray.init(address=address, **ray_init_options())
         else:  # no dashboard: a local simulation needs none, and it costs seconds and a port
             ray.init(include_dashboard=False, **LOCAL_SYSTEM_CONFIG, **ray_init_options())
+            session.started_local = True
         started = True
+    finished = False
     try:
-        yield
+        yield session
+        finished = True
     finally:
-        if started:
+        if finished and exit_follows and session.started_local and sys.platform == "linux":
+            session.left_running = True
+        elif started:
             ray.shutdown()
+
+
+def end_process(code: int) -> NoReturn:
+    """Flush stdout and stderr and end the process now, without the interpreter's teardown.
+
+    Once a run's files are durable nothing is left to do, but the usual exit still costs 2-3 s
+    on a small run (issue 16): Ray's graceful shutdown gives each of its processes up to a
+    second to exit, then the interpreter tears down its modules. On Linux the processes of a
+    local instance Ray started are the driver's fate-sharing children (PR_SET_PDEATHSIG), so the
+    kernel ends them, and the workers with their raylet, as this process ends."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _node_capacity(node: dict[str, float], cluster: ClusterConfig) -> int:

@@ -10,6 +10,7 @@ line of fedsim's that nobody looked at) fails the test until it is silenced or a
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -18,7 +19,9 @@ import re
 import shlex
 import subprocess
 import sys
+import tempfile
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -98,9 +101,10 @@ def records_with_long_ones(path: Path) -> Path:
     return path
 
 
-def run_cli(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, Path]:
+def run_cli(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, Path, str]:
     """`fedsim run` on a tiny experiment (with long records) in a child process whose output is a
-    pipe, as in CI or `| cat`; returns the finished process and the folder of import records."""
+    pipe, as in CI or `| cat`; returns the finished process, the folder of import records and
+    the Ray instance's temporary folder."""
     source = records_with_long_ones(tmp_path / "records.jsonl")
     config = tmp_path / "experiment.yaml"
     raw = tiny_experiment(tmp_path, data={"source": str(source)})
@@ -112,6 +116,7 @@ def run_cli(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, Pa
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "FEDSIM_VERBOSE")}
     path = os.pathsep.join(filter(None, [str(hook), env.get("PYTHONPATH")]))
     env.update(PYTHONPATH=path, IMPORT_WATCH_DIR=str(watch), PYTHONUNBUFFERED="1")
+    env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="fso", dir="/tmp")  # short: Ray's socket paths
     fedsim = Path(sys.executable).parent / "fedsim"  # the console script, as a user runs it
     result = subprocess.run(
         [str(fedsim), "run", str(config), *args],
@@ -121,7 +126,17 @@ def run_cli(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, Pa
         text=True,
         timeout=300,
     )
-    return result, watch
+    return result, watch, env["RAY_TMPDIR"]
+
+
+def ray_processes_of(ray_tmp: str) -> list[int]:
+    """Processes of the Ray instance whose temporary folder is `ray_tmp`."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            if ray_tmp.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(int(pid))
+    return found
 
 
 @pytest.mark.ray
@@ -129,9 +144,16 @@ def test_a_run_prints_only_fedsim_lines_ends_with_the_next_commands_and_imports_
     tmp_path,
 ):
     # one round on one worker: the least Ray time that still has a worker train a client
-    result, watch = run_cli(tmp_path, "--set", "run.rounds=1", "--set", "cluster.num_workers=1")
+    result, watch, ray_tmp = run_cli(
+        tmp_path, "--set", "run.rounds=1", "--set", "cluster.num_workers=1"
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
+    # the local Ray instance ended with the driver (fast exit, execution.end_process)
+    deadline = time.monotonic() + 5
+    while ray_processes_of(ray_tmp) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert ray_processes_of(ray_tmp) == []
     strangers = [line for line in output.splitlines() if not FEDSIM_LINE.fullmatch(line)]
     assert strangers == [], f"lines that are not fedsim's own:\n{output}"
     assert "records lose their whole response" in output  # the long records, in fedsim's words
@@ -164,7 +186,7 @@ def test_a_run_prints_only_fedsim_lines_ends_with_the_next_commands_and_imports_
 @pytest.mark.ray
 @pytest.mark.slow  # a second Ray start; the quiet run above is the default tier's
 def test_verbose_lets_the_libraries_logs_through(tmp_path):
-    result, _ = run_cli(tmp_path, "--set", "run.rounds=1", "--verbose")
+    result, _, _ = run_cli(tmp_path, "--set", "run.rounds=1", "--verbose")
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     strangers = [line for line in output.splitlines() if not FEDSIM_LINE.fullmatch(line)]
