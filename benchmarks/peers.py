@@ -554,18 +554,34 @@ def pss_kib(pid: int, proc: Path = Path("/proc")) -> int:
     return 0
 
 
+def process_title(pid: int, proc: Path = Path("/proc")) -> str:
+    """What `pid` runs, shortly: Ray's title for its workers (ray::ClientWorker.train), the
+    script a Python process runs, else the program."""
+    try:
+        argv = (proc / str(pid) / "cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "?"
+    words = [Path(a.decode(errors="replace").strip()).name for a in argv[:2] if a.strip()]
+    if len(words) > 1 and words[0].startswith("python"):  # a script: its name
+        return words[1][:60]
+    return words[0][:60] if words else "?"
+
+
 def measure(cmd: list[str], log: Path, env: dict[str, str], interval_s: float = 0.05) -> dict:
     """Run `cmd` to its end; its wall seconds, exit code and the peak PSS of its process tree."""
     me = os.getpid()
     peak_kib, peak_procs, samples = 0, 0, 0
+    at_peak: list[tuple[str, int]] = []
     with open(log, "w") as out:
         cpu_start, start = time.process_time(), time.perf_counter()
         child = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
         while child.poll() is None:
             tree = descendants(me) - {me}
-            total = sum(pss_kib(pid) for pid in tree)
+            sizes = {pid: pss_kib(pid) for pid in tree}
+            total = sum(sizes.values())
             if total > peak_kib:
                 peak_kib, peak_procs = total, len(tree)
+                at_peak = [(process_title(pid), kib) for pid, kib in sizes.items() if kib]
             samples += 1
             _reap(tree - {child.pid})
             time.sleep(interval_s)
@@ -575,6 +591,10 @@ def measure(cmd: list[str], log: Path, env: dict[str, str], interval_s: float = 
         "rc": child.returncode,
         "peak_pss_mb": round(peak_kib / 1024, 1),
         "processes_at_peak": peak_procs,
+        # where the peak is: each process's PSS in the peak sample, largest first
+        "pss_at_peak_mb": [
+            [title, round(kib / 1024, 1)] for title, kib in sorted(at_peak, key=lambda x: -x[1])
+        ],
         "samples": samples,
         # this process's own CPU time while it sampled: the measurement's cost to the machine
         "sampler_cpu_s": round(time.process_time() - cpu_start, 3),
@@ -664,6 +684,12 @@ def main() -> None:
         "the more processes the variant runs (see sampler CPU below the table)",
     )
     parser.add_argument(
+        "--rounds",
+        type=int,
+        default=Workload.rounds,
+        help=f"rounds of the workload (default {Workload.rounds}; 45 make a ~5-minute plain loop)",
+    )
+    parser.add_argument(
         "--smoke",
         action="store_true",
         help="1 round of 2 local steps: checks that every variant runs; the figures mean nothing",
@@ -683,7 +709,7 @@ def main() -> None:
         )
     from importlib.metadata import version
 
-    w = Workload(rounds=1, local_steps=2) if args.smoke else Workload()
+    w = Workload(rounds=1, local_steps=2) if args.smoke else Workload(rounds=args.rounds)
     write_inputs(w, work)
     notes: dict[str, str] = {}
     commands: dict[str, list[str] | None] = {}
@@ -737,6 +763,12 @@ def main() -> None:
         if ok:
             share = sum(r["sampler_cpu_s"] for r in ok) / sum(r["wall_s"] for r in ok)
             print(f"  {v:<11} {100 * share:4.1f} %")
+    print("\nwhere each variant's largest peak is (PSS of each process in that sample, MB):")
+    for v in variants:
+        ok = [r for r in runs if r["variant"] == v and r["ok"]]
+        if ok:
+            top = max(ok, key=lambda r: r["peak_pss_mb"])["pss_at_peak_mb"]
+            print(f"  {v:<11} " + ", ".join(f"{title} {mb:.0f}" for title, mb in top[:8]))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     report = {
         "workload": dataclasses.asdict(w),
