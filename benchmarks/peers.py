@@ -561,9 +561,9 @@ def process_title(pid: int, proc: Path = Path("/proc")) -> str:
         argv = (proc / str(pid) / "cmdline").read_bytes().split(b"\0")
     except OSError:
         return "?"
-    words = [Path(a.decode(errors="replace").strip()).name for a in argv[:2] if a.strip()]
-    if len(words) > 1 and words[0].startswith("python"):  # a script: its name
-        return words[1][:60]
+    words = [Path(a.decode(errors="replace").strip()).name for a in argv if a.strip()]
+    if words and words[0].startswith("python"):  # a script: its name, past the flags
+        words = [w for w in words[1:] if not w.startswith("-")] or words
     return words[0][:60] if words else "?"
 
 
