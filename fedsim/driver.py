@@ -224,6 +224,8 @@ def run_rounds(rounds: RoundRunner, start: int, end: int, state: Any) -> None:
     -> commit. A round's metrics line is committed only once its checkpoint, written in the
     background while the next round trains, is on disk. An aggregator that dies is replaced from
     the newest round on disk, and every round after that one is redone."""
+    # selection is seeded: the first round's blocks are tokenised while the workers load the model
+    rounds.shards.prefetch(rounds.select(start).clients)
     aggregator, global_ref = rounds.new_aggregator(start - 1, state)
     round_idx, failures = start, 0
     try:
