@@ -53,6 +53,7 @@ def check(stdout: str, report: dict, variants: list[str]) -> None:
     assert report["shape"] == "tiny" and report["parameters"] > 0
 
 
+@pytest.mark.slow  # ~35 s of CPU (three processes loading torch): the default tier is at its budget
 def test_plain_and_torch_variants_run_without_ray(tmp_path):
     stdout, report = run_script(tmp_path, "--variants", "plain,torch", "--procs", "2")
     check(stdout, report, ["plain", "torch", "torch-x2"])
