@@ -22,7 +22,7 @@ import json
 import os
 import shutil
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -66,12 +66,19 @@ def _temporary(path: Path) -> Path:
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     """Replace `path` with `data`: readers see the old or the new content, never a mix."""
+    write_chunks_atomic(path, [data])
+
+
+def write_chunks_atomic(path: str | Path, chunks: Iterable[bytes]) -> None:
+    """Replace `path` with `chunks` one after another, written as they come (a large file need
+    not be held whole), atomically as `write_bytes_atomic`."""
     path = Path(path)
     tmp = _temporary(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # 0666 less the umask
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            for chunk in chunks:
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -477,17 +477,5 @@ def format_partition_table(summary: dict[str, Any]) -> str:
 
 
 def write_partition(path: Path, data: PreparedData) -> None:
-    """Replace `path` with `data`'s partition.json, written in pieces (readers see the old or the
-    new file, never a mix: the same temporary-then-rename as `rundir.write_bytes_atomic`)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with tmp.open("w", encoding="utf-8") as f:
-            f.writelines(data.partition_json())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    rundir.fsync_dir(path.parent)
+    """Replace `path` with `data`'s partition.json, written in pieces, atomically."""
+    rundir.write_chunks_atomic(path, (piece.encode("utf-8") for piece in data.partition_json()))
