@@ -20,6 +20,7 @@ import math
 import os
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -424,9 +425,28 @@ def _first_line(err: Exception) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
 
 
+_SAVES_EMBEDDINGS: weakref.WeakKeyDictionary[PeftModel, bool] = weakref.WeakKeyDictionary()
+
+
+def adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
+    """PEFT's state dict of the adapter (`get_peft_model_state_dict`).
+
+    With its default `save_embedding_layers="auto"`, PEFT reads the base model's config.json again
+    on every call (a hub request for a hub id) to see whether the vocabulary was resized, which
+    was ~20 % of a one-step client's turn (issue 16). The answer cannot change while the model
+    lives, so it is asked once per model and passed on after that: the same keys and values."""
+    saves = _SAVES_EMBEDDINGS.get(model)
+    if saves is None:
+        auto = get_peft_model_state_dict(model)
+        plain = get_peft_model_state_dict(model, save_embedding_layers=False)
+        _SAVES_EMBEDDINGS[model] = set(auto) != set(plain)
+        return auto
+    return get_peft_model_state_dict(model, save_embedding_layers=saves)
+
+
 def get_adapter(model: PeftModel) -> dict[str, torch.Tensor]:
     """The adapter as a flat dict with PEFT's saved key names: detached, contiguous CPU copies."""
-    state = get_peft_model_state_dict(model)
+    state = adapter_state(model)
     return {
         k: v.detach().to("cpu", copy=True).contiguous(memory_format=torch.contiguous_format)
         for k, v in state.items()
@@ -440,7 +460,7 @@ def adapter_parameters(model: PeftModel) -> dict[str, torch.nn.Parameter]:
     params = {
         name.replace(marker, "."): p for name, p in model.named_parameters() if p.requires_grad
     }
-    expected = set(get_peft_model_state_dict(model))
+    expected = set(adapter_state(model))
     if set(params) != expected:
         raise ValueError(_key_mismatch_message(expected - set(params), set(params) - expected))
     return params
@@ -452,7 +472,7 @@ def set_adapter(model: PeftModel, adapter: dict[str, torch.Tensor]) -> None:
     The parameters keep their storage, so an optimizer holding them stays valid. Raises
     `ValueError` unless `adapter` has exactly the model's adapter keys.
     """
-    expected = set(get_peft_model_state_dict(model))
+    expected = set(adapter_state(model))
     missing, unexpected = expected - set(adapter), set(adapter) - expected
     if missing or unexpected:
         raise ValueError(_key_mismatch_message(missing, unexpected))

@@ -16,6 +16,7 @@ from fedsim.config import LoraConfig
 from fedsim.errors import FedsimInputError
 from fedsim.model import (
     adapter_config_dict,
+    adapter_state,
     attach_lora,
     count_parameters,
     get_adapter,
@@ -251,6 +252,22 @@ def test_get_adapter_returns_detached_cpu_copies(tiny_dir: Path) -> None:
         assert not tensor.requires_grad
     params = {p.data_ptr() for p in model.parameters()}
     assert all(t.data_ptr() not in params for t in adapter.values())
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["q_proj", "embed_tokens"]])
+def test_adapter_state_is_peft_s_own_after_the_first_call(tiny_dir: Path, targets) -> None:
+    """PEFT decides once whether to save the embeddings (`save_embedding_layers="auto"` reads the
+    base model's config on every call); every later call gives what PEFT's default gives."""
+    from peft.utils import get_peft_model_state_dict
+
+    model = attach_lora(
+        load_base_model(str(tiny_dir)), LoraConfig(r=4, alpha=8, target_modules=targets), seed=0
+    )
+    for _ in range(3):
+        ours, peft_s = adapter_state(model), get_peft_model_state_dict(model)
+        assert list(ours) == list(peft_s)
+        assert all(torch.equal(ours[k], peft_s[k]) for k in ours)
+    assert any("embed_tokens.base_layer" in k for k in ours) == ("embed_tokens" in targets)
 
 
 def test_set_adapter_round_trips_in_place(tiny_dir: Path) -> None:
