@@ -2,6 +2,7 @@
 
     python benchmarks/aggregation.py [--sizes-mb 1,16,256,1024] [--clients 5] [--threads 1,2]
     python benchmarks/aggregation.py --cluster [--threads 1,2] [--gpus 64] [--round-clients 1000]
+    python benchmarks/aggregation.py --profile
 
 For each adapter size, folds `--clients` float32 adapters into `WeightedDeltaSum` (the
 aggregator's exact, order-independent accumulator) with each of `--threads` thread counts, and
@@ -19,6 +20,10 @@ the copy.
 wide: 8.4M float32 parameters, 34 MB) and sets the fold's time per client against the rate at
 which `--gpus` GPUs finish clients, each client taking `--local-steps` steps of `--batch` x
 `--seq-len` tokens at `--tokens-per-s` per GPU, for rounds of `--round-clients` clients.
+
+`--clock cpu` times CPU time instead of wall time, everything on one thread, so that other work
+on a shared machine slows the figures less. `--profile` times each step of the fold on one block:
+the torch fold it replaced beside numpy's.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import math
 import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from fedsim.server.aggregation import WeightedDeltaSum
@@ -70,14 +76,16 @@ def _updates(reference: TensorDict, clients: int) -> list[TensorDict]:
     ]
 
 
-def _best_times(fns: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
-    """Best wall time of each function, the functions interleaved so that load hits them alike."""
+def _best_times(
+    fns: dict[str, Callable[[], None]], repeats: int, clock: Callable[[], float]
+) -> dict[str, float]:
+    """Best time of each function, the functions interleaved so that load hits them alike."""
     best = dict.fromkeys(fns, math.inf)
     for _ in range(repeats):
         for name, fn in fns.items():
-            start = time.perf_counter()
+            start = clock()
             fn()
-            best[name] = min(best[name], time.perf_counter() - start)
+            best[name] = min(best[name], clock() - start)
     return best
 
 
@@ -92,10 +100,14 @@ def _contenders(
             for k, v in u.items():
                 sink[k].copy_(v)
 
+    # one sum per thread count for the whole run, as a round makes one for all its clients: the
+    # accumulator's allocation and the reference's float64 copy (the first add) are set-up, not
+    # per-client work, like the copy's preallocated buffer
+    sums = {n: WeightedDeltaSum(reference, 1 << 30, threads=n) for n in threads}
+
     def fold(n_threads: int) -> None:
-        acc = WeightedDeltaSum(reference, 100 * len(updates), threads=n_threads)
         for i, u in enumerate(updates):
-            acc.add(u, 10 + i)
+            sums[n_threads].add(u, 10 + i)
 
     def float_add() -> None:
         acc = {k: torch.zeros_like(v) for k, v in reference.items()}
@@ -118,7 +130,7 @@ def sizes(args: argparse.Namespace, threads: list[int]) -> None:
         reference = _adapter(mb << 20, 0)
         updates = [_adapter(mb << 20, 1 + i) for i in range(args.clients)]
         nbytes = args.clients * sum(v.numel() * 4 for v in reference.values())
-        best = _best_times(_contenders(reference, updates, threads), args.repeats)
+        best = _best_times(_contenders(reference, updates, threads), args.repeats, args.timer)
         cols = "".join(
             f" {nbytes / best[f'fold t{n}'] / 1e9:>9.2f} {best['copy'] / best[f'fold t{n}']:>8.2f}"
             for n in threads
@@ -151,7 +163,7 @@ def cluster(args: argparse.Namespace, threads: list[int]) -> None:
         f"round of {args.round_clients:,} clients: {waves} waves of {args.gpus}, "
         f"{waves * train_s:.0f} s of training"
     )
-    best = _best_times(_contenders(reference, updates, threads), args.repeats)
+    best = _best_times(_contenders(reference, updates, threads), args.repeats, args.timer)
     per_client = {name: t / len(updates) for name, t in best.items()}
     print(f"copy: {per_client['copy'] * 1e3:.1f} ms/client")
     print(
@@ -168,6 +180,53 @@ def cluster(args: argparse.Namespace, threads: list[int]) -> None:
         )
 
 
+def _per_call_us(fn: Callable[[], object], calls: int) -> float:
+    fn()
+    best = math.inf
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - start) / calls)
+    return best * 1e6
+
+
+def profile(calls: int = 500) -> None:
+    """Each step's time on one block of 65,536 elements, in this process's torch threads: the
+    torch fold this module replaced (a chunk at a time) and the numpy fold's block steps."""
+    n = 1 << 16
+    gen = torch.Generator().manual_seed(0)
+    ref = torch.randn(n, generator=gen)
+    upd = ref + torch.randn(n, generator=gen) * 1e-3
+    acc = torch.zeros(n, dtype=torch.int64)
+    scale = 37.0 * 2.0**40
+    x64 = upd.double() - ref  # a scratch float64 block; multiplying by 1.0 keeps it finite
+    ints = (x64 * scale).round().to(torch.int64)
+    steps = {
+        "torch: to float64": lambda: upd.to(torch.float64),
+        "torch: sub (float32 reference)": lambda: x64.sub_(ref),
+        "torch: check (aminmax, item)": lambda: [v.item() for v in torch.aminmax(x64)],
+        "torch: mul": lambda: x64.mul_(1.0),
+        "torch: round": lambda: x64.round_(),
+        "torch: to int64": lambda: x64.to(torch.int64),
+        "torch: add to int64": lambda: acc.add_(ints, alpha=1),
+    }
+    u, r64, a = upd.numpy(), ref.double().numpy(), acc.numpy()
+    x, bits = np.empty(n), ints.numpy().copy()
+    steps |= {
+        "numpy: widen the update": lambda: np.copyto(x, u),
+        "numpy: sub (float64 reference)": lambda: np.subtract(x, r64, out=x),
+        "numpy: mul": lambda: np.multiply(x, 1.0, out=x),
+        "numpy: check (min, max)": lambda: (x.min(), x.max()),
+        "numpy: round (add 1.5 * 2**52)": lambda: np.add(x, 0.0, out=x),
+        "numpy: to int64 (sub its bits)": lambda: np.subtract(bits, 0, out=bits),
+        "numpy: add to int64": lambda: np.add(a, bits, out=a),
+    }
+    print(f"per step, one block of {n:,} elements (us; best of 5 x {calls} calls)")
+    for name, fn in steps.items():
+        print(f"{name:>42} {_per_call_us(fn, calls):8.1f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes-mb", default="1,16,256,1024")
@@ -175,6 +234,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", default="1,2", help="fold thread counts, comma-separated")
     parser.add_argument("--cluster", action="store_true", help="the 7B LoRA, 64-GPU comparison")
+    parser.add_argument("--profile", action="store_true", help="per-step times of one block")
     parser.add_argument("--gpus", type=int, default=64)
     parser.add_argument("--round-clients", type=int, default=1000)
     parser.add_argument("--local-steps", type=int, default=10)
@@ -187,10 +247,23 @@ def main() -> None:
         help="one GPU's LoRA training throughput on a 7B model (10,000: ~6 x 7e9 FLOP a token "
         "at 420 TFLOP/s, ~40%% of an H100's dense bf16 peak; fast clients make it a hard case)",
     )
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="cpu: this thread's CPU time, with torch and the fold on one thread (shared machines)",
+    )
     args = parser.parse_args()
     threads = [int(x) for x in args.threads.split(",")]
+    # cpu: this thread's CPU time, which time spent preempted by other processes does not inflate
+    args.timer = time.thread_time if args.clock == "cpu" else time.perf_counter
+    if args.clock == "cpu":
+        torch.set_num_threads(1)
+        threads = [1]
     print(f"torch threads: {torch.get_num_threads()}")
-    if args.cluster:
+    if args.profile:
+        profile()
+    elif args.cluster:
         cluster(args, threads)
     else:
         sizes(args, threads)
