@@ -363,6 +363,10 @@ class ClusterConfig:
     """Times a client is retried when its worker dies mid-turn, before it is dropped."""
     max_worker_restarts: int = 3
     """Times Ray restarts a dead worker process (reloading the base model) before giving up."""
+    aggregator_threads: int = 1
+    """Threads the aggregator folds each update with (the tensors' elements split between them).
+    The global adapter is bitwise the same for any number; more help on a head node with idle
+    cores and large adapters (benchmarks/aggregation.py --cluster)."""
     overlap_checkpoints: bool = True
     """Write round r's checkpoint in the aggregator's background thread while round r+1 trains
     (false: write it before the next round starts). Either way a round's metrics line is written
@@ -954,6 +958,7 @@ UPPER_LIMITS: dict[str, float] = {
     "cluster.wait_for_nodes_s": 1e9,
     "cluster.max_client_retries": 1000,
     "cluster.max_worker_restarts": 1000,
+    "cluster.aggregator_threads": 1024,
     "eval.max_questions": 10**9,
     "eval.num_threads": 4096,
     "eval.poll_seconds": 1e9,
@@ -1074,6 +1079,7 @@ def validate(cfg: ExperimentConfig) -> list[str]:
     _positive(p, "cluster.wait_for_nodes_s", k.wait_for_nodes_s, zero_ok=True)
     _positive(p, "cluster.max_client_retries", k.max_client_retries, zero_ok=True)
     _positive(p, "cluster.max_worker_restarts", k.max_worker_restarts, zero_ok=True)
+    _positive(p, "cluster.aggregator_threads", k.aggregator_threads)
     _validate_eval(p, cfg.eval)
     _validate_probe(p, cfg)
     y = cfg.system

@@ -79,6 +79,7 @@ class Aggregator:
         uniform = server.selection == "uniform" and server.client_ids is None
         self.dp_per_round = clients_per_round(cfg) if uniform else None
         self.block_size = cfg.client.compression.block_size
+        self.fold_threads = cfg.cluster.aggregator_threads
         self.client_states = (
             ClientStateStore(self.run_dir) if self.strategy.uses_client_state else None
         )
@@ -173,7 +174,9 @@ class Aggregator:
         self._weights = {
             c: (n if self.weighting == "samples" else 1) for c, n in sample_counts.items()
         }
-        self._sum = WeightedDeltaSum(self.global_adapter, max(1, sum(self._weights.values())))
+        self._sum = WeightedDeltaSum(
+            self.global_adapter, max(1, sum(self._weights.values())), self.fold_threads
+        )
         self._units = None
         self._buffer = {}
         self._rejected, self._accepted = {}, []
@@ -192,7 +195,9 @@ class Aggregator:
         divides by the units of the accepted updates: sum_i n_i s(tau_i) delta_i / sum_j n_j."""
         self.begin_round(dict.fromkeys(weights, 1), step)
         self._weights, self._units = dict(weights), dict(units)
-        self._sum = WeightedDeltaSum(self.global_adapter, max(1, sum(units.values())))
+        self._sum = WeightedDeltaSum(
+            self.global_adapter, max(1, sum(units.values())), self.fold_threads
+        )
 
     def fold(
         self,

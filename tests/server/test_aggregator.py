@@ -103,3 +103,28 @@ def test_a_failed_background_write_surfaces_at_the_next_call(tmp_path, monkeypat
         agg.flush()  # ... and is reported here, naming the round and the path
     assert (tmp_path / checkpoint.LATEST_FILE).read_text().strip() == "round_0002"
     assert not (tmp_path / "rounds" / ".round_0003.tmp").exists()
+
+
+def test_the_round_is_bitwise_the_same_whatever_the_fold_threads(tmp_path):
+    """`cluster.aggregator_threads` splits each update's elements between threads; the exact
+    fold makes the global adapter the same bits for any number of them."""
+    gen = torch.Generator().manual_seed(0)
+    start = {"a": torch.randn(300, 700, generator=gen), "b": torch.randn(70_000, generator=gen)}
+    updates = [{k: v + 0.01 * torch.randn(v.shape, generator=gen) for k, v in start.items()}]
+    updates.append({k: v - 0.02 * torch.randn(v.shape, generator=gen) for k, v in start.items()})
+
+    def global_after_a_round(threads: int):
+        cfg = ExperimentConfig(
+            server=ServerConfig(clients_per_round=2),
+            cluster=ClusterConfig(aggregator_threads=threads, overlap_checkpoints=False),
+        )
+        agg = Aggregator(str(tmp_path / f"t{threads}"), cfg, {"r": 2}, {})
+        agg.set_global(start)
+        agg.begin_round({0: 5, 1: 9}, 1)
+        for client, update in zip((1, 0), reversed(updates), strict=True):
+            agg.fold(client, update)
+        return agg.finish_round(1, {"round": 1})[1]
+
+    one, three = global_after_a_round(1), global_after_a_round(3)
+    assert all(torch.equal(one[k], three[k]) for k in start)
+    assert not torch.equal(one["a"], start["a"])  # the round did move the adapter
