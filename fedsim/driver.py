@@ -340,11 +340,11 @@ class RoundRunner:
         aggregator = AggregatorActor.options(scheduling_strategy=here, **forwarded_env()).remote(
             str(self.run_dir.resolve()), self.cfg, [self.adapter_config], self.provenance
         )
-        if state is None and last_round > 0:
-            path = self.run_dir / checkpoint.ROUNDS_DIR / checkpoint.round_name(last_round)
-            state = checkpoint.load_round(path)
-        if state is not None:  # the aggregator reads the tensors; the driver never holds them
-            global_ref = aggregator.restore.remote(str(state.path))
+        round_dir = state.path if state is not None else None
+        if round_dir is None and last_round > 0:
+            round_dir = self.run_dir / checkpoint.ROUNDS_DIR / checkpoint.round_name(last_round)
+        if round_dir is not None:  # the aggregator reads the tensors; the driver never holds them
+            global_ref = aggregator.restore.remote(str(round_dir))
         else:
             global_ref = self.pool.first().initial_adapter.remote()
             _aggregator_call(aggregator.set_global.remote(global_ref))
